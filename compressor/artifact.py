@@ -1,0 +1,91 @@
+"""Artifacts: a model on disk, in a directory, with a format, a task and labels.
+
+Every step reads one artifact and writes a new directory. The metadata of an artifact
+made by a step lives in `artifact.json` inside its directory; the input model is a plain
+directory described by the recipe, and is never written to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("hf", "onnx", "ort", "engine")
+TASKS = ("text-classification", "token-classification")
+META_FILE = "artifact.json"
+
+
+@dataclass
+class Artifact:
+    """A model directory with its format (`hf`, `onnx`, `ort`, `engine`), task and labels."""
+
+    path: Path
+    format: str
+    task: str
+    labels: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_file(self) -> Path:
+        """The single model file of an `onnx`/`ort`/`engine` artifact."""
+        names = {"onnx": "model.onnx", "ort": "model.ort", "engine": "model.engine"}
+        return self.path / names[self.format]
+
+    def save_meta(self) -> None:
+        """Write `artifact.json` into the artifact directory."""
+        meta = asdict(self)
+        meta.pop("path")
+        (self.path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: Path) -> "Artifact":
+        """Read an artifact written by a step (its directory holds `artifact.json`)."""
+        meta = json.loads((Path(path) / META_FILE).read_text())
+        return cls(path=Path(path), **meta)
+
+    def derive(self, path: Path, format: str | None = None, **info: Any) -> "Artifact":
+        """A new artifact at `path` with this one's task and labels (for a step's output)."""
+        return Artifact(path=Path(path), format=format or self.format, task=self.task,
+                        labels=list(self.labels), info=dict(info))
+
+
+def hash_dir(path: Path) -> str:
+    """sha256 over every file's relative path and bytes, in sorted order."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_file(path: Path) -> str:
+    """sha256 of one file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dir_size(path: Path) -> int:
+    """Bytes on disk of every file under `path` (artifact.json and the report excluded)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and p.name != META_FILE)
+
+
+def link_or_copy_tree(src: Path, dst: Path) -> None:
+    """Materialise `src` at `dst` with hard links where the filesystem allows, else copies."""
+    def _link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=_link)

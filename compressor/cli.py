@@ -1,0 +1,257 @@
+"""The `compressor` command line. Imports stay light: no torch until a step or evaluator runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from compressor import PLUGIN_API_VERSION, __version__
+from compressor.errors import CompressorError
+
+EXIT_INTERNAL = 4
+
+
+def _err(text: str) -> None:
+    click.echo(text, err=True)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn CompressorError into one message and its exit code; no traceback unless --debug."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except CompressorError as exc:
+            if debug:
+                raise
+            _err(f"error: {exc.render()}")
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            _err("interrupted: finished steps are cached; run the same command again to resume")
+            sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # a bug or an unexpected library failure
+            if debug:
+                raise
+            _err(f"error: unexpected {type(exc).__name__}: {exc}\n  hint: run again with --debug for the traceback")
+            sys.exit(EXIT_INTERNAL)
+
+    return wrapper
+
+
+class PluginGroup(click.Group):
+    """A group that adds plugin commands (`register_commands`) the first time commands are listed."""
+
+    _loaded = False
+
+    def _load_plugin_commands(self, ctx: click.Context) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        try:
+            host = get_host(ctx)
+            host.pm.hook.register_commands(cli=self)
+        except CompressorError as exc:
+            _err(f"warning: plugin commands unavailable: {exc.render()}")
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands(ctx)
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        found = super().get_command(ctx, name)
+        if found is None:
+            self._load_plugin_commands(ctx)
+            found = super().get_command(ctx, name)
+        return found
+
+
+def get_host(ctx: click.Context) -> Any:
+    """The plugin host, built once per command from the global options."""
+    root = ctx.find_root()
+    if root.obj is None:
+        from compressor.host import build_host
+
+        root.obj = build_host(disable=root.params.get("disable_plugin") or ())
+        for p in root.obj.broken:
+            _err(f"warning: plugin {p.name!r} ({p.distribution}) failed to load: {p.error}\n"
+                 f"  hint: fix or reinstall it, or disable it with --disable-plugin {p.name} "
+                 f"or COMPRESSOR_DISABLE_PLUGINS={p.name}")
+    return root.obj
+
+
+@click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="compressor")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.option("--disable-plugin", multiple=True, metavar="NAME",
+              help="Do not load this plugin (repeatable; also COMPRESSOR_DISABLE_PLUGINS=a,b).")
+def cli(debug: bool, disable_plugin: tuple[str, ...]) -> None:
+    """Compress transformer models with checked recipes: merge, prune, distill, quantize, export — measured."""
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def plugins(ctx: click.Context, as_json: bool) -> None:
+    """List plugins, their versions and their steps."""
+    host = get_host(ctx)
+    rows = [p.__dict__ for p in host.plugins]
+    if as_json:
+        click.echo(json.dumps({"plugin_api": PLUGIN_API_VERSION, "plugins": rows}, indent=2))
+        return
+    click.echo(f"compressor {__version__} · plugin API {PLUGIN_API_VERSION}")
+    for p in host.plugins:
+        state = f"FAILED: {p.error}" if p.error else ", ".join(p.steps) or "(no steps)"
+        click.echo(f"  {p.name:<20} {p.distribution} {p.version:<10} {state}")
+
+
+def _step_details(cls: Any) -> dict[str, Any]:
+    schema = cls.Config.model_json_schema()
+    fields = {}
+    for name, prop in schema.get("properties", {}).items():
+        info = {k: prop[k] for k in ("type", "default", "description", "minimum", "maximum", "exclusiveMinimum",
+                                     "exclusiveMaximum", "enum") if k in prop}
+        if "type" not in info and "anyOf" in prop:
+            info["type"] = " | ".join(str(a.get("type", a.get("$ref", "?"))) for a in prop["anyOf"])
+        if "type" not in info and "enum" not in info and "$ref" in prop:
+            ref = schema.get("$defs", {}).get(prop["$ref"].split("/")[-1], {})
+            info.update({k: ref[k] for k in ("enum", "type") if k in ref})
+        info["required"] = name in schema.get("required", [])
+        fields[name] = info
+    return {"name": cls.name, "summary": cls.summary, "version": cls.version, "accepts": list(cls.accepts),
+            "produces": cls.produces, "needs_data": list(cls.needs_data), "requires": list(cls.requires),
+            "deterministic": cls.deterministic, "config": fields}
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def steps(ctx: click.Context, name: str | None, as_json: bool) -> None:
+    """List steps, or describe one step's formats and config fields."""
+    from compressor.errors import RecipeError
+
+    host = get_host(ctx)
+    if name is None:
+        rows = [{**_step_details(c), "provider": host.step_provider[n]} for n, c in sorted(host.steps.items())]
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        for r in rows:
+            click.echo(f"  {r['name']:<16} {'/'.join(r['accepts'])} → {r['produces']:<5} {r['summary']}")
+        return
+    if name not in host.steps:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(host.steps), n=3)
+        raise RecipeError(f"unknown step {name!r}", hint=("did you mean " + " or ".join(close) + "?") if close
+                          else "`compressor steps` lists them")
+    details = {**_step_details(host.steps[name]), "provider": host.step_provider[name]}
+    if as_json:
+        click.echo(json.dumps(details, indent=2))
+        return
+    click.echo(f"{details['name']} (v{details['version']}, from {details['provider']}): {details['summary']}")
+    click.echo(f"  formats: {' | '.join(details['accepts'])} → {details['produces']}")
+    if details["needs_data"]:
+        click.echo(f"  needs data: {', '.join(details['needs_data'])}")
+    click.echo("  config (`with:`):")
+    for field, info in details["config"].items():
+        bounds = " ".join(f"{k}={info[k]}" for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+                          if k in info)
+        kind = "|".join(map(str, info["enum"])) if "enum" in info else info.get("type", "any")
+        default = "required" if info["required"] else f"default {json.dumps(info.get('default'))}"
+        click.echo(f"    {field:<22} {kind} ({default}{', ' + bounds if bounds else ''})")
+        click.echo(f"      {info.get('description', '')}")
+
+
+@cli.command()
+@click.pass_context
+@handle_errors
+def schema(ctx: click.Context) -> None:
+    """Print the JSON Schema of recipes (for editors), with every step's `with:`."""
+    from compressor.schema import recipe_schema
+
+    click.echo(json.dumps(recipe_schema(get_host(ctx)), indent=2))
+
+
+def _print_plan(plan: Any) -> None:
+    click.echo(f"recipe {plan.recipe.name!r}: {plan.recipe_path}")
+    click.echo(f"  model: {plan.source.path} ({plan.source.format}, {plan.source.task}"
+               + (f", labels {plan.source.labels}" if plan.source.labels else ", no task head") + ")")
+    if plan.data:
+        click.echo(f"  data: {plan.data.format} " + ", ".join(f"{k}={v}" for k, v in plan.data.splits.items()))
+    for s in plan.steps:
+        click.echo(f"  {s.index}. {s.name:<14} {s.input_format} → {s.output_format}  "
+                   f"{json.dumps(s.config.model_dump(mode='json', exclude_defaults=True))}")
+    for w in plan.warnings:
+        click.echo(f"  warning: {w}")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
+@click.pass_context
+@handle_errors
+def check(ctx: click.Context, recipe: Path, overrides: tuple[str, ...]) -> None:
+    """Check a recipe and print its plan, without loading any model weights."""
+    from compressor.plan import build_plan
+
+    plan = build_plan(recipe, get_host(ctx), overrides)
+    _print_plan(plan)
+    click.echo("ok: the recipe is valid")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Run directory (default: runs/NAME).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
+@click.option("--no-cache", is_flag=True, help="Recompute every step and measurement.")
+@click.pass_context
+@handle_errors
+def run(ctx: click.Context, recipe: Path, out: Path | None, overrides: tuple[str, ...], no_cache: bool) -> None:
+    """Run a recipe: every step, measured; writes record.json, report.md/json and the bundle."""
+    import logging
+    import os
+    import warnings
+
+    from compressor.pipeline import run_plan
+    from compressor.plan import build_plan
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    host = get_host(ctx)
+    click.echo("plugins: " + ", ".join(f"{p.name} ({p.distribution} {p.version})" for p in host.plugins
+                                       if not p.error), err=True)
+    plan = build_plan(recipe, host, overrides)
+    _print_plan(plan)
+    run_dir = out or Path("runs") / plan.recipe.name
+    try:
+        run_plan(plan, host, run_dir, use_cache=not no_cache, log=lambda s: click.echo(s, err=True))
+    finally:
+        report = run_dir / "report.md"
+        if report.is_file():
+            click.echo("")
+            click.echo(report.read_text())
+            click.echo(f"run directory: {run_dir}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="compressor")
+
+
+if __name__ == "__main__":
+    main()

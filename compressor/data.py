@@ -1,0 +1,177 @@
+"""Reading the recipe's labelled data: tsv, csv, jsonl, CoNLL files and `datasets` directories.
+
+Rows are plain Python: `Example(text, label)` where for token classification `text` is a
+list of words and `label` a list of tags. No torch here: the plan reads data to check it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compressor.errors import InputError
+
+DATA_FORMATS = ("tsv", "csv", "jsonl", "conll", "datasets")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled row: a sentence and its label, or words and their tags."""
+
+    text: Any
+    label: Any
+
+
+def _read_delimited(path: Path, delimiter: str, text: str, label: str, where: str) -> list[Example]:
+    with open(path, encoding="utf-8", newline="") as fh:
+        # SST-2 style files are unquoted; quoting only applies to csv.
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        reader = csv.DictReader(fh, delimiter=delimiter, quoting=quoting)
+        columns = reader.fieldnames or []
+        for column in (text, label):
+            if column not in columns:
+                raise InputError(f"column {column!r} is not in {path} (columns: {', '.join(columns) or 'none'})",
+                                 where=where, hint="set data.text / data.label to the file's column names")
+        return [Example(row[text], (row[label] or "").strip()) for row in reader]
+
+
+def _read_jsonl(path: Path, text: str, label: str, where: str) -> list[Example]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"line {number} of {path} is not JSON: {exc.msg}", where=where,
+                                 hint="each line of a jsonl file must be one JSON object") from None
+            if not isinstance(obj, dict) or text not in obj or label not in obj:
+                raise InputError(f"line {number} of {path} lacks {text!r} or {label!r}", where=where,
+                                 hint="set data.text / data.label to the objects' keys")
+            value = obj[label]
+            rows.append(Example(obj[text], [str(v) for v in value] if isinstance(value, list) else str(value)))
+    return rows
+
+
+def _read_conll(path: Path, where: str) -> list[Example]:
+    """CoNLL-2003 style: `word POS chunk TAG` per line, blank lines between sentences."""
+    rows: list[Example] = []
+    words: list[str] = []
+    tags: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            parts = line.split()
+            if not parts or parts[0] == "-DOCSTART-":
+                if words:
+                    rows.append(Example(words, tags))
+                words, tags = [], []
+                continue
+            if len(parts) < 2:
+                raise InputError(f"line {number} of {path} has no tag column", where=where,
+                                 hint="CoNLL files hold `word ... TAG` per line")
+            words.append(parts[0])
+            tags.append(parts[-1])
+    if words:
+        rows.append(Example(words, tags))
+    return rows
+
+
+def _read_datasets_dir(path: Path, split: str, text: str, label: str, where: str) -> list[Example]:
+    try:
+        import datasets  # optional dependency
+    except ImportError:
+        raise InputError("data.format 'datasets' needs the `datasets` package", where=where,
+                         hint="pip install datasets") from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[split]
+    names = ds.features[label].names if hasattr(ds.features[label], "names") else None
+    feature = getattr(ds.features[label], "feature", None)
+    names = names or getattr(feature, "names", None)
+
+    def _name(v: Any) -> Any:
+        if isinstance(v, list):
+            return [_name(x) for x in v]
+        return names[v] if names and isinstance(v, int) else str(v)
+
+    return [Example(row[text], _name(row[label])) for row in ds]
+
+
+@dataclass
+class DataSource:
+    """The recipe's `data:` section bound to the recipe's directory."""
+
+    format: str
+    splits: dict[str, Path]
+    text: str
+    label: str
+
+    def has(self, split: str) -> bool:
+        """Whether the recipe gives this split."""
+        return split in self.splits
+
+    def load(self, split: str) -> list[Example]:
+        """All rows of a split, with clear errors for missing, empty or non-UTF-8 files."""
+        where = f"data.{split}"
+        if split not in self.splits:
+            raise InputError(f"the recipe has no {split} data", where="data", hint=f"add data.{split}: PATH")
+        path = self.splits[split]
+        if not path.exists():
+            raise InputError(f"{path} does not exist", where=where, hint="fix the path (relative to the recipe file)")
+        try:
+            if self.format == "datasets":
+                rows = _read_datasets_dir(path, split, self.text, self.label, where)
+            elif self.format == "conll":
+                rows = _read_conll(path, where)
+            elif self.format == "jsonl":
+                rows = _read_jsonl(path, self.text, self.label, where)
+            else:
+                rows = _read_delimited(path, "\t" if self.format == "tsv" else ",", self.text, self.label, where)
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path} is not UTF-8 (byte {exc.start}: {exc.reason})", where=where,
+                             hint="re-encode the file as UTF-8") from None
+        except csv.Error as exc:
+            raise InputError(f"{path} could not be parsed: {exc}", where=where) from None
+        if not rows:
+            raise InputError(f"{path} holds no rows", where=where, hint="point to a file with labelled rows")
+        return rows
+
+    def label_set(self, split: str) -> set[str]:
+        """Every label (or tag) that occurs in a split."""
+        labels: set[str] = set()
+        for row in self.load(split):
+            labels.update(row.label if isinstance(row.label, list) else [row.label])
+        return labels
+
+    def digest(self) -> str:
+        """sha256 over the data files' bytes and the column settings (part of cache keys)."""
+        h = hashlib.sha256(json.dumps([self.format, self.text, self.label]).encode())
+        for split in sorted(self.splits):
+            path = self.splits[split]
+            h.update(split.encode())
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            for file in files:
+                if file.exists():
+                    h.update(file.read_bytes())
+        return h.hexdigest()
+
+
+def label_ids(labels: list[str], data_labels: set[str]) -> dict[str, int]:
+    """Map data label strings to model label ids.
+
+    Data labels match model label names; integer labels (SST-2's `0`/`1`) are taken as ids.
+    Raises InputError naming the labels the model does not have.
+    """
+    mapping = {name: i for i, name in enumerate(labels)}
+    if all(lbl.isdigit() for lbl in data_labels) and not data_labels <= set(mapping):
+        mapping = {str(i): i for i in range(len(labels))}
+    unknown = sorted(data_labels - set(mapping))
+    if unknown:
+        raise InputError(f"the data has labels the model does not have: {', '.join(unknown[:10])}",
+                         where="data", hint=f"the model's labels are: {', '.join(labels)}")
+    return mapping

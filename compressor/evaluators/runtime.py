@@ -1,0 +1,93 @@
+"""Loading an artifact for inference: PyTorch for `hf`, ONNX Runtime for `onnx`.
+
+A runner takes a batch of tokenized numpy inputs and returns logits as numpy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from compressor.artifact import Artifact
+from compressor.errors import InputError
+
+MAX_LENGTH = 128
+
+
+class Runner:
+    """A loaded model plus its tokenizer: `encode(texts)` then `__call__(batch)` → logits."""
+
+    def __init__(self, artifact: Artifact, tokenizer: Any, forward: Callable[[dict[str, np.ndarray]], np.ndarray],
+                 input_names: list[str]):
+        self.artifact = artifact
+        self.tokenizer = tokenizer
+        self.forward = forward
+        self.input_names = input_names
+
+    def encode(self, texts: list[Any]) -> Any:
+        """Tokenize a batch (words lists for token classification), padded, as numpy."""
+        split = self.artifact.task == "token-classification"
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=MAX_LENGTH,
+                              is_split_into_words=split, return_tensors="np")
+
+    def __call__(self, batch: Any) -> np.ndarray:
+        """Logits for one encoded batch."""
+        return self.forward({k: np.asarray(batch[k]) for k in self.input_names if k in batch})
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The artifact's tokenizer (fast, so that word alignment works)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the tokenizer in {path}: {exc}", where=str(path)) from None
+
+
+def load_torch_model(path: Path, task: str) -> Any:
+    """A transformers model from safetensors only (never a pickle)."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    cls = AutoModelForSequenceClassification if task == "text-classification" else AutoModelForTokenClassification
+    return cls.from_pretrained(str(path), use_safetensors=True).eval()
+
+
+def load_runner(artifact: Artifact, threads: int) -> Runner:
+    """A runner on the runtime the artifact targets."""
+    tokenizer = load_tokenizer(artifact.path)
+    if artifact.format == "hf":
+        import torch
+
+        torch.set_num_threads(threads)
+        model = load_torch_model(artifact.path, artifact.task)
+        names = ["input_ids", "attention_mask", "token_type_ids"]
+
+        def forward(batch: dict[str, np.ndarray]) -> np.ndarray:
+            with torch.inference_mode():
+                return model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
+
+        return Runner(artifact, tokenizer, forward, names)
+    if artifact.format == "onnx":
+        session = ort_session(artifact.model_file, threads)
+        names = [i.name for i in session.get_inputs()]
+
+        def forward(batch: dict[str, np.ndarray]) -> np.ndarray:
+            return session.run(None, {k: v.astype(np.int64) for k, v in batch.items()})[0]
+
+        return Runner(artifact, tokenizer, forward, names)
+    raise InputError(f"no runtime for format {artifact.format!r} here", where=str(artifact.path))
+
+
+def ort_session(model_file: Path, threads: int) -> Any:
+    """An ONNX Runtime CPU session with full graph optimisations and a fixed thread count."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])

@@ -1,0 +1,57 @@
+"""The accuracy/size/latency guard applied to the final artifact of a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compressor.recipe import GuardSpec
+
+
+def baseline(artifacts: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """The first artifact that has a value for `key` (the reference for changes and ratios)."""
+    return next((a for a in artifacts if _value(a, key) is not None), None)
+
+
+def _value(artifact: dict[str, Any], key: str) -> float | None:
+    if key == "metric":
+        return artifact.get(artifact["metric"]) if artifact.get("metric") else None
+    if key in ("p50_ms", "p90_ms", "throughput"):
+        return (artifact.get("latency") or {}).get(key)
+    return artifact.get(key)
+
+
+def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Compare the last artifact with the budgets; returns {passed, failures, checks}."""
+    final = artifacts[-1]
+    failures: list[str] = []
+    checks: list[dict[str, Any]] = []
+    if guard.max_accuracy_drop is not None:
+        base = baseline(artifacts, "metric")
+        value = _value(final, "metric")
+        if base is None or value is None:
+            failures.append("max_accuracy_drop is set but no accuracy was measured (is data.eval given?)")
+        else:
+            ref = _value(base, "metric")
+            drop = ref - value
+            allowed = guard.max_accuracy_drop * (ref if guard.relative else 1.0)
+            checks.append({"check": "max_accuracy_drop", "baseline": base["name"], "reference": ref,
+                           "value": value, "drop": drop, "allowed": allowed, "passed": drop <= allowed + 1e-12})
+            if drop > allowed + 1e-12:
+                failures.append(f"{final['metric']} dropped by {drop:.4f} from {base['name']} ({ref:.4f} → "
+                                f"{value:.4f}); the budget is {allowed:.4f}")
+    if guard.max_size_mb is not None:
+        size_mb = final["size_bytes"] / 1e6
+        ok = size_mb <= guard.max_size_mb
+        checks.append({"check": "max_size_mb", "value": size_mb, "allowed": guard.max_size_mb, "passed": ok})
+        if not ok:
+            failures.append(f"size {size_mb:.2f} MB exceeds max_size_mb {guard.max_size_mb}")
+    if guard.max_latency_ms is not None:
+        p50 = _value(final, "p50_ms")
+        if p50 is None:
+            failures.append("max_latency_ms is set but latency was not measured (evaluate.latency is off)")
+        else:
+            ok = p50 <= guard.max_latency_ms
+            checks.append({"check": "max_latency_ms", "value": p50, "allowed": guard.max_latency_ms, "passed": ok})
+            if not ok:
+                failures.append(f"p50 latency {p50:.2f} ms exceeds max_latency_ms {guard.max_latency_ms}")
+    return {"passed": not failures, "failures": failures, "checks": checks}

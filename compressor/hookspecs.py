@@ -1,0 +1,56 @@
+"""The hooks a plugin may implement. Each plugin is a module or object with `@hookimpl` functions."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from compressor.artifact import Artifact
+    from compressor.evaluators.base import Evaluator
+    from compressor.step import Step
+
+PROJECT = "compressor"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_steps(register: Callable[[type["Step"]], None]) -> None:
+    """Contribute Step classes: call `register(StepClass)` once per step.
+
+    Called once when the host is built. A name already registered by another plugin is
+    refused with both providers named.
+    """
+
+
+@hookspec
+def register_evaluators(register: Callable[["Evaluator"], None]) -> None:
+    """Contribute evaluators: call `register(evaluator)` with an object that has `task`,
+    `formats` and `evaluate(artifact, rows, settings)`.
+
+    A later registration for the same (task, format) replaces an earlier one.
+    """
+
+
+@hookspec
+def register_commands(cli: "click.Group") -> None:
+    """Add commands to the `compressor` CLI with `cli.add_command(...)`."""
+
+
+@hookspec
+def step_started(index: int, name: str, config: dict[str, Any], artifact: "Artifact") -> None:
+    """Observer: a step is about to run on `artifact` (not called for cached steps)."""
+
+
+@hookspec
+def step_finished(index: int, name: str, artifact: "Artifact", record: dict[str, Any]) -> None:
+    """Observer: a step produced `artifact`; `record` is its entry in record.json."""
+
+
+@hookspec
+def run_finished(run_dir: str, record: dict[str, Any]) -> None:
+    """Observer: the run ended; `record` is the content of record.json."""

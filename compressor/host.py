@@ -1,0 +1,175 @@
+"""The plugin host: builds the pluggy manager, loads built-in and third-party plugins,
+and keeps the registries of steps and evaluators.
+
+Built-in plugins go through exactly the same `_load_one` path as entry-point plugins.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from compressor import PLUGIN_API_VERSION, hookspecs
+from compressor.errors import PluginLoadError
+from compressor.step import Step, StepConfig
+
+ENTRY_POINT_GROUP = "compressor"
+DISABLE_ENV = "COMPRESSOR_DISABLE_PLUGINS"
+
+#: Built-in plugins: (plugin name, module).
+BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("evaluators", "compressor.evaluators.plugin"),
+    ("finetune", "compressor.plugins.finetune"),
+    ("export-onnx", "compressor.export.onnx"),
+    ("quantize-onnx", "compressor.plugins.quantize_onnx"),
+)
+
+
+@dataclass
+class PluginInfo:
+    """One loaded (or failed) plugin as `compressor plugins` shows it."""
+
+    name: str
+    distribution: str
+    version: str
+    steps: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class Host:
+    """The built plugin manager with its registries."""
+
+    pm: pluggy.PluginManager
+    steps: dict[str, type[Step]] = field(default_factory=dict)
+    step_provider: dict[str, str] = field(default_factory=dict)
+    evaluators: dict[tuple[str, str], Any] = field(default_factory=dict)
+    plugins: list[PluginInfo] = field(default_factory=list)
+
+    @property
+    def broken(self) -> list[PluginInfo]:
+        """Plugins that failed to load."""
+        return [p for p in self.plugins if p.error]
+
+    def evaluator_for(self, task: str, fmt: str) -> Any | None:
+        """The evaluator registered for this task and artifact format, if any."""
+        return self.evaluators.get((task, fmt))
+
+
+def disabled_plugins(extra: tuple[str, ...] | list[str] = ()) -> set[str]:
+    """Names disabled by `--disable-plugin` and the COMPRESSOR_DISABLE_PLUGINS variable."""
+    names = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+    return names | set(extra)
+
+
+def _check_step_class(cls: Any, plugin: str) -> None:
+    """Refuse a step class that does not honour the Step contract."""
+    if not (isinstance(cls, type) and issubclass(cls, Step)):
+        raise PluginLoadError(f"registered {cls!r}, which is not a compressor.step.Step subclass",
+                              where=f"plugin {plugin!r}", hint="subclass compressor.step.Step")
+    for attr in ("name", "summary"):
+        if not isinstance(getattr(cls, attr, None), str) or not getattr(cls, attr):
+            raise PluginLoadError(f"step class {cls.__name__} has no {attr}", where=f"plugin {plugin!r}",
+                                  hint=f"set the class attribute `{attr}`")
+    config = getattr(cls, "Config", None)
+    if not (isinstance(config, type) and issubclass(config, StepConfig)):
+        raise PluginLoadError(f"step {cls.name!r} has a Config that is not a compressor.step.StepConfig",
+                              where=f"plugin {plugin!r}", hint="derive Config from compressor.step.StepConfig")
+    from compressor.artifact import FORMATS
+
+    for fmt in (*cls.accepts, cls.produces):
+        if fmt not in FORMATS:
+            raise PluginLoadError(f"step {cls.name!r} names unknown format {fmt!r}", where=f"plugin {plugin!r}",
+                                  hint=f"formats are {', '.join(FORMATS)}")
+
+
+def _load_one(host: Host, name: str, dist: str, version: str, load: Any) -> None:
+    """Import one plugin, register it, and collect its steps and evaluators."""
+    info = PluginInfo(name=name, distribution=dist, version=version)
+    host.plugins.append(info)
+    try:
+        plugin = load()
+        api = getattr(plugin, "COMPRESSOR_PLUGIN_API", None)
+        if api is not None and not _api_compatible(str(api)):
+            raise PluginLoadError(
+                f"plugin {name!r} declares plugin API {api}, this compressor provides {PLUGIN_API_VERSION}",
+                where=f"plugin {name!r}", hint=f"upgrade the plugin or disable it with --disable-plugin {name}")
+        host.pm.register(plugin, name=name)
+        try:
+            host.pm.check_pending()  # a misspelled hook name in this plugin
+        except pluggy.PluginValidationError:
+            host.pm.unregister(name=name)
+            raise
+    except PluginLoadError as exc:
+        info.error = exc.message
+        return
+    except Exception as exc:  # a broken third-party plugin must not take the host down
+        info.error = f"{type(exc).__name__}: {exc}"
+        return
+
+    def register_step(cls: Any) -> None:
+        _check_step_class(cls, name)
+        if cls.name in host.steps:
+            raise PluginLoadError(
+                f"step {cls.name!r} is registered twice: by {host.step_provider[cls.name]!r} and by {name!r}",
+                where=f"plugin {name!r}", hint=f"disable one of them with --disable-plugin {name}")
+        host.steps[cls.name] = cls
+        host.step_provider[cls.name] = name
+        info.steps.append(cls.name)
+
+    def register_evaluator(evaluator: Any) -> None:
+        for fmt in evaluator.formats:
+            host.evaluators[(evaluator.task, fmt)] = evaluator
+
+    try:
+        for impl in host.pm.hook.register_steps.get_hookimpls():
+            if impl.plugin_name == name:
+                impl.function(register=register_step)
+        for impl in host.pm.hook.register_evaluators.get_hookimpls():
+            if impl.plugin_name == name:
+                impl.function(register=register_evaluator)
+    except PluginLoadError:
+        host.pm.unregister(name=name)
+        raise
+    except Exception as exc:
+        host.pm.unregister(name=name)
+        info.error = f"{type(exc).__name__} while registering: {exc}"
+
+
+def _api_compatible(spec: str) -> bool:
+    """Whether a plugin's declared API range (e.g. '>=1.0,<2') includes ours."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    try:
+        return PLUGIN_API_VERSION in SpecifierSet(spec if spec[0] in "<>=!~" else f"=={spec}")
+    except (InvalidSpecifier, IndexError):
+        return False
+
+
+def build_host(disable: tuple[str, ...] | list[str] = (), entry_points: list[Any] | None = None) -> Host:
+    """Build the plugin manager: built-ins first, then the `compressor` entry points.
+
+    `entry_points` replaces the installed ones (tests use it with fake distributions).
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    host = Host(pm=pm)
+    off = disabled_plugins(disable)
+    from compressor import __version__
+
+    for name, module in BUILTIN_PLUGINS:
+        if name not in off:
+            _load_one(host, name, "compressor", __version__, lambda m=module: importlib.import_module(m))
+    eps = entry_points if entry_points is not None else list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    for ep in eps:
+        if ep.name in off:
+            continue
+        dist = getattr(ep, "dist", None)
+        _load_one(host, ep.name, getattr(dist, "name", "?") if dist else "?",
+                  getattr(dist, "version", "?") if dist else "?", ep.load)
+    return host

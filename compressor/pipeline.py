@@ -1,0 +1,225 @@
+"""Running a plan: each step's output cached and materialised under the run directory, every
+artifact measured, record.json and the reports written, the guard applied."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from compressor import __version__
+from compressor.artifact import Artifact, dir_size, hash_dir, link_or_copy_tree
+from compressor.cache import Cache, make_key, write_json_atomic
+from compressor.errors import CompressorError, GuardFailed, InputError, StepError
+from compressor.evaluators.base import EvalSettings
+from compressor.host import Host
+from compressor.plan import Plan, PlannedStep
+from compressor.record import environment
+from compressor.step import StepContext
+
+RECORD_SCHEMA = 1
+
+
+def eval_settings(plan: Plan) -> EvalSettings:
+    """The recipe's `evaluate:` as EvalSettings."""
+    ev = plan.recipe.evaluate
+    lat = ev.latency
+    return EvalSettings(threads=lat.threads if lat else 2, batch_sizes=tuple(lat.batch_sizes) if lat else (1,),
+                        runs=lat.runs if lat else 0, warmup=lat.warmup if lat else 0, latency=lat is not None,
+                        max_rows=ev.max_rows)
+
+
+def _prepare_run_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write to the run directory {path}: {exc.strerror}", where="--out",
+                         hint="choose a writable directory with --out") from None
+
+
+class Runner:
+    """Runs one plan; `log` receives one line per event."""
+
+    def __init__(self, plan: Plan, host: Host, run_dir: Path, cache: Cache, log: Callable[[str], None] = print):
+        self.plan, self.host, self.run_dir, self.cache, self.log = plan, host, Path(run_dir), cache, log
+        self.settings = eval_settings(plan)
+        self.data_hash = plan.data.digest() if plan.data else None
+        self._eval_rows: list[Any] | None = None
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def eval_rows(self) -> list[Any]:
+        """The evaluation rows (first max_rows), read once."""
+        if self._eval_rows is None:
+            rows = self.plan.data.load("eval") if self.plan.data and self.plan.data.has("eval") else []
+            self._eval_rows = rows[: self.settings.max_rows] if self.settings.max_rows else rows
+        return self._eval_rows
+
+    def measure(self, artifact: Artifact, artifact_hash: str, full: bool) -> dict[str, Any]:
+        """Size and parameters always; the task metric and latency when `full` and possible (cached)."""
+        from compressor.evaluators.measure import model_bytes, parameter_count
+
+        m: dict[str, Any] = {"size_bytes": model_bytes(artifact), "parameters": parameter_count(artifact)}
+        evaluator = self.host.evaluator_for(artifact.task, artifact.format)
+        if not full:
+            return m
+        if evaluator is None:
+            m["skipped"] = f"no evaluator for {artifact.task} on {artifact.format}"
+            return m
+        if not artifact.labels or not artifact.info.get("has_head", True):
+            m["skipped"] = "the model has no task head yet"
+            return m
+        if not self.eval_rows():
+            m["skipped"] = "no eval data"
+            return m
+        key = make_key(artifact_hash, self.settings.__dict__, self.data_hash, artifact.task)
+        cached = self.cache.get_metrics(key)
+        if cached is None:
+            self.log(f"  measuring {artifact.path.name} ({artifact.format}) on {len(self.eval_rows())} rows")
+            t0 = time.perf_counter()
+            cached = evaluator.evaluate(artifact, self.eval_rows(), self.settings)
+            cached["eval_seconds"] = time.perf_counter() - t0
+            self.cache.put_metrics(key, cached)
+        m.update(cached)
+        m["metric"] = evaluator.metric
+        return m
+
+    # -- steps --------------------------------------------------------------------------------
+    def run_step(self, planned: PlannedStep, artifact: Artifact, input_hash: str) -> tuple[Artifact, dict[str, Any]]:
+        """Run one step (or take it from the cache) and place its output under the run directory."""
+        cls, config = planned.cls, planned.config
+        key = make_key(input_hash, cls.name, cls.version, config.model_dump(mode="json"),
+                       self.data_hash if cls.needs_data else None, self.plan.recipe.seed)
+        entry = self.cache.lookup(key)
+        cached = entry is not None
+        if entry is None:
+            self.host.pm.hook.step_started(index=planned.index, name=planned.name,
+                                           config=config.model_dump(mode="json"), artifact=artifact)
+            self.log(f"▶ {planned.label}")
+            tmp = self.cache.temp_dir(key)
+            ctx = StepContext(out_dir=tmp, data=self.plan.data, source=self.plan.source, seed=self.plan.recipe.seed,
+                              threads=self.settings.threads, recipe_dir=self.plan.recipe_dir)
+            t0 = time.perf_counter()
+            try:
+                out = cls().run(artifact, config, ctx)
+            except CompressorError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not isinstance(exc, StepError):
+                    exc = StepError(exc.message, where=exc.where, hint=exc.hint)
+                exc.where = f"{planned.label}" + (f": {exc.where}" if exc.where and exc.where != planned.label else "")
+                raise exc from None
+            except BaseException as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                raise StepError(f"{type(exc).__name__}: {exc}", where=planned.label,
+                                hint="run with --debug for the traceback") from exc
+            seconds = time.perf_counter() - t0
+            self._check_output(planned, out, tmp)
+            out.path = tmp
+            out.save_meta()
+            entry = {"hash": hash_dir(tmp), "seconds": seconds, "notes": ctx.notes, "key": key,
+                     "created": datetime.now(timezone.utc).isoformat()}
+            self.cache.commit(key, tmp, entry)
+        final = self.cache.artifact_dir(key)
+        placed = self.run_dir / "artifacts" / f"{planned.index + 1:02d}-{planned.name}"
+        if placed.exists():
+            shutil.rmtree(placed)
+        placed.parent.mkdir(parents=True, exist_ok=True)
+        link_or_copy_tree(final, placed)
+        out = Artifact.load(placed)
+        took = "from cache" if cached else f"{entry['seconds']:.1f}s"
+        self.log(f"{'↺' if cached else '✓'} {planned.label}: {took}")
+        return out, {"index": planned.index, "uses": planned.name, "version": cls.version,
+                     "provider": self.host.step_provider.get(planned.name), "config": config.model_dump(mode="json"),
+                     "input_hash": input_hash, "output_hash": entry["hash"], "seconds": entry["seconds"],
+                     "cached": cached, "deterministic": cls.deterministic, "notes": entry.get("notes", {}),
+                     "cache_key": key, "path": str(placed)}
+
+    def _check_output(self, planned: PlannedStep, out: Any, tmp: Path) -> None:
+        """A step must return an artifact of its declared format, written inside its directory."""
+        if not isinstance(out, Artifact):
+            raise StepError(f"returned {type(out).__name__}, not an Artifact", where=planned.label)
+        if out.format != planned.cls.produces:
+            raise StepError(f"declared format {planned.cls.produces!r} but returned {out.format!r}",
+                            where=planned.label, hint="the step's `produces` must match what run() returns")
+        if Path(out.path).resolve() != tmp.resolve():
+            raise StepError(f"returned an artifact at {out.path}, outside its output directory",
+                            where=planned.label, hint="write into ctx.out_dir and return an artifact there")
+        if not any(tmp.iterdir()):
+            raise StepError("wrote nothing into its output directory", where=planned.label)
+
+    # -- the run ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run every step, measure, write record.json and the reports; returns the record."""
+        _prepare_run_dir(self.run_dir)
+        plan = self.plan
+        started = datetime.now(timezone.utc)
+        t0 = time.perf_counter()
+        source = plan.source
+        source_hash = hash_dir(source.path)
+        each = plan.recipe.evaluate.each_step
+        artifacts = [{"index": 0, "name": "input", "format": source.format, "path": str(source.path),
+                      "hash": source_hash, **self.measure(source, source_hash, full=each)}]
+        record: dict[str, Any] = {
+            "schema": RECORD_SCHEMA, "compressor": __version__, "name": plan.recipe.name,
+            "recipe_path": str(plan.recipe_path), "recipe": plan.recipe.model_dump(mode="json", by_alias=True),
+            "recipe_hash": plan.recipe.digest(), "seed": plan.recipe.seed, "data_hash": self.data_hash,
+            "started": started.isoformat(), "environment": environment(),
+            "evaluation": self.settings.__dict__,
+            "plugins": [p.__dict__ for p in self.host.plugins], "steps": [], "artifacts": artifacts,
+            "status": "running",
+        }
+        current, current_hash = source, source_hash
+        try:
+            for i, planned in enumerate(plan.steps):
+                current, step_record = self.run_step(planned, current, current_hash)
+                current_hash = step_record["output_hash"]
+                record["steps"].append(step_record)
+                last = i == len(plan.steps) - 1
+                artifacts.append({"index": i + 1, "name": planned.name, "format": current.format,
+                                  "path": step_record["path"], "hash": current_hash,
+                                  **self.measure(current, current_hash, full=each or last)})
+                self.host.pm.hook.step_finished(index=planned.index, name=planned.name, artifact=current,
+                                                record=step_record)
+        except CompressorError as exc:
+            record["status"] = "failed"
+            record["error"] = exc.render()
+            self._finish(record, t0)
+            raise
+        from compressor.guard import check_guard
+
+        record["guard"] = check_guard(plan.recipe.guard, artifacts)
+        record["status"] = "ok" if record["guard"]["passed"] else "guard_failed"
+        if plan.recipe.bundle.formats:
+            from compressor.bundle import write_bundle
+
+            record["bundle"] = write_bundle(current, self.run_dir / "bundle", record)
+        self._finish(record, t0)
+        if not record["guard"]["passed"]:
+            raise GuardFailed("; ".join(record["guard"]["failures"]), where="guard",
+                              hint=f"artifacts and the report are in {self.run_dir}")
+        return record
+
+    def _finish(self, record: dict[str, Any], t0: float) -> None:
+        from compressor.report import write_reports
+
+        record["finished"] = datetime.now(timezone.utc).isoformat()
+        record["seconds"] = time.perf_counter() - t0
+        write_json_atomic(self.run_dir / "record.json", record)
+        write_reports(record, self.run_dir)
+        self.host.pm.hook.run_finished(run_dir=str(self.run_dir), record=record)
+
+
+def run_plan(plan: Plan, host: Host, run_dir: Path, use_cache: bool = True,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run a checked plan into `run_dir`; raises GuardFailed (exit 1) or StepError (exit 4)."""
+    return Runner(plan, host, run_dir, Cache(enabled=use_cache), log).run()
+
+
+__all__ = ["run_plan", "eval_settings", "dir_size"]

@@ -1,0 +1,222 @@
+"""The plan: a recipe checked end to end before any heavy work, without loading weights.
+
+Every step exists and its config validates, the format chain is possible, the data each
+step needs is there and its labels fit the model, every path exists.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from compressor.artifact import Artifact
+from compressor.data import DataSource, label_ids
+from compressor.errors import CompressorError, InputError, PluginLoadError, RecipeError, RecipeErrors
+from compressor.host import Host
+from compressor.recipe import Recipe, format_loc, load_raw, parse_recipe, validation_errors
+from compressor.step import PlanContext, Step, StepConfig
+
+HEAD_SUFFIX = {"text-classification": "ForSequenceClassification", "token-classification": "ForTokenClassification"}
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+@dataclass
+class PlannedStep:
+    """One resolved step of the plan."""
+
+    index: int
+    name: str
+    cls: type[Step]
+    config: StepConfig
+    input_format: str
+    output_format: str
+
+    @property
+    def label(self) -> str:
+        """`steps[1] (export-onnx)`, as errors name it."""
+        return f"steps[{self.index}] ({self.name})"
+
+
+@dataclass
+class Plan:
+    """A checked recipe, ready to run."""
+
+    recipe: Recipe
+    recipe_path: Path
+    source: Artifact
+    data: DataSource | None
+    steps: list[PlannedStep]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def recipe_dir(self) -> Path:
+        """Directory that recipe paths are relative to."""
+        return self.recipe_path.parent
+
+
+def resolve_model_path(spec: str, recipe_dir: Path) -> Path:
+    """A model path from the recipe: relative to the recipe, or `pkg:MODULE/SUBDIR` inside an installed package."""
+    if spec.startswith("pkg:"):
+        module, _, sub = spec[4:].partition("/")
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        if not found or not found.submodule_search_locations:
+            raise InputError(f"no installed Python package {module!r}", where="model.path",
+                             hint=f"pip install the package that provides {module!r}")
+        return Path(list(found.submodule_search_locations)[0]) / sub
+    return (recipe_dir / Path(spec).expanduser()).resolve()
+
+
+def inspect_model(path: Path, task: str, labels: list[str] | None) -> tuple[Artifact, dict[str, Any]]:
+    """Describe the input model directory from its files alone (no weights are read)."""
+    where = "model.path"
+    if not path.exists():
+        raise InputError(f"model directory {path} does not exist", where=where,
+                         hint="give the directory of a save_pretrained model (relative to the recipe)")
+    if not path.is_dir():
+        raise InputError(f"{path} is not a directory", where=where, hint="give the model's directory, not a file")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"{path} has no config.json", where=where,
+                         hint="point to a directory written by transformers' save_pretrained")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{config_file} is not valid JSON ({exc})", where=where) from None
+    if (path / "model.onnx").is_file():
+        fmt = "onnx"
+    elif any((path / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
+        fmt = "hf"
+    elif any((path / n).is_file() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise InputError(f"{path} holds pickled weights (pytorch_model.bin), which compressor does not load",
+                         where=where, hint="re-save the model with save_pretrained(safe_serialization=True)")
+    else:
+        raise InputError(f"{path} has no model weights (model.safetensors or model.onnx)", where=where,
+                         hint="point to a directory written by save_pretrained")
+    if not any((path / n).is_file() for n in TOKENIZER_FILES):
+        raise InputError(f"{path} has no tokenizer (tokenizer.json or vocab.txt)", where=where,
+                         hint="save the tokenizer beside the model with tokenizer.save_pretrained(DIR)")
+    architectures = config.get("architectures") or []
+    has_head = any(a.endswith(HEAD_SUFFIX[task]) for a in architectures)
+    if has_head:
+        id2label = config.get("id2label") or {}
+        model_labels = [id2label[k] for k in sorted(id2label, key=int)] if id2label else []
+        if labels and labels != model_labels:
+            raise RecipeError(f"model.labels {labels} differ from the model's own labels {model_labels}",
+                              where="model.labels", hint="remove model.labels; the model's head defines them")
+    else:
+        model_labels = list(labels or [])
+    artifact = Artifact(path=path, format=fmt, task=task, labels=model_labels,
+                        info={"has_head": has_head, "model_type": config.get("model_type")})
+    return artifact, config
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    if close:
+        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return "`compressor steps` lists the steps: " + ", ".join(sorted(choices))
+
+
+def _unknown_step(name: str, host: Host) -> CompressorError:
+    broken = host.broken
+    if broken:
+        names = ", ".join(f"{p.name} ({p.error})" for p in broken)
+        return PluginLoadError(f"unknown step {name!r}; plugin(s) that failed to load may provide it: {names}",
+                               hint="fix or reinstall the plugin; --disable-plugin NAME silences one")
+    return RecipeError(f"unknown step {name!r}", hint=_suggest(name, list(host.steps)))
+
+
+def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[str] = ()) -> Plan:
+    """Parse and check a recipe; raise RecipeErrors (exit 2) or PluginLoadError (exit 3)."""
+    recipe_path = Path(recipe_path).resolve()
+    raw = load_raw(recipe_path, overrides)
+    recipe = parse_recipe(raw)
+    recipe_dir = recipe_path.parent
+    errors: list[CompressorError] = []
+
+    data: DataSource | None = None
+    if recipe.data:
+        splits = {s: (recipe_dir / Path(p).expanduser()).resolve()
+                  for s, p in (("train", recipe.data.train), ("eval", recipe.data.eval)) if p}
+        data = DataSource(recipe.data.format, splits, recipe.data.text, recipe.data.label)
+        for split, p in splits.items():
+            if not p.exists():
+                errors.append(InputError(f"{p} does not exist", where=f"data.{split}",
+                                         hint="fix the path (paths are relative to the recipe file)"))
+
+    source, model_config = inspect_model(resolve_model_path(recipe.model.path, recipe_dir), recipe.model.task,
+                                         recipe.model.labels)
+    fmt, labels = source.format, list(source.labels)
+    steps: list[PlannedStep] = []
+    for i, spec in enumerate(recipe.steps):
+        where = format_loc(("steps", i), raw)
+        cls = host.steps.get(spec.uses)
+        if cls is None:
+            err = _unknown_step(spec.uses, host)
+            err.where = f"{where}.uses"
+            if isinstance(err, PluginLoadError):
+                raise err
+            errors.append(err)
+            continue
+        try:
+            config = cls.Config.model_validate(spec.with_)
+        except ValidationError as exc:
+            errors.extend(validation_errors(exc, raw, ("steps", i, "with")))
+            continue
+        if fmt not in cls.accepts:
+            hint = ("add `- uses: export-onnx` before it" if fmt == "hf" and "onnx" in cls.accepts
+                    else f"it accepts {', '.join(cls.accepts)}; reorder the steps")
+            errors.append(RecipeError(f"needs a {' or '.join(cls.accepts)} model but the previous step gives {fmt}",
+                                      where=where, hint=hint))
+        for split in cls.needs_data:
+            if data is None or not data.has(split):
+                errors.append(RecipeError(f"needs {split} data and the recipe gives none", where=where,
+                                          hint=f"add data.{split}: PATH to the recipe"))
+        for module in cls.requires:
+            if importlib.util.find_spec(module.split(".")[0]) is None:
+                errors.append(InputError(f"needs the Python package {module!r}, which is not installed",
+                                         where=where, hint=f"pip install {module}"))
+        ctx = PlanContext(recipe=recipe, recipe_dir=recipe_dir, model_config=model_config, artifact_format=fmt,
+                          task=recipe.model.task, labels=labels, data=data)
+        try:
+            cls().check(config, ctx)
+            labels = cls().output_labels(config, ctx)
+        except CompressorError as exc:
+            exc.where = f"{where}.{exc.where}" if exc.where else where
+            errors.append(exc)
+        steps.append(PlannedStep(i, spec.uses, cls, config, fmt, cls.produces))
+        fmt = cls.produces
+
+    warnings: list[str] = []
+    if not errors and data is not None:
+        errors.extend(_check_data_labels(data, labels, steps))
+    if data is None or not data.has("eval"):
+        warnings.append("the recipe has no data.eval: artifacts get size and latency but no accuracy")
+    if errors:
+        raise RecipeErrors(errors)
+    return Plan(recipe=recipe, recipe_path=recipe_path, source=source, data=data, steps=steps, warnings=warnings)
+
+
+def _check_data_labels(data: DataSource, labels: list[str], steps: list[PlannedStep]) -> list[CompressorError]:
+    """Every split's labels must be labels of the model (once the model's labels are known)."""
+    errors: list[CompressorError] = []
+    for split in data.splits:
+        try:
+            found = data.label_set(split)
+            if labels:
+                label_ids(labels, found)
+        except InputError as exc:
+            exc.where = f"data.{split}"
+            errors.append(exc)
+    return errors

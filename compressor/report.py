@@ -1,0 +1,88 @@
+"""report.md and report.json: one row per artifact, with changes against the baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from compressor.cache import write_json_atomic, write_text_atomic
+from compressor.guard import _value, baseline
+
+
+def report_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per artifact: metric and its change, size and ×smaller, latency and ×faster, throughput."""
+    artifacts = record["artifacts"]
+    base_metric = baseline(artifacts, "metric")
+    base_size = baseline(artifacts, "size_bytes")
+    base_lat = baseline(artifacts, "p50_ms")
+    rows = []
+    for a in artifacts:
+        metric = _value(a, "metric")
+        p50 = _value(a, "p50_ms")
+        row = {
+            "index": a["index"], "artifact": a["name"], "format": a["format"], "metric_name": a.get("metric"),
+            "metric": metric,
+            "metric_change": metric - _value(base_metric, "metric") if metric is not None and base_metric else None,
+            "size_mb": a["size_bytes"] / 1e6,
+            "x_smaller": base_size["size_bytes"] / a["size_bytes"] if base_size and a["size_bytes"] else None,
+            "parameters": a.get("parameters"), "p50_ms": p50, "p90_ms": _value(a, "p90_ms"),
+            "x_faster": _value(base_lat, "p50_ms") / p50 if p50 and base_lat else None,
+            "throughput": _value(a, "throughput"), "note": a.get("skipped"),
+        }
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: Any, spec: str, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def render_markdown(record: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The report as a Markdown page."""
+    env = record["environment"]
+    ev = record.get("evaluation", {})
+    metric = next((r["metric_name"] for r in rows if r["metric_name"]), "metric")
+    lines = [f"# {record['name']}", "",
+             f"Status: **{record['status']}**"
+             + (f" · guard: {'passed' if record['guard']['passed'] else 'FAILED'}" if "guard" in record else ""),
+             "",
+             f"| # | artifact | format | {metric} | Δ {metric} | size (MB) | ×smaller | parameters | p50 ms (b1) "
+             f"| p90 ms (b1) | ×faster | throughput/s (b{ev.get('batch_sizes', [32])[-1]}) |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['index']} | {r['artifact']} | {r['format']} | {_fmt(r['metric'], '.4f')} | "
+            f"{_fmt(r['metric_change'], '+.4f')} | {_fmt(r['size_mb'], '.2f')} | {_fmt(r['x_smaller'], '.2f', '×')} | "
+            f"{_fmt(r['parameters'], ',')} | {_fmt(r['p50_ms'], '.2f')} | {_fmt(r['p90_ms'], '.2f')} | "
+            f"{_fmt(r['x_faster'], '.2f', '×')} | {_fmt(r['throughput'], '.1f')} |")
+    notes = [f"- {r['artifact']}: {r['note']}" for r in rows if r["note"]]
+    if notes:
+        lines += ["", "Not measured:", *notes]
+    if record.get("guard"):
+        lines += ["", "## Guard", ""]
+        g = record["guard"]
+        lines += [f"- {c['check']}: {c['value']:.4f} (allowed {c['allowed']:.4f}) — "
+                  f"{'ok' if c['passed'] else 'FAILED'}" for c in g["checks"]] or ["- no budget set"]
+        lines += [f"- FAILED: {f}" for f in g["failures"] if not any(f.startswith(c['check']) for c in g['checks'])]
+    lines += ["", "## Steps", "", "| step | seconds | cached | notes |", "|---|---:|---|---|"]
+    for s in record["steps"]:
+        notes_ = ", ".join(f"{k}={v}" for k, v in s["notes"].items() if not isinstance(v, (list, dict)))
+        lines.append(f"| {s['index']}: {s['uses']} | {s['seconds']:.1f} | {'yes' if s['cached'] else 'no'} | {notes_} |")
+    lines += ["", "## Reproducibility", "",
+              f"- recipe: `{record['recipe_path']}` (sha256 `{record['recipe_hash'][:16]}…`)",
+              f"- data sha256: `{(record['data_hash'] or '–')[:16]}…` · seed: {record['seed']}",
+              f"- measured on: {env['cpu']} ({env['cpu_count']} CPUs), {ev.get('threads')} threads, "
+              f"{ev.get('runs')} timed runs after {ev.get('warmup')} warm-up runs; latency is the model call "
+              f"on real eval rows (tokenization excluded)",
+              f"- python {env['python']}; " + ", ".join(f"{k} {v}" for k, v in env["libraries"].items())]
+    if record.get("error"):
+        lines += ["", "## Error", "", "```", record["error"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(record: dict[str, Any], run_dir: Path) -> None:
+    """Write report.json and report.md into the run directory."""
+    rows = report_rows(record)
+    write_json_atomic(Path(run_dir) / "report.json", {"name": record["name"], "status": record["status"],
+                                                      "guard": record.get("guard"), "rows": rows})
+    write_text_atomic(Path(run_dir) / "report.md", render_markdown(record, rows))

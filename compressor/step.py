@@ -1,0 +1,110 @@
+"""The Step contract: what a plugin implements to contribute one compression or export step.
+
+A step is a class with a name, a one-line summary, a pydantic `Config`, the formats it
+accepts and the one it produces, the data it needs, and `run(artifact, config, ctx)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from compressor.artifact import Artifact
+    from compressor.data import DataSource
+    from compressor.recipe import Recipe
+
+log = logging.getLogger("compressor")
+
+
+class StepConfig(BaseModel):
+    """Base class of every step's `Config`: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+@dataclass
+class PlanContext:
+    """What a step may look at while the plan is checked: no weights are loaded."""
+
+    recipe: "Recipe"
+    recipe_dir: Path
+    model_config: dict[str, Any]
+    artifact_format: str
+    task: str
+    labels: list[str]
+    data: "DataSource | None" = None
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path from the recipe, relative to the recipe file's directory."""
+        return (self.recipe_dir / Path(path).expanduser()).resolve()
+
+
+@dataclass
+class StepContext:
+    """What a running step gets besides its input artifact and config."""
+
+    out_dir: Path
+    data: "DataSource"
+    source: "Artifact"
+    seed: int
+    threads: int
+    recipe_dir: Path
+    progress: Callable[..., Any] = field(default=None)  # type: ignore[assignment]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path from the recipe, relative to the recipe file's directory."""
+        return (self.recipe_dir / Path(path).expanduser()).resolve()
+
+    def report(self, **values: Any) -> None:
+        """Record figures about the step (parameters trained, rows kept, …) in the run record."""
+        self.notes.update(values)
+
+    def seed_everything(self) -> None:
+        """Seed Python, numpy and torch with the run's seed."""
+        import numpy as np
+        import torch
+
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        torch.manual_seed(self.seed)
+
+
+class Step:
+    """Base class of a step. Subclasses set the class attributes and implement `run`."""
+
+    #: Unique name used in recipes (`uses: NAME`).
+    name: ClassVar[str]
+    #: One line shown by `compressor steps`.
+    summary: ClassVar[str]
+    #: Bump when the output for the same input and config changes; part of the cache key.
+    version: ClassVar[str] = "1"
+    #: The pydantic model validating the recipe's `with:` mapping.
+    Config: ClassVar[type[StepConfig]] = StepConfig
+    #: Artifact formats this step can read.
+    accepts: ClassVar[tuple[str, ...]] = ("hf",)
+    #: The artifact format this step writes.
+    produces: ClassVar[str] = "hf"
+    #: Data splits the step reads (`train`, `eval`); the plan checks the recipe provides them.
+    needs_data: ClassVar[tuple[str, ...]] = ()
+    #: Importable modules the step needs beyond compressor's own dependencies.
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: False when the output depends on thread timing; the record says so.
+    deterministic: ClassVar[bool] = True
+
+    def check(self, config: StepConfig, ctx: PlanContext) -> None:
+        """Plan-time checks that need the recipe or the model's config (raise RecipeError)."""
+
+    def output_labels(self, config: StepConfig, ctx: PlanContext) -> list[str]:
+        """Labels of the artifact this step writes (default: those of its input)."""
+        return ctx.labels
+
+    def run(self, artifact: "Artifact", config: StepConfig, ctx: StepContext) -> "Artifact":
+        """Read `artifact`, write the result into `ctx.out_dir`, return the new artifact."""
+        raise NotImplementedError

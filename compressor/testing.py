@@ -1,0 +1,201 @@
+"""Test helpers for compressor and for plugin authors: tiny models built from a config, small
+slices of real data, and running a recipe from YAML text.
+
+Registered as a pytest plugin (entry point `pytest11`), so its fixtures are available to any
+test suite once compressor is installed.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def shared_data_dir() -> Path:
+    """`../shared/data` beside the repository (or $COMPRESSOR_SHARED_DATA)."""
+    env = os.environ.get("COMPRESSOR_SHARED_DATA")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent.parent / "shared" / "data"
+        if candidate.is_dir():
+            return candidate
+    return Path.cwd().parent / "shared" / "data"
+
+
+def write_tsv_slice(src: Path, dst: Path, rows: int, skip: int = 0) -> Path:
+    """Copy the header and `rows` rows (after `skip`) of a real tsv file."""
+    with open(src, encoding="utf-8") as fh, open(dst, "w", encoding="utf-8") as out:
+        out.write(fh.readline())
+        for i, line in enumerate(fh):
+            if i >= skip + rows:
+                break
+            if i >= skip:
+                out.write(line)
+    return dst
+
+
+def write_conll_slice(src: Path, dst: Path, sentences: int) -> Path:
+    """Copy the first `sentences` sentences of a real CoNLL file."""
+    seen = 0
+    with open(src, encoding="utf-8") as fh, open(dst, "w", encoding="utf-8") as out:
+        block: list[str] = []
+        for line in fh:
+            if line.strip():
+                block.append(line)
+                continue
+            if block and not block[0].startswith("-DOCSTART-"):
+                out.writelines(block + ["\n"])
+                seen += 1
+                if seen >= sentences:
+                    break
+            block = []
+    return dst
+
+
+def build_tokenizer(words: list[str], out_dir: Path, lowercase: bool, size: int = 3000) -> Any:
+    """A BERT WordPiece tokenizer whose vocabulary is the most frequent words plus single characters."""
+    from transformers import BertTokenizerFast
+
+    counts = collections.Counter(w.lower() if lowercase else w for w in words)
+    chars = sorted({c for w in counts for c in w})
+    vocab = SPECIALS + chars + [f"##{c}" for c in chars]
+    vocab += [w for w, _ in counts.most_common(size) if w not in set(vocab)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tok = BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), do_lower_case=lowercase)
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
+def build_tiny_model(out_dir: Path, task: str, labels: list[str] | None, words: list[str], lowercase: bool = True,
+                     seed: int = 0, **config: Any) -> Path:
+    """Save a tiny BERT (hidden 32, 2 layers) with a tokenizer built from `words`.
+
+    With `labels` the model gets a task head; without, it is a bare encoder (like MiniLM).
+    """
+    import torch
+    from transformers import (BertConfig, BertModel, BertForSequenceClassification,
+                              BertForTokenClassification)
+
+    tok = build_tokenizer(words, out_dir, lowercase)
+    settings = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=128)
+    settings.update(config)
+    torch.manual_seed(seed)
+    if labels:
+        cfg = BertConfig(**settings, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                         label2id={l: i for i, l in enumerate(labels)})
+        cls = BertForSequenceClassification if task == "text-classification" else BertForTokenClassification
+        model = cls(cfg)
+    else:
+        model = BertModel(BertConfig(**settings))
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir
+
+
+def sst2_words(limit: int = 20000) -> list[str]:
+    """Words of the first rows of the real SST-2 train split."""
+    words: list[str] = []
+    with open(shared_data_dir() / "sst2" / "train.tsv", encoding="utf-8") as fh:
+        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(reader)
+        for i, row in enumerate(reader):
+            if i >= limit:
+                break
+            words += row[0].split()
+    return words
+
+
+def conll_words(limit: int = 60000) -> list[str]:
+    """Words of the real CoNLL-2003 train split."""
+    words: list[str] = []
+    with open(shared_data_dir() / "conll2003" / "train.txt", encoding="utf-8") as fh:
+        for line in fh:
+            parts = line.split()
+            if parts and parts[0] != "-DOCSTART-":
+                words.append(parts[0])
+                if len(words) >= limit:
+                    break
+    return words
+
+
+CONLL_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+
+
+def register_plugin(host: Any, plugin: Any, name: str = "inline") -> None:
+    """Register an inline plugin object on a built host, through the same path as installed ones."""
+    from compressor.host import _load_one
+
+    _load_one(host, name, "inline", "0", lambda: plugin)
+    if any(p.name == name and p.error for p in host.plugins):
+        raise RuntimeError(next(p.error for p in host.plugins if p.name == name))
+
+
+def run_recipe(yaml_text: str, tmp_path: Path, host: Any = None, overrides: list[str] | None = None) -> dict:
+    """Write the recipe into tmp_path, run it into tmp_path/run, return the record (raises on failure)."""
+    from compressor.host import build_host
+    from compressor.pipeline import run_plan
+    from compressor.plan import build_plan
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml_text, encoding="utf-8")
+    host = host or build_host()
+    plan = build_plan(recipe, host, overrides or [])
+    run_plan(plan, host, tmp_path / "run", log=lambda s: None)
+    return json.loads((tmp_path / "run" / "record.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT sentence classifier (labels negative/positive) with an SST-2 vocabulary."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-text"), "text-classification",
+                            ["negative", "positive"], sst2_words())
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT encoder without a task head (finetune adds one), SST-2 vocabulary."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-encoder"), "text-classification", None, sst2_words())
+
+
+@pytest.fixture(scope="session")
+def tiny_token_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT token classifier with the CoNLL-2003 labels and a cased CoNLL vocabulary."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-token"), "token-classification", CONLL_LABELS,
+                            conll_words(), lowercase=False)
+
+
+@pytest.fixture(scope="session")
+def sst2_small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Slices of the real SST-2: 2000 train rows and the first 200 dev rows."""
+    d = tmp_path_factory.mktemp("sst2")
+    src = shared_data_dir() / "sst2"
+    return {"train": write_tsv_slice(src / "train.tsv", d / "train.tsv", 2000),
+            "eval": write_tsv_slice(src / "dev.tsv", d / "dev.tsv", 200)}
+
+
+@pytest.fixture(scope="session")
+def conll_small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Slices of the real CoNLL-2003: 600 train and 150 validation sentences."""
+    d = tmp_path_factory.mktemp("conll")
+    src = shared_data_dir() / "conll2003"
+    return {"train": write_conll_slice(src / "train.txt", d / "train.txt", 600),
+            "eval": write_conll_slice(src / "valid.txt", d / "valid.txt", 150)}
+
+
+@pytest.fixture
+def compressor_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty step cache for this test."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("COMPRESSOR_CACHE_DIR", str(root))
+    return root

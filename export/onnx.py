@@ -1,0 +1,85 @@
+"""`export-onnx`: `hf` → `onnx` with the optimum-onnx exporter, then a parity check against PyTorch."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from pydantic import Field
+
+from compressor.artifact import Artifact
+from compressor.errors import StepError
+from compressor.hookspecs import hookimpl
+from compressor.step import Step, StepConfig, StepContext
+
+#: Used for the parity check when the recipe has no data.
+FALLBACK_TEXTS = ["a gripping , beautifully made film .", "the plot is thin and the jokes fall flat .",
+                  "EU rejects German call to boycott British lamb .", "Peter Blackburn reports from Brussels ."]
+
+
+class ExportOnnxConfig(StepConfig):
+    """Settings of `export-onnx`."""
+
+    opset: int = Field(default=17, ge=11, le=23, description="ONNX opset version.")
+    atol: float = Field(default=1e-4, gt=0, le=10, description="Largest allowed |logit difference| between "
+                                                              "PyTorch and ONNX Runtime in the parity check.")
+    parity_rows: int = Field(default=32, ge=1, le=10_000, description="Real rows used by the parity check.")
+
+
+def parity_texts(ctx: StepContext, n: int) -> list[Any]:
+    """Real rows for parity checks: eval data, else train data, else a few built-in sentences."""
+    for split in ("eval", "train"):
+        if ctx.data is not None and ctx.data.has(split):
+            return [r.text for r in ctx.data.load(split)[:n]]
+    return FALLBACK_TEXTS[:n]
+
+
+def max_logit_difference(reference: Artifact, candidate: Artifact, texts: list[Any], threads: int) -> float:
+    """Largest |logit difference| between two artifacts on the same real inputs (batches of 8)."""
+    import numpy as np
+
+    from compressor.evaluators.runtime import load_runner
+
+    ref, cand = load_runner(reference, threads), load_runner(candidate, threads)
+    worst = 0.0
+    for i in range(0, len(texts), 8):
+        enc = ref.encode(texts[i : i + 8])
+        worst = max(worst, float(np.abs(ref(enc) - cand(enc)).max()))
+    return worst
+
+
+class ExportOnnx(Step):
+    """Export a transformers model to ONNX (optimum-onnx) and check its logits against PyTorch."""
+
+    name = "export-onnx"
+    summary = "Export to ONNX with optimum-onnx, then check logits against PyTorch on real rows."
+    version = "1"
+    Config = ExportOnnxConfig
+    accepts = ("hf",)
+    produces = "onnx"
+
+    def run(self, artifact: Artifact, config: StepConfig, ctx: StepContext) -> Artifact:
+        """Export into ctx.out_dir and raise StepError if the parity check fails."""
+        assert isinstance(config, ExportOnnxConfig)
+        from optimum.exporters.onnx import main_export
+
+        logging.getLogger("optimum").setLevel(logging.ERROR)
+        try:
+            main_export(str(artifact.path), output=str(ctx.out_dir), task=artifact.task, opset=config.opset,
+                        do_validation=False, local_files_only=True, library_name="transformers")
+        except Exception as exc:  # the exporter raises many kinds; all mean the same to the user
+            raise StepError(f"ONNX export failed: {type(exc).__name__}: {exc}",
+                            hint="try another opset, or run with --debug for the exporter's traceback") from exc
+        out = artifact.derive(ctx.out_dir, format="onnx", opset=config.opset)
+        diff = max_logit_difference(artifact, out, parity_texts(ctx, config.parity_rows), ctx.threads)
+        ctx.report(parity_max_abs_diff=diff, parity_atol=config.atol)
+        if diff > config.atol:
+            raise StepError(f"parity check failed: ONNX logits differ from PyTorch by {diff:.3g} (atol {config.atol})",
+                            hint="raise with.atol if this difference is acceptable, or try another opset")
+        return out
+
+
+@hookimpl
+def register_steps(register: Callable[[type[Step]], None]) -> None:
+    """The `export-onnx` step."""
+    register(ExportOnnx)

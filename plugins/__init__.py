@@ -1,0 +1,1 @@
+"""Built-in compression plugins (installed as `compressor.plugins`); each registers through the public hooks."""

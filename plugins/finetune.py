@@ -1,0 +1,173 @@
+"""`finetune`: train an `hf` model on the recipe's train data: full, head-only, BitFit or LoRA."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+from pydantic import Field
+
+from compressor.artifact import Artifact
+from compressor.errors import RecipeError, StepError
+from compressor.hookspecs import hookimpl
+from compressor.step import PlanContext, Step, StepConfig, StepContext
+
+
+class FinetuneConfig(StepConfig):
+    """Settings of `finetune`."""
+
+    method: Literal["full", "head", "bitfit", "lora"] = Field(
+        default="full", description="What is trained: every weight, the task head only, the biases (BitFit), "
+                                    "or LoRA adapters (peft).")
+    epochs: int = Field(default=1, ge=1, le=100, description="Passes over the training rows.")
+    max_train_rows: int | None = Field(default=None, ge=1, le=10_000_000,
+                                       description="Train on a seeded random sample of this many rows.")
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Rows per optimisation step.")
+    learning_rate: float = Field(default=5e-5, gt=0, le=1, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay (matrices only).")
+    warmup_ratio: float = Field(default=0.06, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
+    max_length: int = Field(default=128, ge=8, le=512, description="Tokens kept per row.")
+    lora_r: int = Field(default=8, ge=1, le=1024, description="LoRA rank (method: lora).")
+    lora_alpha: int = Field(default=16, ge=1, le=4096, description="LoRA scaling numerator (method: lora).")
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="LoRA dropout (method: lora).")
+    lora_target_modules: list[str] | None = Field(
+        default=None, description="Modules that get adapters (method: lora); default: peft's choice for the model.")
+    merge: bool = Field(default=True, description="method: lora — also merge the adapter into the model; "
+                                                  "the adapter is saved under adapter/ either way.")
+
+
+def _numeric_sort(labels: set[str]) -> list[str]:
+    return sorted(labels, key=lambda x: (0, int(x), x) if x.isdigit() else (1, 0, x))
+
+
+class Finetune(Step):
+    """Fine-tune a model (adding a task head when it has none) on the recipe's train split."""
+
+    name = "finetune"
+    summary = "Fine-tune on the recipe's train data: full, head-only, BitFit or LoRA."
+    version = "1"
+    Config = FinetuneConfig
+    accepts = ("hf",)
+    produces = "hf"
+    needs_data = ("train",)
+
+    def output_labels(self, config: StepConfig, ctx: PlanContext) -> list[str]:
+        """The model's labels, or, for a model without a head, the labels found in the train data."""
+        if ctx.labels:
+            return ctx.labels
+        if ctx.data is None or not ctx.data.has("train") or not ctx.data.splits["train"].exists():
+            return []
+        return _numeric_sort(ctx.data.label_set("train"))
+
+    def check(self, config: StepConfig, ctx: PlanContext) -> None:
+        """LoRA needs peft; the rest needs nothing beyond the data."""
+        assert isinstance(config, FinetuneConfig)
+        if config.method == "lora":
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:
+                raise RecipeError("method 'lora' needs peft", where="with.method", hint="pip install peft")
+
+    def run(self, artifact: Artifact, config: StepConfig, ctx: StepContext) -> Artifact:
+        """Train and save the model (and the LoRA adapter) into ctx.out_dir."""
+        import random
+
+        import torch
+        from transformers import AutoConfig
+
+        from compressor.data import label_ids
+        from compressor.evaluators.runtime import load_tokenizer
+        from compressor.training import TrainSettings, train
+
+        assert isinstance(config, FinetuneConfig)
+        ctx.seed_everything()
+        rows = ctx.data.load("train")
+        if config.max_train_rows and config.max_train_rows < len(rows):
+            rows = random.Random(ctx.seed).sample(rows, config.max_train_rows)
+        labels = artifact.labels or _numeric_sort({l for r in rows for l in (r.label if isinstance(r.label, list) else [r.label])})
+        label_map = label_ids(labels, {l for r in rows for l in (r.label if isinstance(r.label, list) else [r.label])})
+        tokenizer = load_tokenizer(artifact.path)
+        model = _load_with_head(artifact, labels, AutoConfig)
+        trainable, frozen_note = _select_parameters(model, config)
+        if config.method == "lora":
+            model = _wrap_lora(model, artifact.task, config)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+        n_trained = sum(p.numel() for p in trainable)
+        n_total = sum(p.numel() for p in model.parameters())
+        ctx.report(method=config.method, trained_parameters=n_trained, total_parameters=n_total,
+                   train_rows=len(rows), note=frozen_note)
+        settings = TrainSettings(epochs=config.epochs, batch_size=config.batch_size,
+                                 learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+                                 warmup_ratio=config.warmup_ratio, max_length=config.max_length,
+                                 seed=ctx.seed, threads=ctx.threads)
+        history = train(model, tokenizer, rows, artifact.task, label_map, settings, params=trainable,
+                        description=f"finetune ({config.method})")
+        ctx.report(epoch_loss=history["epoch_loss"], optimizer_steps=history["steps"])
+        info: dict[str, Any] = {"method": config.method}
+        if config.method == "lora":
+            model.save_pretrained(str(ctx.out_dir / "adapter"))
+            if config.merge:
+                model = model.merge_and_unload(safe_merge=True)
+            else:
+                model = model.get_base_model()
+                info["adapter"] = "adapter"
+        with torch.no_grad():
+            model.save_pretrained(str(ctx.out_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(ctx.out_dir))
+        out = artifact.derive(ctx.out_dir, **info)
+        out.labels = labels
+        return out
+
+
+def _load_with_head(artifact: Artifact, labels: list[str], AutoConfig: Any) -> Any:
+    """Load the model with a task head sized for `labels` (a new head if it had none)."""
+    from compressor.evaluators.runtime import load_torch_model
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    if artifact.info.get("has_head", True) and artifact.labels:
+        return load_torch_model(artifact.path, artifact.task)
+    cls = (AutoModelForSequenceClassification if artifact.task == "text-classification"
+           else AutoModelForTokenClassification)
+    config = AutoConfig.from_pretrained(str(artifact.path), num_labels=len(labels),
+                                        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    try:
+        return cls.from_pretrained(str(artifact.path), config=config, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise StepError(f"cannot load the model in {artifact.path}: {exc}") from None
+
+
+def _head_prefix(model: Any) -> Callable[[str], bool]:
+    base = model.base_model_prefix
+    return lambda name: not name.startswith(base + ".")
+
+
+def _select_parameters(model: Any, config: FinetuneConfig) -> tuple[list[Any], str]:
+    """Freeze what the method does not train; return the trainable parameters."""
+    is_head = _head_prefix(model)
+    keep: Callable[[str], bool]
+    if config.method == "head":
+        keep, note = is_head, "task head only"
+    elif config.method == "bitfit":
+        keep, note = (lambda n: is_head(n) or n.endswith(".bias")), "biases and task head (BitFit)"
+    else:
+        keep, note = (lambda n: True), "all parameters" if config.method == "full" else "LoRA adapters and task head"
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(keep(name))
+        if p.requires_grad:
+            params.append(p)
+    return params, note
+
+
+def _wrap_lora(model: Any, task: str, config: FinetuneConfig) -> Any:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS if task == "text-classification" else TaskType.TOKEN_CLS,
+                      r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_target_modules)
+    return get_peft_model(model, lora)
+
+
+@hookimpl
+def register_steps(register: Callable[[type[Step]], None]) -> None:
+    """The `finetune` step."""
+    register(Finetune)
