@@ -116,7 +116,8 @@ def _load_one(host: Host, name: str, dist: str, version: str, load: Any) -> None
         _check_step_class(cls, name)
         if cls.name in host.steps:
             raise PluginLoadError(
-                f"step {cls.name!r} is registered twice: by {host.step_provider[cls.name]!r} and by {name!r}",
+                f"step {cls.name!r} is registered twice: by {_who(host, host.step_provider[cls.name])} "
+                f"and by {_who(host, name)}; the second is refused",
                 where=f"plugin {name!r}", hint=f"disable one of them with --disable-plugin {name}")
         host.steps[cls.name] = cls
         host.step_provider[cls.name] = name
@@ -133,12 +134,19 @@ def _load_one(host: Host, name: str, dist: str, version: str, load: Any) -> None
         for impl in host.pm.hook.register_evaluators.get_hookimpls():
             if impl.plugin_name == name:
                 impl.function(register=register_evaluator)
-    except PluginLoadError:
-        host.pm.unregister(name=name)
-        raise
     except Exception as exc:
+        # Refuse the whole plugin: none of its steps stay registered.
         host.pm.unregister(name=name)
-        info.error = f"{type(exc).__name__} while registering: {exc}"
+        for step in info.steps:
+            host.steps.pop(step, None)
+            host.step_provider.pop(step, None)
+        info.steps = []
+        info.error = exc.message if isinstance(exc, PluginLoadError) else f"{type(exc).__name__} while registering: {exc}"
+
+
+def _who(host: Host, plugin: str) -> str:
+    dist = next((p.distribution for p in host.plugins if p.name == plugin), "?")
+    return f"plugin {plugin!r} ({dist})"
 
 
 def _api_compatible(spec: str) -> bool:

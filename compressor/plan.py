@@ -173,11 +173,14 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
             config = cls.Config.model_validate(spec.with_)
         except ValidationError as exc:
             errors.extend(validation_errors(exc, raw, ("steps", i, "with")))
+            fmt = cls.produces if fmt in cls.accepts else fmt  # no cascade of chain errors
             continue
         if fmt not in cls.accepts:
             hint = ("add `- uses: export-onnx` before it" if fmt == "hf" and "onnx" in cls.accepts
                     else f"it accepts {', '.join(cls.accepts)}; reorder the steps")
-            errors.append(RecipeError(f"needs a {' or '.join(cls.accepts)} model but the previous step gives {fmt}",
+            wanted = " or ".join(cls.accepts)
+            article = "an" if wanted[0] in "aeiou" else "a"
+            errors.append(RecipeError(f"needs {article} {wanted} model but the previous step gives {fmt}",
                                       where=where, hint=hint))
         for split in cls.needs_data:
             if data is None or not data.has(split):

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-import numpy as np
-
 from compressor.artifact import Artifact
 from compressor.data import Example
 
@@ -34,7 +32,7 @@ class Evaluator(Protocol):
         """Return at least `{metric: value}`; latency keys may be added."""
 
 
-def predict_batches(runner: Any, texts: list[Any], batch_size: int = 32) -> list[tuple[Any, np.ndarray]]:
+def predict_batches(runner: Any, texts: list[Any], batch_size: int = 32) -> list[tuple[Any, Any]]:
     """Encoded batches with their logits, in order."""
     out = []
     for i in range(0, len(texts), batch_size):

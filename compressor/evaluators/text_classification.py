@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from compressor.artifact import Artifact
 from compressor.data import Example, label_ids
 from compressor.evaluators.base import EvalSettings, predict_batches
-from compressor.evaluators.measure import latency
-from compressor.evaluators.runtime import load_runner
 
 
 class TextClassificationEvaluator:
@@ -22,6 +18,11 @@ class TextClassificationEvaluator:
 
     def evaluate(self, artifact: Artifact, rows: list[Example], settings: EvalSettings) -> dict[str, Any]:
         """Accuracy on `rows` and, if asked, latency on the same sentences."""
+        import numpy as np
+
+        from compressor.evaluators.measure import latency
+        from compressor.evaluators.runtime import load_runner
+
         runner = load_runner(artifact, settings.threads)
         mapping = label_ids(artifact.labels, {r.label for r in rows})
         texts = [r.text for r in rows]

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from compressor.artifact import Artifact
 from compressor.data import Example
 from compressor.evaluators.base import EvalSettings, predict_batches
-from compressor.evaluators.measure import latency
-from compressor.evaluators.runtime import load_runner
 
 
 def entity_spans(tags: list[str]) -> set[tuple[int, int, str]]:
@@ -42,7 +38,7 @@ def entity_f1(gold: list[list[str]], pred: list[list[str]]) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
-def word_predictions(encoded: Any, logits: np.ndarray, labels: list[str], lengths: list[int]) -> list[list[str]]:
+def word_predictions(encoded: Any, logits: Any, labels: list[str], lengths: list[int]) -> list[list[str]]:
     """The tag of each word, taken from its first sub-token; truncated words get `O`."""
     out = []
     for b, length in enumerate(lengths):
@@ -65,6 +61,9 @@ class TokenClassificationEvaluator:
 
     def evaluate(self, artifact: Artifact, rows: list[Example], settings: EvalSettings) -> dict[str, Any]:
         """Entity-level precision, recall and F1 on `rows`; latency if asked."""
+        from compressor.evaluators.measure import latency
+        from compressor.evaluators.runtime import load_runner
+
         runner = load_runner(artifact, settings.threads)
         words = [r.text for r in rows]
         preds: list[list[str]] = []

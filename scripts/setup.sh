@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets up compressor on a fresh machine: a virtual environment in .venv with the pinned,
+# tested dependency set (constraints.txt), the CPU onnxruntime and the test extras.
+# torch is pinned to 2.13.0: an unpinned torch would pull a multi-gigabyte CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade "pip>=24" "setuptools>=68" wheel
+.venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[cpu,dev]"
+.venv/bin/compressor --version

@@ -1,0 +1,43 @@
+"""Shared fixtures: the tiny models and real-data slices come from compressor.testing (a pytest plugin)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def cli_run(compressor_cache: Path):
+    """Invoke the CLI in-process; returns (exit_code, stdout, stderr)."""
+    from compressor.cli import cli
+
+    def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+        result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=True)
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return result.exit_code, result.stdout, result.stderr
+
+    return _run
+
+
+def recipe_text(model: Path, train: Path | None, eval_: Path | None, steps: str, extra: str = "",
+                task: str = "text-classification", data_format: str = "tsv", labels: str = "") -> str:
+    """A recipe for the tiny models and data slices."""
+    data = ""
+    if train or eval_:
+        data = f"data:\n  format: {data_format}\n"
+        data += f"  train: {train}\n" if train else ""
+        data += f"  eval: {eval_}\n" if eval_ else ""
+        if data_format == "conll":
+            data += "  text: tokens\n  label: ner_tags\n"
+    return (f"version: 1\nname: test\nmodel: {{path: {model}, task: {task}{labels}}}\n{data}steps:\n{steps}\n"
+            f"evaluate: {{latency: {{runs: 5, warmup: 1, batch_sizes: [1, 8]}}}}\n{extra}")

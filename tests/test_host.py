@@ -1,0 +1,189 @@
+"""The plugin host: entry points from (fake) installed distributions, broken plugins, duplicates,
+misspelled hooks, disabling, and API-version compatibility. Plugins are found by the real
+importlib.metadata discovery in a subprocess whose sys.path holds the fake distributions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import recipe_text
+
+NOOP_STEP = '''
+import shutil
+from compressor.hookspecs import hookimpl
+from compressor.step import Step, StepConfig
+from pydantic import Field
+
+class NoopConfig(StepConfig):
+    note: str = Field(default="", description="Ignored.")
+
+class Noop(Step):
+    name = "{step}"
+    summary = "Copies the model unchanged."
+    Config = NoopConfig
+
+    def run(self, artifact, config, ctx):
+        for f in artifact.path.iterdir():
+            if f.is_file() and f.name != "artifact.json":
+                shutil.copy2(f, ctx.out_dir / f.name)
+        return artifact.derive(ctx.out_dir)
+
+@hookimpl
+def {hook}(register):
+    register(Noop)
+'''
+
+
+def make_dist(site: Path, dist: str, module: str, source: str, ep_name: str | None = None) -> None:
+    """A minimal installed distribution: a module plus a dist-info with one `compressor` entry point."""
+    (site / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
+    info = site / f"{dist}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[compressor]\n{ep_name or dist} = {module}\n")
+
+
+def cli(site: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "PYTHONPATH": str(site), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "compressor", *args], capture_output=True, text=True,
+                          env=environ, timeout=120)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    path = tmp_path / "site"
+    path.mkdir()
+    return path
+
+
+def test_builtin_plugins_use_the_public_hooks():
+    from compressor.host import build_host
+
+    host = build_host(entry_points=[])
+    assert {"finetune", "export-onnx", "quantize-onnx"} <= set(host.steps)
+    assert host.step_provider["finetune"] == "finetune"
+    assert ("text-classification", "onnx") in host.evaluators
+    assert not host.broken
+
+
+def test_entry_point_plugin_is_found_and_listed(site):
+    make_dist(site, "fakeplug", "fakeplug_mod", NOOP_STEP.format(step="noop", hook="register_steps"))
+    result = cli(site, "plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    plugins = {p["name"]: p for p in json.loads(result.stdout)["plugins"]}
+    assert plugins["fakeplug"]["distribution"] == "fakeplug"
+    assert plugins["fakeplug"]["version"] == "1.0"
+    assert plugins["fakeplug"]["steps"] == ["noop"]
+    result = cli(site, "steps", "noop", "--json")
+    assert json.loads(result.stdout)["provider"] == "fakeplug"
+
+
+def test_entry_point_step_runs_in_a_recipe(site, tmp_path, tiny_text_model, sst2_small):
+    make_dist(site, "fakeplug", "fakeplug_mod", NOOP_STEP.format(step="noop", hook="register_steps"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text(tiny_text_model, None, sst2_small["eval"], "  - uses: noop\n"))
+    result = cli(site, "run", str(recipe), "--out", str(tmp_path / "run"),
+                 env={"COMPRESSOR_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert "fakeplug (fakeplug 1.0)" in result.stderr  # run says which plugins it loaded
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["steps"][0]["provider"] == "fakeplug"
+    assert record["artifacts"][0]["accuracy"] == record["artifacts"][1]["accuracy"]
+
+
+def test_broken_plugin_is_named_and_does_not_take_the_host_down(site, tmp_path, tiny_text_model, sst2_small):
+    make_dist(site, "brokenplug", "brokenplug_mod", "raise ImportError('needs libfoo')\n")
+    result = cli(site, "plugins")
+    assert result.returncode == 0
+    assert "brokenplug" in result.stderr and "needs libfoo" in result.stderr
+    assert "--disable-plugin brokenplug" in result.stderr and "COMPRESSOR_DISABLE_PLUGINS" in result.stderr
+    assert "Traceback" not in result.stderr
+    # A recipe that does not need it still checks (exit 0) ...
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(recipe_text(tiny_text_model, sst2_small["train"], sst2_small["eval"], "  - uses: export-onnx\n"))
+    assert cli(site, "check", str(ok)).returncode == 0
+    # ... one that uses an unknown step exits 3 and names the broken plugin.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe_text(tiny_text_model, sst2_small["train"], sst2_small["eval"], "  - uses: foo-step\n"))
+    result = cli(site, "check", str(bad))
+    assert result.returncode == 3, result.stderr
+    assert "brokenplug" in result.stderr and "foo-step" in result.stderr
+    # Disabled by flag or environment: no warning at all.
+    assert "brokenplug" not in cli(site, "--disable-plugin", "brokenplug", "plugins").stderr
+    assert "brokenplug" not in cli(site, "plugins", env={"COMPRESSOR_DISABLE_PLUGINS": "brokenplug"}).stderr
+
+
+def test_duplicate_step_name_is_refused_with_both_providers(site):
+    make_dist(site, "dupplug", "dupplug_mod", NOOP_STEP.format(step="finetune", hook="register_steps"))
+    result = cli(site, "plugins", "--json")
+    plugins = {p["name"]: p for p in json.loads(result.stdout)["plugins"]}
+    assert plugins["dupplug"]["steps"] == []
+    assert "registered twice" in plugins["dupplug"]["error"]
+    assert "'finetune' (compressor)" in plugins["dupplug"]["error"] and "'dupplug' (dupplug)" in plugins["dupplug"]["error"]
+    steps = json.loads(cli(site, "steps", "--json").stdout)
+    assert next(s for s in steps if s["name"] == "finetune")["provider"] == "finetune"
+
+
+def test_misspelled_hook_is_caught(site):
+    make_dist(site, "typoplug", "typoplug_mod", NOOP_STEP.format(step="typo", hook="register_stepz"))
+    result = cli(site, "plugins", "--json")
+    plugins = {p["name"]: p for p in json.loads(result.stdout)["plugins"]}
+    assert "register_stepz" in plugins["typoplug"]["error"]
+    assert plugins["typoplug"]["steps"] == []
+
+
+def test_hook_with_wrong_signature_is_caught(site):
+    source = NOOP_STEP.format(step="sig", hook="register_steps").replace("def register_steps(register)",
+                                                                          "def register_steps(register, extra)")
+    make_dist(site, "sigplug", "sigplug_mod", source)
+    plugins = {p["name"]: p for p in json.loads(cli(site, "plugins", "--json").stdout)["plugins"]}
+    assert "extra" in plugins["sigplug"]["error"]
+
+
+def test_incompatible_plugin_api_is_refused(site):
+    source = NOOP_STEP.format(step="future", hook="register_steps") + "\nCOMPRESSOR_PLUGIN_API = '>=2,<3'\n"
+    make_dist(site, "futureplug", "futureplug_mod", source)
+    plugins = {p["name"]: p for p in json.loads(cli(site, "plugins", "--json").stdout)["plugins"]}
+    assert ">=2,<3" in plugins["futureplug"]["error"] and "1.0" in plugins["futureplug"]["error"]
+
+
+def test_step_class_without_config_is_refused():
+    from compressor.host import build_host
+    from compressor.hookspecs import hookimpl
+    from compressor.step import Step
+    from compressor.testing import register_plugin
+
+    class NoConfig(Step):
+        name, summary = "no-config", "bad"
+        Config = dict  # type: ignore[assignment]
+
+    class Plugin:
+        @hookimpl
+        def register_steps(self, register):
+            register(NoConfig)
+
+    host = build_host(entry_points=[])
+    with pytest.raises(RuntimeError, match="Config that is not a compressor.step.StepConfig"):
+        register_plugin(host, Plugin(), "bad-config")
+    assert "no-config" not in host.steps
+
+
+def test_cheap_commands_do_not_import_torch(tmp_path, tiny_text_model, sst2_small):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text(tiny_text_model, sst2_small["train"], sst2_small["eval"],
+                                  "  - uses: finetune\n  - uses: export-onnx\n  - uses: quantize-onnx\n"))
+    probe = ("import sys, runpy; sys.argv = ['compressor'] + sys.argv[1:]\n"
+             "try:\n    runpy.run_module('compressor', run_name='__main__')\n"
+             "except SystemExit as e:\n    code = e.code\n"
+             "heavy = [m for m in ('torch', 'transformers', 'onnxruntime', 'optimum', 'peft') if m in sys.modules]\n"
+             "print('HEAVY=' + ','.join(heavy), file=sys.stderr)\n")
+    for args in (["--help"], ["plugins"], ["steps"], ["check", str(recipe)]):
+        result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
+        assert "HEAVY=\n" in result.stderr or result.stderr.rstrip().endswith("HEAVY="), (args, result.stderr)
