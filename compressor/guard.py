@@ -24,12 +24,13 @@ def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]]) -> dict[str, 
     """Compare the last artifact with the budgets; returns {passed, failures, checks}."""
     final = artifacts[-1]
     failures: list[str] = []
+    unmeasured: list[str] = []
     checks: list[dict[str, Any]] = []
     if guard.max_accuracy_drop is not None:
         base = baseline(artifacts, "metric")
         value = _value(final, "metric")
         if base is None or value is None:
-            failures.append("max_accuracy_drop is set but no accuracy was measured (is data.eval given?)")
+            unmeasured.append("max_accuracy_drop is set but no accuracy was measured (is data.eval given?)")
         else:
             ref = _value(base, "metric")
             drop = ref - value
@@ -48,10 +49,11 @@ def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]]) -> dict[str, 
     if guard.max_latency_ms is not None:
         p50 = _value(final, "p50_ms")
         if p50 is None:
-            failures.append("max_latency_ms is set but latency was not measured (evaluate.latency is off)")
+            unmeasured.append("max_latency_ms is set but latency was not measured (evaluate.latency is off)")
         else:
             ok = p50 <= guard.max_latency_ms
             checks.append({"check": "max_latency_ms", "value": p50, "allowed": guard.max_latency_ms, "passed": ok})
             if not ok:
                 failures.append(f"p50 latency {p50:.2f} ms exceeds max_latency_ms {guard.max_latency_ms}")
-    return {"passed": not failures, "failures": failures, "checks": checks}
+    failures += unmeasured
+    return {"passed": not failures, "failures": failures, "checks": checks, "unmeasured": unmeasured}

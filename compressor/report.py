@@ -61,9 +61,16 @@ def render_markdown(record: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if record.get("guard"):
         lines += ["", "## Guard", ""]
         g = record["guard"]
-        lines += [f"- {c['check']}: {c['value']:.4f} (allowed {c['allowed']:.4f}) — "
-                  f"{'ok' if c['passed'] else 'FAILED'}" for c in g["checks"]] or ["- no budget set"]
-        lines += [f"- FAILED: {f}" for f in g["failures"] if not any(f.startswith(c['check']) for c in g['checks'])]
+        for c in g["checks"]:
+            verdict = "ok" if c["passed"] else "FAILED"
+            if c["check"] == "max_accuracy_drop":
+                lines.append(f"- accuracy drop from {c['baseline']}: {c['drop']:+.4f} ({c['reference']:.4f} → "
+                             f"{c['value']:.4f}), allowed {c['allowed']:.4f} — {verdict}")
+            else:
+                lines.append(f"- {c['check']}: {c['value']:.4f} (allowed {c['allowed']:.4f}) — {verdict}")
+        if not g["checks"] and not g["failures"]:
+            lines.append("- no budget set")
+        lines += [f"- FAILED: {f}" for f in g.get("unmeasured", [])]
     lines += ["", "## Steps", "", "| step | seconds | cached | notes |", "|---|---:|---|---|"]
     for s in record["steps"]:
         notes_ = ", ".join(f"{k}={v}" for k, v in s["notes"].items() if not isinstance(v, (list, dict)))
