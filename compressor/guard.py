@@ -35,7 +35,8 @@ def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]]) -> dict[str, 
             ref = _value(base, "metric")
             drop = ref - value
             allowed = guard.max_accuracy_drop * (ref if guard.relative else 1.0)
-            checks.append({"check": "max_accuracy_drop", "baseline": base["name"], "reference": ref,
+            checks.append({"check": "max_accuracy_drop", "metric": final["metric"], "baseline": base["name"],
+                           "reference": ref,
                            "value": value, "drop": drop, "allowed": allowed, "passed": drop <= allowed + 1e-12})
             if drop > allowed + 1e-12:
                 failures.append(f"{final['metric']} dropped by {drop:.4f} from {base['name']} ({ref:.4f} → "

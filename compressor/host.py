@@ -27,6 +27,9 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("finetune", "compressor.plugins.finetune"),
     ("export-onnx", "compressor.export.onnx"),
     ("quantize-onnx", "compressor.plugins.quantize_onnx"),
+    ("prune", "compressor.plugins.prune"),
+    ("distill", "compressor.plugins.distill"),
+    ("trim-vocab", "compressor.plugins.trim_vocab"),
 )
 
 

@@ -32,6 +32,27 @@ def eval_settings(plan: Plan) -> EvalSettings:
                         max_rows=ev.max_rows)
 
 
+def external_inputs(value: Any, recipe_dir: Path) -> list[str]:
+    """Content hashes of the files and directories a step's config names (a teacher, an adapter):
+    part of the cache key, so that changing such an input reruns the step."""
+    found: list[str] = []
+    if isinstance(value, dict):
+        for v in value.values():
+            found += external_inputs(v, recipe_dir)
+    elif isinstance(value, list):
+        for v in value:
+            found += external_inputs(v, recipe_dir)
+    elif isinstance(value, str) and value and ("/" in value or "." in value):
+        path = (recipe_dir / Path(value).expanduser()).resolve()
+        if path.is_dir():
+            found.append(hash_dir(path))
+        elif path.is_file():
+            from compressor.artifact import hash_file
+
+            found.append(hash_file(path))
+    return found
+
+
 def _prepare_run_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -90,11 +111,13 @@ class Runner:
         return m
 
     # -- steps --------------------------------------------------------------------------------
-    def run_step(self, planned: PlannedStep, artifact: Artifact, input_hash: str) -> tuple[Artifact, dict[str, Any]]:
+    def run_step(self, planned: PlannedStep, artifact: Artifact, input_hash: str,
+                 history: list[tuple[str, Artifact]] | None = None) -> tuple[Artifact, dict[str, Any]]:
         """Run one step (or take it from the cache) and place its output under the run directory."""
         cls, config = planned.cls, planned.config
         key = make_key(input_hash, cls.name, cls.version, config.model_dump(mode="json"),
-                       self.data_hash if cls.needs_data else None, self.plan.recipe.seed)
+                       self.data_hash if cls.needs_data else None, self.plan.recipe.seed,
+                       external_inputs(config.model_dump(mode="json"), self.plan.recipe_dir))
         entry = self.cache.lookup(key)
         cached = entry is not None
         if entry is None:
@@ -103,7 +126,8 @@ class Runner:
             self.log(f"▶ {planned.label}")
             tmp = self.cache.temp_dir(key)
             ctx = StepContext(out_dir=tmp, data=self.plan.data, source=self.plan.source, seed=self.plan.recipe.seed,
-                              threads=self.settings.threads, recipe_dir=self.plan.recipe_dir)
+                              threads=self.settings.threads, recipe_dir=self.plan.recipe_dir,
+                              history=list(history or []))
             t0 = time.perf_counter()
             try:
                 out = cls().run(artifact, config, ctx)
@@ -176,9 +200,11 @@ class Runner:
             "status": "running",
         }
         current, current_hash = source, source_hash
+        history: list[tuple[str, Artifact]] = [("input", source)]
         try:
             for i, planned in enumerate(plan.steps):
-                current, step_record = self.run_step(planned, current, current_hash)
+                current, step_record = self.run_step(planned, current, current_hash, history)
+                history.append((planned.name, current))
                 current_hash = step_record["output_hash"]
                 record["steps"].append(step_record)
                 last = i == len(plan.steps) - 1

@@ -191,7 +191,8 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
                 errors.append(InputError(f"needs the Python package {module!r}, which is not installed",
                                          where=where, hint=f"pip install {module}"))
         ctx = PlanContext(recipe=recipe, recipe_dir=recipe_dir, model_config=model_config, artifact_format=fmt,
-                          task=recipe.model.task, labels=labels, data=data)
+                          task=recipe.model.task, labels=labels, data=data,
+                          source_path=source.path)
         try:
             cls().check(config, ctx)
             labels = cls().output_labels(config, ctx)

@@ -10,7 +10,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -39,6 +39,8 @@ class PlanContext:
     task: str
     labels: list[str]
     data: "DataSource | None" = None
+    #: Directory of the recipe's input model (its tokenizer and files; no weights are read).
+    source_path: Path | None = None
 
     def resolve(self, path: str | Path) -> Path:
         """A path from the recipe, relative to the recipe file's directory."""
@@ -55,8 +57,9 @@ class StepContext:
     seed: int
     threads: int
     recipe_dir: Path
-    progress: Callable[..., Any] = field(default=None)  # type: ignore[assignment]
     notes: dict[str, Any] = field(default_factory=dict)
+    #: (step name, artifact) of the input and of every step so far, oldest first.
+    history: list[tuple[str, "Artifact"]] = field(default_factory=list)
 
     def resolve(self, path: str | Path) -> Path:
         """A path from the recipe, relative to the recipe file's directory."""

@@ -7,8 +7,42 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pydantic import Field
+
 from compressor.data import Example
 from compressor.progress import progress_bar
+from compressor.step import StepConfig
+
+
+class TrainConfig(StepConfig):
+    """Optimisation fields shared by the steps that train (finetune, distill)."""
+
+    epochs: int = Field(default=1, ge=1, le=100, description="Passes over the training rows.")
+    max_train_rows: int | None = Field(default=None, ge=1, le=10_000_000,
+                                       description="Train on a seeded random sample of this many rows.")
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Rows per optimisation step.")
+    learning_rate: float = Field(default=5e-5, gt=0, le=1, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay (matrices only).")
+    warmup_ratio: float = Field(default=0.06, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
+    max_length: int = Field(default=128, ge=8, le=512, description="Tokens kept per row.")
+
+    def settings(self, seed: int, threads: int) -> "TrainSettings":
+        """These fields as TrainSettings for `train`."""
+        return TrainSettings(epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
+                             weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
+                             max_length=self.max_length, seed=seed, threads=threads)
+
+
+def sample_rows(rows: list[Example], limit: int | None, seed: int) -> list[Example]:
+    """A seeded random sample of `limit` rows (all rows when limit is None or larger)."""
+    if limit and limit < len(rows):
+        return random.Random(seed).sample(rows, limit)
+    return rows
+
+
+def all_labels(rows: list[Example]) -> set[str]:
+    """Every label or tag in the rows."""
+    return {l for r in rows for l in (r.label if isinstance(r.label, list) else [r.label])}
 
 
 @dataclass
@@ -98,3 +132,34 @@ def train(model: Any, tokenizer: Any, rows: list[Example], task: str, label_map:
                 model.train()
     model.eval()
     return {"epoch_loss": history, "steps": total}
+
+
+def evaluate_in_memory(model: Any, tokenizer: Any, rows: list[Example], task: str, labels: list[str]) -> float:
+    """Accuracy (text) or entity F1 (tokens) of an in-memory PyTorch model on `rows`."""
+    import numpy as np
+    import torch
+
+    from compressor.data import label_ids
+
+    model.eval()
+    split = task == "token-classification"
+    predictions: list[Any] = []
+    with torch.inference_mode():
+        for i in range(0, len(rows), 64):
+            chunk = rows[i : i + 64]
+            enc = tokenizer([r.text for r in chunk], padding=True, truncation=True, max_length=128,
+                            is_split_into_words=split, return_tensors="pt")
+            logits = model(**enc).logits.numpy()
+            if split:
+                from compressor.evaluators.token_classification import word_predictions
+
+                predictions += word_predictions(enc, logits, labels, [len(r.text) for r in chunk])
+            else:
+                predictions += logits.argmax(-1).tolist()
+    model.train()
+    if split:
+        from compressor.evaluators.token_classification import entity_f1
+
+        return entity_f1([r.label for r in rows], predictions)["f1"]
+    mapping = label_ids(labels, {r.label for r in rows})
+    return float(np.mean([p == mapping[r.label] for p, r in zip(predictions, rows)]))

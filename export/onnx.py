@@ -64,6 +64,9 @@ class ExportOnnx(Step):
         from optimum.exporters.onnx import main_export
 
         logging.getLogger("optimum").setLevel(logging.ERROR)
+        if artifact.info.get("adapter"):
+            raise StepError("the model carries an unmerged LoRA adapter",
+                            hint="set merge: true on finetune, or add a merge-adapter step before export-onnx")
         try:
             main_export(str(artifact.path), output=str(ctx.out_dir), task=artifact.task, opset=config.opset,
                         do_validation=False, local_files_only=True, library_name="transformers")

@@ -10,22 +10,15 @@ from compressor.artifact import Artifact
 from compressor.errors import RecipeError, StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import PlanContext, Step, StepConfig, StepContext
+from compressor.training import TrainConfig, all_labels, sample_rows
 
 
-class FinetuneConfig(StepConfig):
+class FinetuneConfig(TrainConfig):
     """Settings of `finetune`."""
 
     method: Literal["full", "head", "bitfit", "lora"] = Field(
         default="full", description="What is trained: every weight, the task head only, the biases (BitFit), "
                                     "or LoRA adapters (peft).")
-    epochs: int = Field(default=1, ge=1, le=100, description="Passes over the training rows.")
-    max_train_rows: int | None = Field(default=None, ge=1, le=10_000_000,
-                                       description="Train on a seeded random sample of this many rows.")
-    batch_size: int = Field(default=32, ge=1, le=4096, description="Rows per optimisation step.")
-    learning_rate: float = Field(default=5e-5, gt=0, le=1, description="Peak AdamW learning rate.")
-    weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay (matrices only).")
-    warmup_ratio: float = Field(default=0.06, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
-    max_length: int = Field(default=128, ge=8, le=512, description="Tokens kept per row.")
     lora_r: int = Field(default=8, ge=1, le=1024, description="LoRA rank (method: lora).")
     lora_alpha: int = Field(default=16, ge=1, le=4096, description="LoRA scaling numerator (method: lora).")
     lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="LoRA dropout (method: lora).")
@@ -69,22 +62,18 @@ class Finetune(Step):
 
     def run(self, artifact: Artifact, config: StepConfig, ctx: StepContext) -> Artifact:
         """Train and save the model (and the LoRA adapter) into ctx.out_dir."""
-        import random
-
         import torch
         from transformers import AutoConfig
 
         from compressor.data import label_ids
         from compressor.evaluators.runtime import load_tokenizer
-        from compressor.training import TrainSettings, train
+        from compressor.training import train
 
         assert isinstance(config, FinetuneConfig)
         ctx.seed_everything()
-        rows = ctx.data.load("train")
-        if config.max_train_rows and config.max_train_rows < len(rows):
-            rows = random.Random(ctx.seed).sample(rows, config.max_train_rows)
-        labels = artifact.labels or _numeric_sort({l for r in rows for l in (r.label if isinstance(r.label, list) else [r.label])})
-        label_map = label_ids(labels, {l for r in rows for l in (r.label if isinstance(r.label, list) else [r.label])})
+        rows = sample_rows(ctx.data.load("train"), config.max_train_rows, ctx.seed)
+        labels = artifact.labels or _numeric_sort(all_labels(rows))
+        label_map = label_ids(labels, all_labels(rows))
         tokenizer = load_tokenizer(artifact.path)
         model = _load_with_head(artifact, labels, AutoConfig)
         trainable, frozen_note = _select_parameters(model, config)
@@ -95,11 +84,8 @@ class Finetune(Step):
         n_total = sum(p.numel() for p in model.parameters())
         ctx.report(method=config.method, trained_parameters=n_trained, total_parameters=n_total,
                    train_rows=len(rows), note=frozen_note)
-        settings = TrainSettings(epochs=config.epochs, batch_size=config.batch_size,
-                                 learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-                                 warmup_ratio=config.warmup_ratio, max_length=config.max_length,
-                                 seed=ctx.seed, threads=ctx.threads)
-        history = train(model, tokenizer, rows, artifact.task, label_map, settings, params=trainable,
+        history = train(model, tokenizer, rows, artifact.task, label_map, config.settings(ctx.seed, ctx.threads),
+                        params=trainable,
                         description=f"finetune ({config.method})")
         ctx.report(epoch_loss=history["epoch_loss"], optimizer_steps=history["steps"])
         info: dict[str, Any] = {"method": config.method}

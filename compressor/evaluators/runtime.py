@@ -47,12 +47,17 @@ def load_tokenizer(path: Path) -> Any:
         raise InputError(f"cannot load the tokenizer in {path}: {exc}", where=str(path)) from None
 
 
-def load_torch_model(path: Path, task: str) -> Any:
-    """A transformers model from safetensors only (never a pickle)."""
+def load_torch_model(path: Path, task: str, adapter: str | None = None) -> Any:
+    """A transformers model from safetensors only (never a pickle), with an unmerged peft adapter if named."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     cls = AutoModelForSequenceClassification if task == "text-classification" else AutoModelForTokenClassification
-    return cls.from_pretrained(str(path), use_safetensors=True).eval()
+    model = cls.from_pretrained(str(path), use_safetensors=True)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(Path(path) / adapter))
+    return model.eval()
 
 
 def load_runner(artifact: Artifact, threads: int) -> Runner:
@@ -62,7 +67,7 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
         import torch
 
         torch.set_num_threads(threads)
-        model = load_torch_model(artifact.path, artifact.task)
+        model = load_torch_model(artifact.path, artifact.task, artifact.info.get("adapter"))
         names = ["input_ids", "attention_mask", "token_type_ids"]
 
         def forward(batch: dict[str, np.ndarray]) -> np.ndarray:
