@@ -30,6 +30,9 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("prune", "compressor.plugins.prune"),
     ("distill", "compressor.plugins.distill"),
     ("trim-vocab", "compressor.plugins.trim_vocab"),
+    ("merge-adapter", "compressor.plugins.merge_adapter"),
+    ("convert-fp16", "compressor.plugins.convert_fp16"),
+    ("quantize-torch", "compressor.plugins.quantize_torch"),
 )
 
 

@@ -103,7 +103,14 @@ class Runner:
         if cached is None:
             self.log(f"  measuring {artifact.path.name} ({artifact.format}) on {len(self.eval_rows())} rows")
             t0 = time.perf_counter()
-            cached = evaluator.evaluate(artifact, self.eval_rows(), self.settings)
+            try:
+                cached = evaluator.evaluate(artifact, self.eval_rows(), self.settings)
+            except CompressorError:
+                raise
+            except Exception as exc:
+                raise StepError(f"measuring {artifact.path.name} failed: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:300]}", where=str(artifact.path),
+                                hint="run with --debug for the traceback") from exc
             cached["eval_seconds"] = time.perf_counter() - t0
             self.cache.put_metrics(key, cached)
         m.update(cached)
@@ -116,7 +123,7 @@ class Runner:
         """Run one step (or take it from the cache) and place its output under the run directory."""
         cls, config = planned.cls, planned.config
         key = make_key(input_hash, cls.name, cls.version, config.model_dump(mode="json"),
-                       self.data_hash if cls.needs_data else None, self.plan.recipe.seed,
+                       self.data_hash if cls().data_splits(config) else None, self.plan.recipe.seed,
                        external_inputs(config.model_dump(mode="json"), self.plan.recipe_dir))
         entry = self.cache.lookup(key)
         cached = entry is not None

@@ -182,7 +182,7 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
             article = "an" if wanted[0] in "aeiou" else "a"
             errors.append(RecipeError(f"needs {article} {wanted} model but the previous step gives {fmt}",
                                       where=where, hint=hint))
-        for split in cls.needs_data:
+        for split in cls().data_splits(config):
             if data is None or not data.has(split):
                 errors.append(RecipeError(f"needs {split} data and the recipe gives none", where=where,
                                           hint=f"add data.{split}: PATH to the recipe"))

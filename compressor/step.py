@@ -101,6 +101,10 @@ class Step:
     #: False when the output depends on thread timing; the record says so.
     deterministic: ClassVar[bool] = True
 
+    def data_splits(self, config: StepConfig) -> tuple[str, ...]:
+        """Data splits this configuration reads (default: `needs_data`); part of the plan check and cache key."""
+        return self.needs_data
+
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
         """Plan-time checks that need the recipe or the model's config (raise RecipeError)."""
 

@@ -64,6 +64,9 @@ class ExportOnnx(Step):
         from optimum.exporters.onnx import main_export
 
         logging.getLogger("optimum").setLevel(logging.ERROR)
+        if artifact.info.get("quantized"):
+            raise StepError(f"the model is quantized ({artifact.info['quantized']}); export the float model",
+                            hint="put quantize-torch last, or quantize after export with quantize-onnx")
         if artifact.info.get("adapter"):
             raise StepError("the model carries an unmerged LoRA adapter",
                             hint="set merge: true on finetune, or add a merge-adapter step before export-onnx")

@@ -1,19 +1,34 @@
-"""`quantize-onnx`: int8 quantization of an ONNX model with onnxruntime's quantizer (`onnx` → `onnx`)."""
+"""`quantize-onnx` (`onnx` → `onnx`) with onnxruntime's quantizers:
+
+- `dynamic`: int8 weights, activations quantized on the fly;
+- `static`: QDQ int8 with activation ranges calibrated on the recipe's train rows (MinMax,
+  Entropy or Percentile), leaving the numerically fragile transformer ops in float;
+- `int4`: weight-only blockwise int4 of MatMul weights (MatMulNBits).
+"""
 
 from __future__ import annotations
 
 import logging
 import shutil
-from typing import Callable, Literal
+from pathlib import Path
+from typing import Any, Callable, Literal
 
 from pydantic import Field
 
 from compressor.artifact import Artifact
-from compressor.errors import StepError
+from compressor.errors import RecipeError, StepError
 from compressor.hookspecs import hookimpl
-from compressor.step import Step, StepConfig, StepContext
+from compressor.step import PlanContext, Step, StepConfig, StepContext
 
 VNNI_FLAGS = ("avx512_vnni", "avx512vnni", "avx_vnni", "amx_int8")
+#: Ops kept in float by static quantization: normalisation, activations and softmax lose accuracy in int8.
+FRAGILE_OPS = ["LayerNormalization", "SkipLayerNormalization", "Gelu", "FastGelu", "BiasGelu", "Softmax", "Erf",
+               "Tanh", "Pow", "Sqrt", "ReduceMean", "Div", "Sub", "Where", "Cast", "Expand"]
+
+
+#: What static mode quantizes by default: the ops that hold the weights. Residual Adds, the attention-mask
+#: arithmetic and the ops above stay float, which is what keeps transformer accuracy.
+STATIC_OP_TYPES = ["MatMul", "Gather"]
 
 
 def cpu_has_vnni() -> bool:
@@ -21,12 +36,12 @@ def cpu_has_vnni() -> bool:
     try:
         flags = open("/proc/cpuinfo", encoding="utf-8").read()
     except OSError:
-        return True  # not Linux x86: keep onnxruntime's default (int8)
+        return True  # not Linux x86: keep onnxruntime's defaults
     return any(f" {flag}" in flags for flag in VNNI_FLAGS) or "avx2" not in flags
 
 
 def resolve_weight_type(setting: str) -> str:
-    """`auto` → uint8 without VNNI, int8 with it."""
+    """`auto` → uint8 without VNNI, int8 with it (dynamic mode)."""
     if setting != "auto":
         return setting
     return "int8" if cpu_has_vnni() else "uint8"
@@ -35,51 +50,175 @@ def resolve_weight_type(setting: str) -> str:
 class QuantizeOnnxConfig(StepConfig):
     """Settings of `quantize-onnx`."""
 
-    mode: Literal["dynamic"] = Field(default="dynamic", description="dynamic: int8 weights, activations "
-                                                                     "quantized on the fly at run time.")
-    per_channel: bool = Field(default=False, description="One scale per output channel of each weight.")
-    reduce_range: bool = Field(default=False, description="7-bit weights, for CPUs without VNNI that saturate.")
+    mode: Literal["dynamic", "static", "int4"] = Field(
+        default="dynamic", description="dynamic: int8 weights, activations quantized at run time; static: QDQ int8 "
+                                       "calibrated on train rows; int4: weight-only blockwise int4 MatMuls.")
+    per_channel: bool = Field(default=False, description="One scale per output channel (dynamic, static).")
+    reduce_range: bool | None = Field(default=None, description="7-bit weights. Default: on for int8 weights on "
+                                                                "x86 CPUs without VNNI, which saturate otherwise.")
     weight_type: Literal["auto", "int8", "uint8"] = Field(
-        default="auto", description="Storage type of the weights. auto: uint8 on x86 CPUs without VNNI, where "
-                                    "int8 weights can saturate (onnxruntime's U8S8 caveat), else int8.")
-    op_types: list[str] | None = Field(default=None, description="Operator types to quantize "
-                                                                  "(default: every type the quantizer supports).")
-    exclude_nodes: list[str] = Field(default_factory=list, description="Node names to leave in float.")
+        default="auto", description="dynamic: storage type of the weights. auto: uint8 on x86 CPUs without VNNI "
+                                    "(onnxruntime's U8S8 saturation caveat), else int8.")
+    op_types: list[str] | None = Field(default=None, description="Operator types to quantize (default: dynamic — "
+                                                                  "all it supports; static — MatMul and Gather, the "
+                                                                  "weight-heavy ops).")
+    exclude_op_types: list[str] = Field(default_factory=lambda: list(FRAGILE_OPS),
+                                        description="static: operator types always left in float, even if listed "
+                                                    "in op_types (LayerNorm, GELU, Softmax and the like).")
+    exclude_nodes: list[str] = Field(default_factory=list, description="Node names left in float.")
+    calibration: Literal["minmax", "entropy", "percentile"] = Field(
+        default="minmax", description="static: how activation ranges are chosen.")
+    calibration_rows: int = Field(default=128, ge=1, le=100_000, description="static: train rows used to calibrate.")
+    block_size: int = Field(default=32, ge=16, le=1024, description="int4: weights per quantization block "
+                                                                    "(a power of two dividing the layer widths).")
+    symmetric: bool = Field(default=True, description="int4: symmetric blocks (no zero points).")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(default=4, description="int4: MatMulNBits compute precision "
+                                                                          "(4 = int8 activations, fastest on CPU).")
 
 
 class QuantizeOnnx(Step):
-    """Dynamic int8 quantization with onnxruntime.quantization."""
+    """int8 (dynamic or static QDQ) and int4 weight-only quantization with onnxruntime."""
 
     name = "quantize-onnx"
-    summary = "Quantize an ONNX model to int8 with onnxruntime's quantizer (dynamic)."
-    version = "2"
+    summary = "Quantize an ONNX model: dynamic int8, static QDQ int8 (calibrated), or int4 weight-only."
+    version = "3"
     Config = QuantizeOnnxConfig
     accepts = ("onnx",)
     produces = "onnx"
 
+    def data_splits(self, config: StepConfig) -> tuple[str, ...]:
+        """Static quantization reads train rows for calibration."""
+        assert isinstance(config, QuantizeOnnxConfig)
+        return ("train",) if config.mode == "static" else ()
+
+    def check(self, config: StepConfig, ctx: PlanContext) -> None:
+        """int4 block sizes must be powers of two that divide the model's widths."""
+        assert isinstance(config, QuantizeOnnxConfig)
+        if config.mode != "int4":
+            return
+        if config.block_size & (config.block_size - 1):
+            raise RecipeError(f"block_size {config.block_size} is not a power of two", where="with.block_size")
+        for key in ("hidden_size", "intermediate_size"):
+            width = ctx.model_config.get(key)
+            if isinstance(width, int) and width % config.block_size:
+                raise RecipeError(f"block_size {config.block_size} does not divide the model's {key} {width}",
+                                  where="with.block_size", hint="choose 16, 32, 64 or 128 dividing the widths")
+
     def run(self, artifact: Artifact, config: StepConfig, ctx: StepContext) -> Artifact:
         """Write the quantized model.onnx and copy the config and tokenizer beside it."""
         assert isinstance(config, QuantizeOnnxConfig)
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
         for file in artifact.path.iterdir():
             if file.is_file() and file.suffix != ".onnx" and file.name != "artifact.json":
                 shutil.copy2(file, ctx.out_dir / file.name)
         target = ctx.out_dir / "model.onnx"
-        weight_type = resolve_weight_type(config.weight_type)
-        ctx.report(weight_type=weight_type)
         logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns on the root logger about pre-processing
         try:
-            quantize_dynamic(str(artifact.model_file), str(target), per_channel=config.per_channel,
-                             reduce_range=config.reduce_range, op_types_to_quantize=config.op_types,
-                             nodes_to_exclude=config.exclude_nodes,
-                             weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8)
+            if config.mode == "dynamic":
+                label = _dynamic(artifact.model_file, target, config, ctx)
+            elif config.mode == "static":
+                label = _static(artifact, target, config, ctx)
+            else:
+                label = _int4(artifact.model_file, target, config, ctx)
+        except StepError:
+            raise
         except Exception as exc:
-            raise StepError(f"quantization failed: {type(exc).__name__}: {exc}",
+            raise StepError(f"{config.mode} quantization failed: {type(exc).__name__}: {exc}",
                             hint="run with --debug for the quantizer's traceback") from exc
-        return artifact.derive(ctx.out_dir, format="onnx", quantized=f"{weight_type}-dynamic",
-                               per_channel=config.per_channel, **{k: v for k, v in artifact.info.items()
-                                                                  if k in ("opset",)})
+        return artifact.derive(ctx.out_dir, format="onnx", quantized=label,
+                               **{k: v for k, v in artifact.info.items() if k in ("opset",)})
+
+
+def _reduce_range(config: QuantizeOnnxConfig, weight_type: str) -> bool:
+    if config.reduce_range is not None:
+        return config.reduce_range
+    return weight_type == "int8" and not cpu_has_vnni()
+
+
+def _dynamic(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepContext) -> str:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    weight_type = resolve_weight_type(config.weight_type)
+    reduce_range = _reduce_range(config, weight_type)
+    ctx.report(weight_type=weight_type, reduce_range=reduce_range)
+    quantize_dynamic(str(source), str(target), per_channel=config.per_channel, reduce_range=reduce_range,
+                     op_types_to_quantize=config.op_types, nodes_to_exclude=config.exclude_nodes,
+                     weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8)
+    return f"{weight_type}-dynamic"
+
+
+class _Rows:
+    """onnxruntime CalibrationDataReader over tokenized rows (one row per batch: no padding skews ranges)."""
+
+    def __init__(self, feeds: list[dict[str, Any]]):
+        self._it = iter(feeds)
+
+    def get_next(self) -> dict[str, Any] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # part of the reader protocol; each calibrator reads once
+        pass
+
+
+def _static(artifact: Artifact, target: Path, config: QuantizeOnnxConfig, ctx: StepContext) -> str:
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+        quantize_static
+
+    from compressor.evaluators.runtime import load_tokenizer
+    from compressor.training import sample_rows
+
+    if ctx.data is None or not ctx.data.has("train"):
+        raise StepError("static quantization needs calibration data", hint="add data.train to the recipe")
+    graph = onnx.load(str(artifact.model_file), load_external_data=False).graph
+    inputs = [i.name for i in graph.input]
+    op_types = [t for t in (config.op_types or STATIC_OP_TYPES) if t not in config.exclude_op_types]
+    tokenizer = load_tokenizer(artifact.path)
+    split = artifact.task == "token-classification"
+    rows = sample_rows(ctx.data.load("train"), config.calibration_rows, ctx.seed)
+    # MinMax reads each row unpadded; the histogram calibrators need one shape, so pad to the longest row.
+    length = None
+    if config.calibration != "minmax":
+        length = max(len(tokenizer([r.text], truncation=True, max_length=128, is_split_into_words=split)["input_ids"][0])
+                     for r in rows)
+    feeds = []
+    for row in rows:
+        enc = tokenizer([row.text], truncation=True, max_length=length or 128, is_split_into_words=split,
+                        padding="max_length" if length else False, return_tensors="np")
+        feeds.append({k: enc[k].astype(np.int64) for k in inputs if k in enc})
+    reader = type("Reader", (_Rows, CalibrationDataReader), {})(feeds)
+    reduce_range = _reduce_range(config, "int8")
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[config.calibration]
+    ctx.report(calibration=config.calibration, calibration_rows=len(feeds), reduce_range=reduce_range,
+               op_types=op_types)
+    quantize_static(str(artifact.model_file), str(target), reader, quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=op_types, per_channel=config.per_channel, reduce_range=reduce_range,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=config.exclude_nodes, calibrate_method=method)
+    return "int8-static-qdq"
+
+
+def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepContext) -> str:
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(source))
+    weights = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in weights:
+            k = numpy_helper.to_array(weights[node.input[1]]).shape[0]
+            if k % config.block_size:
+                raise StepError(f"block_size {config.block_size} does not divide {node.name}'s input width {k}",
+                                hint="choose a block size that divides every layer width")
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size, is_symmetric=config.symmetric,
+                                     accuracy_level=config.accuracy_level, nodes_to_exclude=config.exclude_nodes,
+                                     op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+    ctx.report(block_size=config.block_size, symmetric=config.symmetric, accuracy_level=config.accuracy_level)
+    return f"int4-block{config.block_size}"
 
 
 @hookimpl

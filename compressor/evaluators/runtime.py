@@ -67,7 +67,12 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
         import torch
 
         torch.set_num_threads(threads)
-        model = load_torch_model(artifact.path, artifact.task, artifact.info.get("adapter"))
+        if artifact.info.get("quantized") == "torch-dynamic-int8":
+            from compressor.plugins.quantize_torch import load_torch_int8
+
+            model = load_torch_int8(artifact.path, artifact.task, artifact.info.get("skip_modules", []))
+        else:
+            model = load_torch_model(artifact.path, artifact.task, artifact.info.get("adapter"))
         names = ["input_ids", "attention_mask", "token_type_ids"]
 
         def forward(batch: dict[str, np.ndarray]) -> np.ndarray:

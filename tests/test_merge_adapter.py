@@ -1,0 +1,98 @@
+"""merge-adapter: merged logits equal the PEFT model's; several adapters combine as PEFT does;
+an adapter for another base is refused by `compressor check`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import recipe_text
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter with random (non-zero) B matrices, so that merging changes the outputs."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir)
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"],
+                        init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(str(out))
+    return out
+
+
+def _logits(model, tokenizer, texts):
+    with torch.no_grad():
+        return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+
+
+TEXTS = ["a gripping , beautifully made film .", "the plot is thin and the jokes fall flat .", "fine ."]
+
+
+def test_single_adapter_merge_matches_peft(tmp_path, compressor_cache, tiny_text_model, sst2_small):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from compressor.testing import run_recipe
+
+    adapter = make_adapter(tiny_text_model, tmp_path / "lora", seed=1)
+    record = run_recipe(recipe_text(tiny_text_model, None, sst2_small["eval"],
+                                    f"  - uses: merge-adapter\n    with: {{adapter: {adapter}}}\n  - uses: export-onnx\n"),
+                        tmp_path)
+    tok = AutoTokenizer.from_pretrained(tiny_text_model)
+    peft_model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_text_model),
+                                           str(adapter)).eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(record["steps"][0]["path"]).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_text_model).eval()
+    expected = _logits(peft_model, tok, TEXTS)
+    assert torch.allclose(_logits(merged, tok, TEXTS), expected, atol=1e-5)
+    assert not torch.allclose(_logits(base, tok, TEXTS), expected, atol=1e-3)  # the adapter did something
+    assert record["steps"][1]["notes"]["parity_max_abs_diff"] < 1e-4
+
+
+def test_two_adapters_linear_matches_peft(tmp_path, compressor_cache, tiny_text_model, sst2_small):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from compressor.testing import run_recipe
+
+    a, b = make_adapter(tiny_text_model, tmp_path / "a", 1), make_adapter(tiny_text_model, tmp_path / "b", 2)
+    steps = (f"  - uses: merge-adapter\n    with: {{adapters: [{{path: {a}, weight: 0.7}}, {{path: {b}, weight: 0.3}}],"
+             " combination: linear}\n")
+    record = run_recipe(recipe_text(tiny_text_model, None, sst2_small["eval"], steps), tmp_path)
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_text_model), str(a),
+                                      adapter_name="a0")
+    model.load_adapter(str(b), adapter_name="a1")
+    model.add_weighted_adapter(["a0", "a1"], [0.7, 0.3], adapter_name="m", combination_type="linear")
+    model.set_adapter("m")
+    tok = AutoTokenizer.from_pretrained(tiny_text_model)
+    merged = AutoModelForSequenceClassification.from_pretrained(record["steps"][0]["path"]).eval()
+    assert torch.allclose(_logits(merged, tok, TEXTS), _logits(model.eval(), tok, TEXTS), atol=1e-5)
+
+
+def test_adapter_for_another_base_is_refused(tmp_path, cli_run, tiny_text_model, sst2_small):
+    from compressor.testing import build_tiny_model, sst2_words
+
+    other = build_tiny_model(tmp_path / "wide", "text-classification", ["negative", "positive"], sst2_words(5000),
+                             hidden_size=48, num_attention_heads=4, intermediate_size=96)
+    adapter = make_adapter(other, tmp_path / "wide-lora", seed=3)
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_text(tiny_text_model, None, sst2_small["eval"],
+                                f"  - uses: merge-adapter\n    with: {{adapter: {adapter}}}\n"))
+    code, _, err = cli_run("check", str(path))
+    assert code == 2 and "steps[0] (merge-adapter).with.adapter" in err and "trained on another base" in err
+
+
+@pytest.mark.parametrize("with_,words", [
+    ("{}", ["give either adapter"]),
+    ("{adapter: nowhere}", ["adapter directory", "does not exist"]),
+    ("{adapters: [{path: a}, {path: b}], combination: ties}", ["needs density"]),
+])
+def test_merge_adapter_bad_config(tmp_path, cli_run, tiny_text_model, sst2_small, with_, words):
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_text(tiny_text_model, None, sst2_small["eval"], f"  - uses: merge-adapter\n    with: {with_}\n"))
+    code, _, err = cli_run("check", str(path))
+    assert code == 2 and all(w in err for w in words), err

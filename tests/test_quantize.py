@@ -1,0 +1,135 @@
+"""quantize-onnx modes (dynamic, static QDQ, int4) and convert-fp16 on a trained tiny classifier:
+accuracy within bounds of the float ONNX model, sizes smaller, and bad settings caught by check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import recipe_text
+
+FLOAT_STEPS = ("  - uses: finetune\n    with: {epochs: 3, learning_rate: 2.0e-3}\n  - uses: export-onnx\n")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_encoder, sst2_small):
+    """A fine-tuned tiny classifier exported to ONNX, and the cache that holds it."""
+    import os
+
+    from compressor.testing import run_recipe
+
+    tmp = tmp_path_factory.mktemp("quant")
+    os.environ["COMPRESSOR_CACHE_DIR"] = str(tmp / "cache")
+    record = run_recipe(recipe_text(tiny_encoder, sst2_small["train"], sst2_small["eval"], FLOAT_STEPS,
+                                    labels=", labels: [negative, positive]"), tmp)
+    return {"tmp": tmp, "record": record, "model": tiny_encoder, "data": sst2_small}
+
+
+def _with_step(trained, name: str, step: str) -> dict:
+    import os
+
+    from compressor.testing import run_recipe
+
+    os.environ["COMPRESSOR_CACHE_DIR"] = str(trained["tmp"] / "cache")  # reuse finetune + export
+    tmp = trained["tmp"] / name
+    tmp.mkdir()
+    text = recipe_text(trained["model"], trained["data"]["train"], trained["data"]["eval"], FLOAT_STEPS + step,
+                       labels=", labels: [negative, positive]")
+    record = run_recipe(text, tmp)
+    assert [s["cached"] for s in record["steps"][:2]] == [True, True]
+    return record
+
+
+@pytest.mark.parametrize("name,step,max_drop,max_size_ratio", [
+    ("dynamic-pc", "  - uses: quantize-onnx\n    with: {mode: dynamic, per_channel: true}\n", 0.03, 0.5),
+    ("static-minmax", "  - uses: quantize-onnx\n    with: {mode: static, calibration_rows: 64}\n", 0.04, 0.5),
+    ("static-entropy", "  - uses: quantize-onnx\n    with: {mode: static, calibration: entropy, "
+                       "calibration_rows: 32}\n", 0.04, 0.5),
+    ("int4", "  - uses: quantize-onnx\n    with: {mode: int4, block_size: 16}\n", 0.04, 0.95),
+    ("fp16", "  - uses: convert-fp16\n", 0.01, 0.6),
+])
+def test_quantized_accuracy_and_size(trained, name, step, max_drop, max_size_ratio):
+    record = _with_step(trained, name, step)
+    fp32, out = record["artifacts"][2], record["artifacts"][3]
+    assert fp32["accuracy"] > 0.6  # the float model learned something worth keeping
+    assert abs(out["accuracy"] - fp32["accuracy"]) <= max_drop
+    assert out["size_bytes"] < max_size_ratio * fp32["size_bytes"]
+
+
+def test_static_graph_is_qdq_and_keeps_fragile_ops_float(trained):
+    import onnx
+
+    record = _with_step(trained, "static-ops", "  - uses: quantize-onnx\n    with: {mode: static, calibration_rows: 16}\n")
+    graph = onnx.load(str(Path(record["steps"][2]["path"]) / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear") / 2
+    produced_by = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type in ("LayerNormalization", "Softmax", "Erf"):
+            assert all(produced_by.get(i) is None or produced_by[i].op_type != "DequantizeLinear" for i in node.input)
+    assert record["steps"][2]["notes"]["reduce_range"] in (True, False)
+
+
+def test_int4_uses_matmulnbits(trained):
+    import onnx
+
+    record = _with_step(trained, "int4-ops", "  - uses: quantize-onnx\n    with: {mode: int4, block_size: 32}\n")
+    graph = onnx.load(str(Path(record["steps"][2]["path"]) / "model.onnx")).graph
+    weights = {t.name for t in graph.initializer}
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 2 * 6  # 6 weight MatMuls per layer, 2 layers
+    assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+
+@pytest.mark.parametrize("step,words", [
+    ("  - uses: quantize-onnx\n    with: {mode: int4, block_size: 48}\n", ["block_size 48 is not a power of two"]),
+    ("  - uses: quantize-onnx\n    with: {mode: int4, block_size: 64}\n", ["does not divide the model's hidden_size 32"]),
+    ("  - uses: quantize-onnx\n    with: {mode: int8}\n", ["steps[2] (quantize-onnx).with.mode"]),
+])
+def test_bad_quantization_settings(tmp_path, cli_run, tiny_encoder, sst2_small, step, words):
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_text(tiny_encoder, sst2_small["train"], sst2_small["eval"], FLOAT_STEPS + step,
+                                labels=", labels: [negative, positive]"))
+    code, _, err = cli_run("check", str(path))
+    assert code == 2 and all(w in err for w in words), err
+
+
+def test_static_without_calibration_data(tmp_path, cli_run, tiny_text_model, sst2_small):
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_text(tiny_text_model, None, sst2_small["eval"],
+                                "  - uses: export-onnx\n  - uses: quantize-onnx\n    with: {mode: static}\n"))
+    code, _, err = cli_run("check", str(path))
+    assert code == 2 and "steps[1] (quantize-onnx)" in err and "needs train data" in err
+
+
+def test_quantize_torch_roundtrip_equals_torch_ao(trained):
+    import os
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from compressor.artifact import Artifact
+    from compressor.evaluators.runtime import load_runner
+    from compressor.plugins.quantize_torch import quantize_dynamic
+    from compressor.testing import run_recipe
+
+    os.environ["COMPRESSOR_CACHE_DIR"] = str(trained["tmp"] / "cache")
+    tmp = trained["tmp"] / "torch-int8"
+    tmp.mkdir()
+    steps = "  - uses: finetune\n    with: {epochs: 3, learning_rate: 2.0e-3}\n  - uses: quantize-torch\n"
+    record = run_recipe(recipe_text(trained["model"], trained["data"]["train"], trained["data"]["eval"], steps,
+                                    labels=", labels: [negative, positive]"), tmp)
+    assert record["steps"][0]["cached"] is True
+    float_row, int8_row = record["artifacts"][1], record["artifacts"][2]
+    assert abs(int8_row["accuracy"] - float_row["accuracy"]) <= 0.03
+    assert int8_row["size_bytes"] < float_row["size_bytes"]
+    assert record["steps"][1]["notes"]["quantized_linear_layers"] == 2 * 6  # classifier left in float
+    # the saved artifact reproduces torch.ao's quantized model exactly
+    texts = ["a gripping , beautifully made film .", "the plot is thin ."]
+    tok = AutoTokenizer.from_pretrained(record["steps"][0]["path"])
+    reference = quantize_dynamic(AutoModelForSequenceClassification.from_pretrained(record["steps"][0]["path"]).eval(),
+                                 ["classifier"])
+    with torch.no_grad():
+        expected = reference(**tok(texts, padding=True, return_tensors="pt")).logits.numpy()
+    runner = load_runner(Artifact.load(Path(record["steps"][1]["path"])), threads=1)
+    assert abs(runner(runner.encode(texts)) - expected).max() < 1e-6
