@@ -1,44 +1,175 @@
-"""The deployable bundle: the final ONNX model, its tokenizer and labels, and a manifest with checksums."""
+"""Bundles: the final model, its tokenizer and labels, `predict.py` (numpy + onnxruntime +
+tokenizers only), a device README and `manifest.json` with checksums, metrics and golden outputs.
+Also the safe reading of `.tar.gz` bundles."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from compressor import __version__
+from compressor import bundle_runtime
 from compressor.artifact import Artifact, hash_file
 from compressor.cache import write_json_atomic
 from compressor.errors import InputError
 
-MANIFEST_SCHEMA = 1
-BUNDLED_FILES = ("tokenizer.json", "config.json", "special_tokens_map.json", "tokenizer_config.json", "vocab.txt")
+#: Opset → first onnxruntime release that implements it.
+OPSET_MIN_ORT = {11: "1.6", 12: "1.7", 13: "1.8", 14: "1.10", 15: "1.11", 16: "1.12", 17: "1.13", 18: "1.14",
+                 19: "1.16", 20: "1.17", 21: "1.20", 22: "1.20", 23: "1.22"}
+#: Contrib operators → first onnxruntime release that has them.
+OP_MIN_ORT = {"MatMulNBits": "1.17", "GatherBlockQuantized": "1.20", "DynamicQuantizeMatMul": "1.6",
+              "MatMulInteger": "1.6", "QLinearMatMul": "1.6"}
+FALLBACK_GOLDEN = {"text-classification": ["a gripping , beautifully made film .",
+                                           "the plot is thin and the jokes fall flat ."],
+                   "token-classification": ["EU rejects German call to boycott British lamb .",
+                                            "Peter Blackburn reports from Brussels ."]}
+DEVICE_README = """# {name}
+
+A {task} model made by compressor {version}. It needs Python 3, numpy, onnxruntime (>= {min_ort})
+and tokenizers; nothing else.
+
+    pip install numpy onnxruntime tokenizers
+    python predict.py --verify          # checksums, model load, golden outputs
+    python predict.py "{example}"
+
+Labels: {labels}. Measured before shipping ({measured_on}): {metrics}.
+"""
 
 
-def write_bundle(artifact: Artifact, out: Path, record: dict[str, Any]) -> dict[str, Any]:
-    """Write the bundle into `out` (via a temporary directory renamed into place); returns the manifest."""
+def _version_max(versions: list[str]) -> str:
+    return max(versions, key=lambda v: tuple(int(x) for x in v.split(".")))
+
+
+def describe_model(model_file: Path) -> dict[str, Any]:
+    """Inputs, outputs (names, shapes, dtypes), opset and the minimum onnxruntime, read with onnxruntime."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    io = lambda items: [{"name": i.name, "dtype": i.type, "shape": [d if isinstance(d, int) else str(d)  # noqa: E731
+                                                                      for d in i.shape]} for i in items]
+    info: dict[str, Any] = {"file": model_file.name, "format": model_file.suffix.lstrip("."),
+                            "inputs": io(session.get_inputs()), "outputs": io(session.get_outputs())}
+    minimum = ["1.13"]
+    if model_file.suffix == ".onnx":
+        import onnx
+
+        model = onnx.load(str(model_file), load_external_data=False)
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        info["opset"] = opset
+        minimum.append(OPSET_MIN_ORT.get(opset, ort.__version__.rsplit(".", 1)[0]))
+        minimum += [OP_MIN_ORT[n.op_type] for n in model.graph.node if n.op_type in OP_MIN_ORT]
+    else:  # an .ort file is tied to the onnxruntime that wrote it
+        minimum.append(ort.__version__.rsplit(".", 1)[0])
+    info["min_onnxruntime"] = _version_max(minimum)
+    return info
+
+
+def write_bundle(artifact: Artifact, out: Path, record: dict[str, Any] | None = None,
+                 golden_inputs: list[Any] | None = None, tar: bool = False) -> dict[str, Any]:
+    """Write the bundle into `out` (a temporary directory renamed into place); returns where and what."""
     if artifact.format not in ("onnx", "ort"):
-        raise InputError(f"a bundle needs an onnx or ort model, the last artifact is {artifact.format}",
+        raise InputError(f"a bundle needs an onnx or ort model, the artifact is {artifact.format}",
                          where="bundle", hint="end the recipe with export-onnx (and quantize-onnx)")
+    if not (artifact.path / "tokenizer.json").is_file():
+        raise InputError(f"{artifact.path} has no tokenizer.json, which the device runtime reads",
+                         where="bundle", hint="use a fast tokenizer (saved as tokenizer.json)")
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shutil.copy2(artifact.model_file, tmp / artifact.model_file.name)
-    for name in BUNDLED_FILES:
-        if (artifact.path / name).is_file():
-            shutil.copy2(artifact.path / name, tmp / name)
-    final = record["artifacts"][-1]
-    manifest = {
-        "schema_version": MANIFEST_SCHEMA, "task": artifact.task, "labels": artifact.labels,
-        "model": artifact.model_file.name, "compressor": __version__, "recipe_hash": record["recipe_hash"],
-        "metrics": {k: final.get(k) for k in ("metric", final.get("metric") or "", "size_bytes", "latency") if k},
-        "measured_on": record["environment"]["cpu"],
-        "files": {p.name: {"size": p.stat().st_size, "sha256": hash_file(p)} for p in sorted(tmp.iterdir())},
-    }
-    write_json_atomic(tmp / "manifest.json", manifest)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return {"path": str(out), "files": sorted(manifest["files"])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shutil.copy2(artifact.model_file, tmp / artifact.model_file.name)
+        shutil.copy2(artifact.path / "tokenizer.json", tmp / "tokenizer.json")
+        shutil.copy2(bundle_runtime.__file__, tmp / "predict.py")
+        if (artifact.path / "required_operators.config").is_file():  # for a minimal onnxruntime build
+            shutil.copy2(artifact.path / "required_operators.config", tmp / "required_operators.config")
+        model = describe_model(tmp / artifact.model_file.name)
+        tokenizer = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
+        pad = next((t for t in tokenizer.get("added_tokens", []) if t["content"] in ("[PAD]", "<pad>")), None)
+        final = (record or {}).get("artifacts", [{}])[-1]
+        metrics = {k: final.get(k) for k in (final.get("metric"), "size_bytes", "parameters") if k}
+        if final.get("latency"):
+            metrics["latency"] = {k: final["latency"].get(k) for k in ("p50_ms", "p90_ms", "throughput",
+                                                                      "throughput_batch")}
+        environment = (record or {}).get("environment", {})
+        quantized = bool(artifact.info.get("quantized"))
+        manifest: dict[str, Any] = {
+            "schema_version": bundle_runtime.SCHEMA_VERSION, "task": artifact.task, "labels": artifact.labels,
+            "model": model, "min_onnxruntime": model["min_onnxruntime"],
+            "tokenizer": {"file": "tokenizer.json", "max_length": 128, "pad_id": pad["id"] if pad else 0,
+                          "pad_token": pad["content"] if pad else "[PAD]"},
+            "compressor": __version__, "recipe_hash": (record or {}).get("recipe_hash"),
+            "metrics": metrics,
+            "measured_on": {"cpu": environment.get("cpu"), "threads": (record or {}).get("evaluation", {}).get("threads"),
+                            "libraries": environment.get("libraries", {})},
+            # int8 kernels differ between CPUs (VNNI or not), so quantized models get a looser tolerance
+            "tolerance": 0.05 if quantized else 1e-3,
+            "golden": [],
+        }
+        inputs = list(golden_inputs or FALLBACK_GOLDEN[artifact.task])[:4]
+        write_json_atomic(tmp / bundle_runtime.MANIFEST, {**manifest, "files": {}})
+        predictor = bundle_runtime.Predictor(tmp, {**manifest, "files": {}})
+        manifest["golden"] = [{"input": text, "logits": predictor.logits([text])[0].tolist()} for text in inputs]
+        (tmp / "README.md").write_text(DEVICE_README.format(
+            name=(record or {}).get("name", artifact.path.name), task=artifact.task, version=__version__,
+            min_ort=manifest["min_onnxruntime"], labels=", ".join(artifact.labels[:20]),
+            example=inputs[0] if isinstance(inputs[0], str) else " ".join(inputs[0]),
+            measured_on=manifest["measured_on"]["cpu"] or "not measured",
+            metrics=json.dumps(metrics)), encoding="utf-8")
+        manifest["files"] = {p.name: {"size": p.stat().st_size, "sha256": hash_file(p)}
+                             for p in sorted(tmp.iterdir()) if p.name != bundle_runtime.MANIFEST}
+        write_json_atomic(tmp / bundle_runtime.MANIFEST, manifest)
+        if tar:
+            archive = out.with_name(out.name + ".tar.gz")
+            partial = archive.with_name(f".{archive.name}.tmp-{os.getpid()}")
+            with tarfile.open(partial, "w:gz") as fh:
+                for p in sorted(tmp.iterdir()):
+                    fh.add(p, arcname=p.name)
+            os.replace(partial, archive)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"path": str(out), "files": sorted(manifest["files"]), "tar": str(out.with_name(out.name + ".tar.gz"))
+            if tar else None, "min_onnxruntime": manifest["min_onnxruntime"]}
+
+
+def safe_extract(archive: Path, target: Path) -> None:
+    """Unpack a bundle archive into `target`, refusing absolute paths, `..`, links and devices."""
+    try:
+        with tarfile.open(archive, "r:*") as fh:
+            members = fh.getmembers()
+            for m in members:
+                parts = Path(m.name).parts
+                if m.name.startswith(("/", "\\")) or Path(m.name).is_absolute() or ".." in parts:
+                    raise InputError(f"{archive}: entry {m.name!r} points outside the archive", where=str(archive),
+                                     hint="this archive is unsafe; rebuild it with `compressor bundle --tar`")
+                if not (m.isfile() or m.isdir()):
+                    kind = "a link" if (m.issym() or m.islnk()) else "a device or special file"
+                    raise InputError(f"{archive}: entry {m.name!r} is {kind}, which bundles never contain",
+                                     where=str(archive), hint="rebuild the archive with `compressor bundle --tar`")
+            fh.extractall(target, members=members, filter="data")
+    except tarfile.TarError as exc:
+        raise InputError(f"{archive} is not a readable tar archive: {exc}", where=str(archive)) from None
+
+
+def open_bundle(path: Path, workdir: Path) -> Path:
+    """A bundle directory, or a `.tar.gz` safely unpacked under `workdir`."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.is_file() and tarfile.is_tarfile(path):
+        target = workdir / "bundle"
+        target.mkdir(parents=True)
+        safe_extract(path, target)
+        return target
+    raise InputError(f"{path} is neither a bundle directory nor a tar archive", where=str(path),
+                     hint="give the directory written by `compressor bundle`, or its .tar.gz")

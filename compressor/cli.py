@@ -248,6 +248,99 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, overrides: tuple[str
             click.echo(f"run directory: {run_dir}")
 
 
+def _final_artifact(path: Path) -> Any:
+    """The artifact a `compressor bundle` argument names: a run directory (its last artifact) or an artifact."""
+    from compressor.artifact import META_FILE, Artifact
+    from compressor.errors import InputError
+
+    if (path / "record.json").is_file():
+        record = json.loads((path / "record.json").read_text())
+        if not record.get("steps"):
+            raise InputError(f"run {path} has no finished step", where=str(path))
+        return Artifact.load(Path(record["steps"][-1]["path"])), record
+    if (path / META_FILE).is_file():
+        return Artifact.load(path), None
+    raise InputError(f"{path} is neither a run directory (record.json) nor an artifact (artifact.json)",
+                     where=str(path), hint="give runs/NAME or runs/NAME/artifacts/NN-step")
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True)
+@click.option("--tar", is_flag=True, help="Also write OUT.tar.gz.")
+@click.pass_context
+@handle_errors
+def bundle(ctx: click.Context, source: Path, out: Path, fmt: str, tar: bool) -> None:
+    """Pack a run's final artifact (or any onnx/ort artifact) for a device with only onnxruntime."""
+    import tempfile
+
+    from compressor.bundle import write_bundle
+
+    artifact, record = _final_artifact(source)
+    if fmt == "ort" and artifact.format == "onnx":
+        from compressor.export.ort import convert_to_ort
+
+        work = Path(tempfile.mkdtemp(prefix=".compressor-ort-"))
+        try:
+            for file in artifact.path.iterdir():
+                if file.is_file() and file.suffix != ".onnx" and file.name != "artifact.json":
+                    (work / file.name).write_bytes(file.read_bytes())
+            convert_to_ort(artifact.model_file, work)
+            result = write_bundle(artifact.derive(work, format="ort", **artifact.info), out, record, tar=tar)
+        finally:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+    else:
+        result = write_bundle(artifact, out, record, tar=tar)
+    click.echo(f"bundle: {result['path']} ({', '.join(result['files'])}); needs onnxruntime >= "
+               f"{result['min_onnxruntime']}" + (f"; archive {result['tar']}" if result["tar"] else ""))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.pass_context
+@handle_errors
+def verify(ctx: click.Context, path: Path) -> None:
+    """Check a bundle: manifest schema, every checksum, the model loads, golden outputs match."""
+    import tempfile
+
+    from compressor import bundle_runtime
+    from compressor.bundle import open_bundle
+    from compressor.errors import InputError
+
+    with tempfile.TemporaryDirectory() as work:
+        try:
+            result = bundle_runtime.verify(open_bundle(path, Path(work)))
+        except bundle_runtime.BundleError as exc:
+            raise InputError(str(exc), where=str(path), hint="rebuild the bundle, or copy it again") from None
+    click.echo(f"ok: {result['files']} files match their checksums, {result['golden']} golden outputs within "
+               f"tolerance (max difference {result['max_abs_diff']:.2g})")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("texts", nargs=-1, required=True)
+@click.pass_context
+@handle_errors
+def predict(ctx: click.Context, path: Path, texts: tuple[str, ...]) -> None:
+    """Run a bundle on TEXTS: labels and scores, or entities for token classification."""
+    import tempfile
+
+    from compressor import bundle_runtime
+    from compressor.bundle import open_bundle
+    from compressor.errors import InputError
+
+    with tempfile.TemporaryDirectory() as work:
+        try:
+            results = bundle_runtime.Predictor(open_bundle(path, Path(work))).predict(list(texts))
+        except bundle_runtime.BundleError as exc:
+            raise InputError(str(exc), where=str(path)) from None
+    for text, result in zip(texts, results):
+        click.echo(json.dumps({"text": text, "prediction": result}, ensure_ascii=False))
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="compressor")

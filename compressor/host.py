@@ -33,6 +33,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("merge-adapter", "compressor.plugins.merge_adapter"),
     ("convert-fp16", "compressor.plugins.convert_fp16"),
     ("quantize-torch", "compressor.plugins.quantize_torch"),
+    ("export-ort", "compressor.export.ort"),
 )
 
 

@@ -230,14 +230,43 @@ class Runner:
         record["guard"] = check_guard(plan.recipe.guard, artifacts)
         record["status"] = "ok" if record["guard"]["passed"] else "guard_failed"
         if plan.recipe.bundle.formats:
-            from compressor.bundle import write_bundle
-
-            record["bundle"] = write_bundle(current, self.run_dir / "bundle", record)
+            record["bundles"] = self.write_bundles(current, record)
         self._finish(record, t0)
         if not record["guard"]["passed"]:
             raise GuardFailed("; ".join(record["guard"]["failures"]), where="guard",
                               hint=f"artifacts and the report are in {self.run_dir}")
         return record
+
+    def write_bundles(self, final: Artifact, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """One bundle per format in the recipe, golden inputs from the eval rows."""
+        from compressor.bundle import write_bundle
+
+        golden = [r.text for r in self.eval_rows()[:4]] or None
+        written = []
+        for fmt in self.plan.recipe.bundle.formats:
+            artifact = final
+            if fmt == "ort" and final.format == "onnx":
+                artifact = self._ort_copy(final)
+            target = self.run_dir / ("bundle" if fmt == "onnx" else f"bundle-{fmt}")
+            written.append(write_bundle(artifact, target, record, golden, tar=self.plan.recipe.bundle.tar))
+            self.log(f"✓ bundle ({fmt}): {target}")
+        return written
+
+    def _ort_copy(self, artifact: Artifact) -> Artifact:
+        """The final ONNX artifact converted to .ort (cached like a step)."""
+        from compressor.export.ort import convert_to_ort
+
+        key = make_key(hash_dir(artifact.path), "bundle-ort", 1)
+        if self.cache.lookup(key) is None:
+            tmp = self.cache.temp_dir(key)
+            for file in artifact.path.iterdir():
+                if file.is_file() and file.suffix != ".onnx" and file.name != "artifact.json":
+                    shutil.copy2(file, tmp / file.name)
+            convert_to_ort(artifact.model_file, tmp)
+            out = artifact.derive(tmp, format="ort", **artifact.info)
+            out.save_meta()
+            self.cache.commit(key, tmp, {"hash": hash_dir(tmp)})
+        return Artifact.load(self.cache.artifact_dir(key))
 
     def _finish(self, record: dict[str, Any], t0: float) -> None:
         from compressor.report import write_reports

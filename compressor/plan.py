@@ -202,6 +202,9 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
         steps.append(PlannedStep(i, spec.uses, cls, config, fmt, cls.produces))
         fmt = cls.produces
 
+    if recipe.bundle.formats and fmt not in ("onnx", "ort"):
+        errors.append(RecipeError(f"a bundle needs an onnx or ort model but the last step gives {fmt}",
+                                  where="bundle.formats", hint="end the steps with export-onnx, or remove bundle"))
     warnings: list[str] = []
     if not errors and data is not None:
         errors.extend(_check_data_labels(data, labels, steps))

@@ -81,7 +81,9 @@ class GuardSpec(_Strict):
 class BundleSpec(_Strict):
     """The deployable bundle made from the last artifact."""
 
-    formats: list[Literal["onnx", "ort"]] = Field(default_factory=list, description="Bundle formats to write.")
+    formats: list[Literal["onnx", "ort"]] = Field(default_factory=list, description="Bundle formats to write: "
+                                                  "onnx → bundle/, ort → bundle-ort/ (converted if needed).")
+    tar: bool = Field(default=False, description="Also write each bundle as a .tar.gz beside it.")
 
 
 class Recipe(_Strict):

@@ -33,6 +33,8 @@ def parameter_count(artifact: Artifact) -> int | None:
                         n *= d
                     total += n
         return total
+    if artifact.format == "ort":
+        return None  # the flatbuffer has no cheap reader here; the record keeps the ONNX count before it
     if artifact.format == "onnx":
         import onnx
         import numpy as np

@@ -80,7 +80,7 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
                 return model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
 
         return Runner(artifact, tokenizer, forward, names)
-    if artifact.format == "onnx":
+    if artifact.format in ("onnx", "ort"):
         session = ort_session(artifact.model_file, threads)
         names = [i.name for i in session.get_inputs()]
 

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Run and verify a compressor bundle with numpy, onnxruntime and tokenizers only.
+
+This file is copied into every bundle as `predict.py`; `compressor verify` and `compressor
+predict` import it too, so the device and the host run the same code.
+
+    python predict.py "a gripping film ."          # labels and scores (entities for NER)
+    python predict.py --verify                      # manifest, checksums, model, golden outputs
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED_KEYS = {"schema_version": int, "task": str, "labels": list, "model": dict, "tokenizer": dict,
+                 "files": dict, "golden": list, "min_onnxruntime": str}
+
+
+class BundleError(Exception):
+    """A bundle that is incomplete, altered, or does not give its expected outputs."""
+
+
+def sha256(path: Path) -> str:
+    """sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """manifest.json, checked against the schema this code understands."""
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{MANIFEST}: missing in {root}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise BundleError(f"{MANIFEST}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{MANIFEST}: not a JSON object")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(f"{MANIFEST}: unknown schema_version {version!r} (this reader knows {SCHEMA_VERSION})")
+    for key, kind in REQUIRED_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise BundleError(f"{MANIFEST}: field {key!r} is missing or not a {kind.__name__}")
+    return manifest
+
+
+def check_files(root: Path, manifest: dict[str, Any]) -> None:
+    """Every listed file present with its size and sha256; no file that is not listed."""
+    listed = manifest["files"]
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST}
+    for name in sorted(set(listed) - present):
+        raise BundleError(f"{name}: listed in the manifest but missing")
+    for name in sorted(present - set(listed)):
+        raise BundleError(f"{name}: not listed in the manifest (an extra file)")
+    for name, entry in sorted(listed.items()):
+        path = root / name
+        if path.stat().st_size != entry.get("size"):
+            raise BundleError(f"{name}: size {path.stat().st_size} differs from the manifest's {entry.get('size')}")
+        if sha256(path) != entry.get("sha256"):
+            raise BundleError(f"{name}: sha256 differs from the manifest (the file was changed)")
+
+
+class Predictor:
+    """The bundle's model and tokenizer, ready to run."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any] | None = None, threads: int = 0):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.root = Path(root)
+        self.manifest = manifest or read_manifest(self.root)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        model_file = self.root / self.manifest["model"]["file"]
+        try:
+            self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BundleError(f"{model_file.name}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+        declared = [i["name"] for i in self.manifest["model"].get("inputs", [])]
+        actual = [i.name for i in self.session.get_inputs()]
+        if declared and declared != actual:
+            raise BundleError(f"{model_file.name}: inputs {actual} differ from the manifest's {declared}")
+        spec = self.manifest["tokenizer"]
+        self.tokenizer = Tokenizer.from_file(str(self.root / spec["file"]))
+        self.tokenizer.enable_truncation(spec.get("max_length", 128))
+        self.tokenizer.enable_padding(pad_id=spec.get("pad_id", 0), pad_token=spec.get("pad_token", "[PAD]"))
+        self.words = self.manifest["task"] == "token-classification"
+
+    def encode(self, texts: list[Any]) -> tuple[dict[str, Any], list[Any]]:
+        """Feeds for the session, and the encodings (for word alignment)."""
+        import numpy as np
+
+        if self.words:
+            items = [t.split() if isinstance(t, str) else list(t) for t in texts]
+            encodings = self.tokenizer.encode_batch(items, is_pretokenized=True)
+        else:
+            encodings = self.tokenizer.encode_batch(list(texts))
+        columns = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings],
+                   "token_type_ids": [e.type_ids for e in encodings]}
+        feeds = {i.name: np.asarray(columns[i.name], dtype=np.int64) for i in self.session.get_inputs()}
+        return feeds, encodings
+
+    def logits(self, texts: list[Any]) -> Any:
+        """Raw logits for a batch."""
+        feeds, _ = self.encode(texts)
+        return self.session.run(None, feeds)[0]
+
+    def predict(self, texts: list[Any]) -> list[Any]:
+        """Per text: {label, score}; for token classification, a list of entities."""
+        import numpy as np
+
+        feeds, encodings = self.encode(texts)
+        logits = self.session.run(None, feeds)[0]
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        labels = self.manifest["labels"]
+        if not self.words:
+            return [{"label": labels[int(p.argmax())], "score": float(p.max())} for p in probs]
+        out = []
+        for b, (text, enc) in enumerate(zip(texts, encodings)):
+            words = text.split() if isinstance(text, str) else list(text)
+            tags, seen = ["O"] * len(words), set()
+            for t, w in enumerate(enc.word_ids):
+                if w is not None and w not in seen:
+                    seen.add(w)
+                    tags[w] = labels[int(probs[b, t].argmax())]
+            out.append(entities(words, tags))
+        return out
+
+
+def entities(words: list[str], tags: list[str]) -> list[dict[str, Any]]:
+    """IOB tags to [{type, text, start, end}] over word indices."""
+    found: list[dict[str, Any]] = []
+    for i, tag in enumerate(tags + ["O"]):
+        prefix, _, kind = tag.partition("-")
+        if found and found[-1]["end"] == i and prefix == "I" and found[-1]["type"] == kind:
+            found[-1]["end"] = i + 1
+            found[-1]["text"] = " ".join(words[found[-1]["start"]:i + 1])
+        elif prefix in ("B", "I") and i < len(words):
+            found.append({"type": kind, "text": words[i], "start": i, "end": i + 1})
+    return found
+
+
+def verify(root: Path) -> dict[str, Any]:
+    """Schema, checksums, loading, golden outputs; raises BundleError naming what is wrong."""
+    import numpy as np
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    check_files(root, manifest)
+    predictor = Predictor(root, manifest)
+    worst = 0.0
+    for i, case in enumerate(manifest["golden"]):
+        got = predictor.logits([case["input"]])[0]
+        expected = np.asarray(case["logits"], dtype=np.float32)
+        if got.shape != expected.shape:
+            raise BundleError(f"golden[{i}]: output shape {got.shape} differs from the expected {expected.shape}")
+        diff = float(np.abs(got - expected).max())
+        worst = max(worst, diff)
+        if diff > manifest.get("tolerance", 1e-3):
+            raise BundleError(f"golden[{i}]: outputs differ from the expected by {diff:.3g} "
+                              f"(tolerance {manifest.get('tolerance', 1e-3)}) for input {case['input']!r}")
+    return {"files": len(manifest["files"]), "golden": len(manifest["golden"]), "max_abs_diff": worst}
+
+
+def main(argv: list[str]) -> int:
+    """Command line: TEXT… to predict, --verify to check the bundle."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("texts", nargs="*", help="Texts to classify (for NER: words separated by spaces).")
+    parser.add_argument("--verify", action="store_true", help="Check the manifest, checksums and golden outputs.")
+    parser.add_argument("--bundle", default=str(Path(__file__).resolve().parent), help="Bundle directory.")
+    args = parser.parse_args(argv)
+    try:
+        if args.verify:
+            result = verify(Path(args.bundle))
+            print(f"ok: {result['files']} files match their checksums, {result['golden']} golden outputs within "
+                  f"tolerance (max difference {result['max_abs_diff']:.2g})")
+            return 0
+        if not args.texts:
+            parser.error("give texts to predict, or --verify")
+        for text, result in zip(args.texts, Predictor(Path(args.bundle)).predict(args.texts)):
+            print(json.dumps({"text": text, "prediction": result}, ensure_ascii=False))
+        return 0
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

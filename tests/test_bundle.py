@@ -1,0 +1,195 @@
+"""Bundles: made by a run, verified, tampered with, unpacked safely, and run on a "device" — a fresh
+virtual environment with only numpy, onnxruntime and tokenizers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import recipe_text
+
+STEPS = "  - uses: export-onnx\n  - uses: quantize-onnx\n"
+BUNDLE = "bundle: {formats: [onnx, ort], tar: true}\n"
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory, tiny_text_model, sst2_small):
+    from compressor.testing import run_recipe
+
+    tmp = tmp_path_factory.mktemp("bundle-text")
+    os.environ["COMPRESSOR_CACHE_DIR"] = str(tmp / "cache")
+    record = run_recipe(recipe_text(tiny_text_model, sst2_small["train"], sst2_small["eval"], STEPS) + BUNDLE, tmp)
+    return tmp / "run", record
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _verify(cli_run, path: Path) -> tuple[int, str]:
+    code, out, err = cli_run("verify", str(path))
+    return code, out + err
+
+
+def test_run_writes_verified_bundles(text_run, cli_run):
+    run, record = text_run
+    for name in ("bundle", "bundle-ort", "bundle.tar.gz", "bundle-ort.tar.gz"):
+        code, text = _verify(cli_run, run / name)
+        assert code == 0 and "golden outputs within tolerance" in text, (name, text)
+    manifest = json.loads((run / "bundle" / "manifest.json").read_text())
+    assert manifest["labels"] == ["negative", "positive"] and manifest["task"] == "text-classification"
+    assert manifest["model"]["opset"] == 17 and manifest["min_onnxruntime"] == "1.13"
+    assert [i["name"] for i in manifest["model"]["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert manifest["metrics"]["accuracy"] == record["artifacts"][-1]["accuracy"]
+    assert manifest["recipe_hash"] == record["recipe_hash"] and len(manifest["golden"]) == 4
+    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json", "predict.py", "README.md"}
+    assert (run / "bundle-ort" / "required_operators.config").is_file()
+
+
+def test_bundle_outputs_equal_the_evaluated_model(text_run):
+    import numpy as np
+
+    from compressor import bundle_runtime
+    from compressor.artifact import Artifact
+    from compressor.evaluators.runtime import load_runner
+
+    run, record = text_run
+    texts = ["a gripping , beautifully made film .", "the plot is thin and the jokes fall flat ."]
+    runner = load_runner(Artifact.load(Path(record["steps"][-1]["path"])), threads=1)
+    expected = runner(runner.encode(texts))
+    got = bundle_runtime.Predictor(run / "bundle").logits(texts)
+    assert np.abs(got - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("tamper,words", [
+    (lambda b: (b / "model.onnx").write_bytes((b / "model.onnx").read_bytes()[:-1] + b"\0"), ["model.onnx", "sha256"]),
+    (lambda b: (b / "tokenizer.json").unlink(), ["tokenizer.json: listed in the manifest but missing"]),
+    (lambda b: (b / "notes.txt").write_text("hi"), ["notes.txt: not listed in the manifest"]),
+    (lambda b: _edit_manifest(b, schema_version=99), ["unknown schema_version 99"]),
+    (lambda b: _edit_manifest(b, labels="oops"), ["field 'labels'"]),
+    (lambda b: (b / "manifest.json").write_text("{not json"), ["manifest.json: not valid JSON"]),
+    (lambda b: _edit_golden(b), ["golden[0]: outputs differ"]),
+    (lambda b: _edit_manifest(b, model={"file": "model.onnx", "inputs": [{"name": "ids"}]}), ["inputs", "differ"]),
+])
+def test_tampered_bundle_is_refused(text_run, cli_run, tmp_path, tamper, words):
+    bundle = _copy(text_run[0] / "bundle", tmp_path)
+    tamper(bundle)
+    code, text = _verify(cli_run, bundle)
+    assert code == 2, text
+    assert all(w in text for w in words), text
+    result = subprocess.run([sys.executable, str(bundle / "predict.py"), "--verify"], capture_output=True, text=True)
+    assert result.returncode == 1 and all(w in result.stderr for w in words), result.stderr
+
+
+def _edit_manifest(bundle: Path, **changes) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest.update(changes)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _edit_golden(bundle: Path) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["golden"][0]["logits"] = [v + 1.0 for v in manifest["golden"][0]["logits"]]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _tar_with(path: Path, name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> Path:
+    with tarfile.open(path, "w:gz") as fh:
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.linkname = linkname
+        data = b"x"
+        info.size = len(data) if kind == tarfile.REGTYPE else 0
+        fh.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return path
+
+
+@pytest.mark.parametrize("name,kind,link,words", [
+    ("../escape.txt", tarfile.REGTYPE, "", ["points outside the archive"]),
+    ("/tmp/absolute.txt", tarfile.REGTYPE, "", ["points outside the archive"]),
+    ("model.onnx", tarfile.SYMTYPE, "/etc/passwd", ["is a link"]),
+    ("model.onnx", tarfile.LNKTYPE, "/etc/passwd", ["is a link"]),
+    ("dev", tarfile.CHRTYPE, "", ["device or special file"]),
+])
+def test_unsafe_archives_are_refused(tmp_path, cli_run, name, kind, link, words):
+    archive = _tar_with(tmp_path / "evil.tar.gz", name, kind, link)
+    before = set(tmp_path.parent.iterdir())
+    code, text = _verify(cli_run, archive)
+    assert code == 2 and all(w in text for w in words), text
+    assert set(tmp_path.parent.iterdir()) == before and not (tmp_path.parent / "escape.txt").exists()
+
+
+def test_bundle_from_hf_run_is_refused(tmp_path, cli_run, tiny_text_model, sst2_small):
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_text(tiny_text_model, sst2_small["train"], sst2_small["eval"],
+                                "  - uses: finetune\n") + "bundle: {formats: [onnx]}\n")
+    code, _, err = cli_run("check", str(path))
+    assert code == 2 and "bundle.formats" in err and "export-onnx" in err
+
+
+def test_export_ort_step_matches_onnx(tmp_path, compressor_cache, tiny_text_model, sst2_small):
+    from compressor.testing import run_recipe
+
+    record = run_recipe(recipe_text(tiny_text_model, None, sst2_small["eval"],
+                                    "  - uses: export-onnx\n  - uses: export-ort\n"), tmp_path)
+    assert record["steps"][1]["notes"]["parity_max_abs_diff"] < 1e-4
+    assert record["artifacts"][2]["format"] == "ort"
+    assert record["artifacts"][2]["accuracy"] == pytest.approx(record["artifacts"][1]["accuracy"], abs=0.006)
+    assert (Path(record["steps"][1]["path"]) / "required_operators.config").is_file()
+
+
+def test_token_classification_bundle(tmp_path, compressor_cache, tiny_token_model, conll_small, cli_run):
+    from compressor import bundle_runtime
+    from compressor.testing import run_recipe
+
+    record = run_recipe(recipe_text(tiny_token_model, None, conll_small["eval"], STEPS, task="token-classification",
+                                    data_format="conll") + "bundle: {formats: [onnx]}\n", tmp_path)
+    bundle = tmp_path / "run" / "bundle"
+    code, out, err = cli_run("predict", str(bundle), "EU rejects German call to boycott British lamb .")
+    assert code == 0, err
+    prediction = json.loads(out.splitlines()[0])["prediction"]
+    assert isinstance(prediction, list)
+    assert all(e["type"] in ("PER", "ORG", "LOC", "MISC") and 0 <= e["start"] < e["end"] <= 9 for e in prediction)
+    assert bundle_runtime.verify(bundle)["golden"] == 4
+
+
+def test_bundle_runs_in_a_clean_venv(text_run, tmp_path, cli_run):
+    """The device proof: only numpy, onnxruntime and tokenizers installed; outputs equal compressor's."""
+    venv = tmp_path / "device-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    pins = {}
+    for line in (Path(__file__).resolve().parent.parent / "constraints.txt").read_text().splitlines():
+        name, _, version = line.partition("==")
+        pins[name.strip().lower()] = version.strip()
+    packages = [f"{n}=={pins[n]}" if n in pins else n for n in ("numpy", "onnxruntime", "tokenizers")]
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], capture_output=True, text=True,
+                             timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    freeze = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True).stdout.lower()
+    assert "torch" not in freeze and "transformers" not in freeze and "compressor" not in freeze
+    device = tmp_path / "device"
+    shutil.copytree(text_run[0] / "bundle", device)
+    texts = ["a gripping , beautifully made film .", "dull ."]
+    verify = subprocess.run([str(python), "predict.py", "--verify"], cwd=device, capture_output=True, text=True,
+                            timeout=120)
+    assert verify.returncode == 0 and verify.stdout.startswith("ok:"), verify.stderr
+    on_device = subprocess.run([str(python), "predict.py", *texts], cwd=device, capture_output=True, text=True,
+                               timeout=120)
+    assert on_device.returncode == 0, on_device.stderr
+    code, ours, _ = cli_run("predict", str(text_run[0] / "bundle"), *texts)
+    assert code == 0
+    device_out = [json.loads(l)["prediction"] for l in on_device.stdout.splitlines()]
+    host_out = [json.loads(l)["prediction"] for l in ours.splitlines()]
+    assert [d["label"] for d in device_out] == [h["label"] for h in host_out]
+    assert all(abs(d["score"] - h["score"]) < 1e-5 for d, h in zip(device_out, host_out))
