@@ -123,7 +123,7 @@ def test_quantize_torch_roundtrip_equals_torch_ao(trained):
     float_row, int8_row = record["artifacts"][1], record["artifacts"][2]
     assert abs(int8_row["accuracy"] - float_row["accuracy"]) <= 0.03
     assert int8_row["size_bytes"] < float_row["size_bytes"]
-    assert record["steps"][1]["notes"]["quantized_linear_layers"] == 2 * 6  # classifier left in float
+    assert record["steps"][1]["notes"]["quantized_linear_layers"] == 2 * 6 + 1  # + pooler; classifier left float
     # the saved artifact reproduces torch.ao's quantized model exactly
     texts = ["a gripping , beautifully made film .", "the plot is thin ."]
     tok = AutoTokenizer.from_pretrained(record["steps"][0]["path"])

@@ -1,0 +1,160 @@
+"""Side-by-side benchmark on the MiniLM fine-tuned on SST-2 by the main job:
+
+    PyTorch FP32 eager · ONNX Runtime FP32 · Optimum's dynamic int8 (ORTQuantizer) ·
+    PyTorch dynamic int8 (torch.ao) · our int8 recipe · our edge recipe
+
+Every row is measured in this one process with the same threads, the same real dev sentences and
+the same warm-up. Writes bench/RESULTS.md and bench/results.json. Asserts nothing.
+
+    python bench/compare.py [--runs 200] [--threads 2]
+
+It runs both recipes first (cached after their first run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = {"int8": REPO / "recipes" / "minilm-sst2-int8.yaml", "edge": REPO / "recipes" / "minilm-sst2-edge.yaml"}
+
+
+def run_recipe(name: str) -> dict[str, Any]:
+    """Run (or reuse from the cache) one recipe; returns its record."""
+    out = REPO / "runs" / f"bench-{name}"
+    subprocess.run([sys.executable, "-m", "compressor", "run", str(RECIPES[name]), "--out", str(out)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return json.loads((out / "record.json").read_text())
+
+
+def optimum_int8(onnx_dir: Path, work: Path) -> Path:
+    """Optimum's documented dynamic quantization path, with the config for this CPU's instruction set."""
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
+    if "avx512_vnni" in flags:
+        config, name = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=False), "avx512_vnni"
+    elif "avx512f" in flags:
+        config, name = AutoQuantizationConfig.avx512(is_static=False, per_channel=False), "avx512"
+    else:
+        config, name = AutoQuantizationConfig.avx2(is_static=False, per_channel=False), "avx2"
+    quantizer = ORTQuantizer.from_pretrained(str(onnx_dir), file_name="model.onnx")
+    quantizer.quantize(save_dir=str(work), quantization_config=config)
+    (work / "config.name").write_text(name)
+    return work
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from compressor.artifact import Artifact
+    from compressor.data import DataSource
+    from compressor.evaluators.base import EvalSettings
+    from compressor.evaluators.measure import model_bytes
+    from compressor.evaluators.text_classification import TextClassificationEvaluator
+    from compressor.record import cpu_name, environment
+
+    records = {name: run_recipe(name) for name in RECIPES}
+    steps = {s["uses"]: Path(s["path"]) for s in records["int8"]["steps"]}
+    fp32_hf, fp32_onnx = Artifact.load(steps["finetune"]), Artifact.load(steps["export-onnx"])
+    rows = DataSource("tsv", {"eval": REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"}, "sentence",
+                      "label").load("eval")
+    settings = EvalSettings(threads=args.threads, batch_sizes=(1, 32), runs=args.runs, warmup=20)
+    evaluator = TextClassificationEvaluator()
+    work = Path(tempfile.mkdtemp(prefix="compressor-bench-"))
+
+    rows_out: list[dict[str, Any]] = []
+
+    def measure(label: str, artifact: Artifact, size: int, note: str = "") -> None:
+        t0 = time.perf_counter()
+        result = evaluator.evaluate(artifact, rows, settings)
+        lat = result["latency"]
+        rows_out.append({"row": label, "accuracy": result["accuracy"], "size_bytes": size, "p50_ms": lat["p50_ms"],
+                         "p90_ms": lat["p90_ms"], "throughput_b32": lat["b32"]["throughput"], "note": note})
+        print(f"{label}: acc {result['accuracy']:.4f} size {size / 1e6:.1f} MB p50 {lat['p50_ms']:.2f} ms "
+              f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+
+    measure("PyTorch FP32 eager", fp32_hf, model_bytes(fp32_hf))
+    measure("ONNX Runtime FP32", fp32_onnx, model_bytes(fp32_onnx))
+    opt_dir = optimum_int8(fp32_onnx.path, work / "optimum")
+    (opt_dir / "model_quantized.onnx").rename(opt_dir / "model.onnx")
+    for f in fp32_onnx.path.iterdir():
+        if f.is_file() and f.suffix != ".onnx" and not (opt_dir / f.name).exists():
+            (opt_dir / f.name).write_bytes(f.read_bytes())
+    opt = fp32_onnx.derive(opt_dir, format="onnx")
+    measure("Optimum dynamic int8 (ORTQuantizer)", opt, model_bytes(opt),
+            f"AutoQuantizationConfig.{(opt_dir / 'config.name').read_text()}(is_static=False)")
+
+    # torch.ao dynamic int8, through compressor's own quantize-torch step (int8 weights in safetensors)
+    from compressor.plugins.quantize_torch import QuantizeTorch, QuantizeTorchConfig
+    from compressor.step import StepContext
+
+    torch_dir = work / "torch-int8"
+    torch_dir.mkdir()
+    ctx = StepContext(out_dir=torch_dir, data=None, source=fp32_hf, seed=0, threads=args.threads, recipe_dir=REPO)
+    torch_int8 = QuantizeTorch().run(fp32_hf, QuantizeTorchConfig(), ctx)
+    measure("PyTorch dynamic int8 (torch.ao)", torch_int8, model_bytes(torch_int8), "Linear layers, head left float")
+
+    for name, record in records.items():
+        final = Artifact.load(Path(record["steps"][-1]["path"]))
+        measure(f"compressor {RECIPES[name].name}", final, model_bytes(final))
+
+    base = next(r for r in rows_out if r["row"] == "ONNX Runtime FP32")
+    fp32_acc = rows_out[0]["accuracy"]
+    for r in rows_out:
+        r["accuracy_change"] = r["accuracy"] - fp32_acc
+        r["x_smaller"] = base["size_bytes"] / r["size_bytes"]
+        r["x_faster_b1"] = base["p50_ms"] / r["p50_ms"]
+    env = environment()
+    flags = sorted({f for f in open("/proc/cpuinfo").read().split() if f.startswith(("avx", "amx", "fma", "sse4"))}) \
+        if Path("/proc/cpuinfo").exists() else []
+    results = {"date": date.today().isoformat(), "command": "python bench/compare.py " + " ".join(sys.argv[1:]),
+               "cpu": cpu_name(), "cpu_flags": flags, "threads": args.threads, "runs": args.runs,
+               "libraries": env["libraries"], "python": env["python"], "rows": rows_out,
+               "steps": {name: [{"uses": s["uses"], "notes": s["notes"]} for s in rec["steps"]]
+                         for name, rec in records.items()},
+               "recipe_reports": {name: [{k: a.get(k) for k in ("name", "format", "accuracy", "size_bytes",
+                                                                "parameters")}
+                                         for a in rec["artifacts"]] for name, rec in records.items()}}
+    (REPO / "bench" / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    lines = ["# Benchmark: MiniLM-L6 fine-tuned on SST-2", "",
+             f"`{results['command']}` on {results['date']} · {results['cpu']} ({', '.join(flags)}) · "
+             f"{args.threads} threads · {args.runs} timed runs per batch size after 20 warm-up runs · "
+             f"SST-2 dev (872 sentences; batch-1 latency cycles through them) · python {env['python']} · "
+             + ", ".join(f"{k} {v}" for k, v in env["libraries"].items()), "",
+             "Latency is the model call (tokenization excluded), median (p50) and 90th percentile over the "
+             "runs. Ratios are against ONNX Runtime FP32 measured in the same run; quote the ratios, since "
+             "absolute times vary from machine to machine.", "",
+             "| row | accuracy | Δ vs FP32 | size (MB) | ×smaller | p50 ms (b1) | p90 ms (b1) | ×faster (b1) | "
+             "throughput/s (b32) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows_out:
+        lines.append(f"| {r['row']} | {r['accuracy']:.4f} | {r['accuracy_change'] * 100:+.2f} pt | "
+                     f"{r['size_bytes'] / 1e6:.2f} | {r['x_smaller']:.2f}× | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+                     f"{r['x_faster_b1']:.2f}× | {r['throughput_b32']:.1f} |")
+    notes = [f"- {r['row']}: {r['note']}" for r in rows_out if r["note"]]
+    lines += ["", *notes, "", "## What each step of the edge recipe contributed", "",
+              "| step | accuracy | size (MB) | parameters |", "|---|---:|---:|---:|"]
+    for a in results["recipe_reports"]["edge"]:
+        acc = f"{a['accuracy']:.4f}" if a.get("accuracy") is not None else "–"
+        lines.append(f"| {a['name']} ({a['format']}) | {acc} | {a['size_bytes'] / 1e6:.2f} | "
+                     f"{a['parameters'] or '–'} |")
+    (REPO / "bench" / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
