@@ -80,6 +80,13 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and p.name != META_FILE)
 
 
+def copy_companions(artifact: "Artifact", out_dir: Path) -> None:
+    """Copy everything beside an onnx artifact's model file (config, tokenizer) into out_dir."""
+    for file in Path(artifact.path).iterdir():
+        if file.is_file() and file.suffix != ".onnx" and file.name != META_FILE:
+            shutil.copy2(file, Path(out_dir) / file.name)
+
+
 def link_or_copy_tree(src: Path, dst: Path) -> None:
     """Materialise `src` at `dst` with hard links where the filesystem allows, else copies."""
     def _link(s: str, d: str) -> None:

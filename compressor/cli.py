@@ -275,6 +275,7 @@ def bundle(ctx: click.Context, source: Path, out: Path, fmt: str, tar: bool) -> 
     """Pack a run's final artifact (or any onnx/ort artifact) for a device with only onnxruntime."""
     import tempfile
 
+    from compressor.artifact import copy_companions
     from compressor.bundle import write_bundle
 
     artifact, record = _final_artifact(source)
@@ -283,9 +284,7 @@ def bundle(ctx: click.Context, source: Path, out: Path, fmt: str, tar: bool) -> 
 
         work = Path(tempfile.mkdtemp(prefix=".compressor-ort-"))
         try:
-            for file in artifact.path.iterdir():
-                if file.is_file() and file.suffix != ".onnx" and file.name != "artifact.json":
-                    (work / file.name).write_bytes(file.read_bytes())
+            copy_companions(artifact, work)
             convert_to_ort(artifact.model_file, work)
             result = write_bundle(artifact.derive(work, format="ort", **artifact.info), out, record, tar=tar)
         finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from compressor import __version__
-from compressor.artifact import Artifact, dir_size, hash_dir, link_or_copy_tree
+from compressor.artifact import Artifact, copy_companions, dir_size, hash_dir, link_or_copy_tree
 from compressor.cache import Cache, make_key, write_json_atomic
 from compressor.errors import CompressorError, GuardFailed, InputError, StepError
 from compressor.evaluators.base import EvalSettings
@@ -259,9 +259,7 @@ class Runner:
         key = make_key(hash_dir(artifact.path), "bundle-ort", 1)
         if self.cache.lookup(key) is None:
             tmp = self.cache.temp_dir(key)
-            for file in artifact.path.iterdir():
-                if file.is_file() and file.suffix != ".onnx" and file.name != "artifact.json":
-                    shutil.copy2(file, tmp / file.name)
+            copy_companions(artifact, tmp)
             convert_to_ort(artifact.model_file, tmp)
             out = artifact.derive(tmp, format="ort", **artifact.info)
             out.save_meta()

@@ -13,7 +13,7 @@ from typing import Callable, Literal
 
 from pydantic import Field
 
-from compressor.artifact import Artifact
+from compressor.artifact import Artifact, copy_companions
 from compressor.errors import StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import Step, StepConfig, StepContext
@@ -66,9 +66,7 @@ class ExportOrt(Step):
         assert isinstance(config, ExportOrtConfig)
         from compressor.export.onnx import max_logit_difference, parity_texts
 
-        for file in artifact.path.iterdir():
-            if file.is_file() and file.suffix != ".onnx" and file.name != "artifact.json":
-                shutil.copy2(file, ctx.out_dir / file.name)
+        copy_companions(artifact, ctx.out_dir)
         try:
             convert_to_ort(artifact.model_file, ctx.out_dir, config.optimization)
         except StepError:

@@ -3,12 +3,11 @@ inputs and outputs and the numerically fragile ops kept in float32 (onnxruntime'
 
 from __future__ import annotations
 
-import shutil
 from typing import Any, Callable
 
 from pydantic import Field
 
-from compressor.artifact import Artifact
+from compressor.artifact import Artifact, copy_companions
 from compressor.errors import StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import Step, StepConfig, StepContext
@@ -45,9 +44,7 @@ class ConvertFp16(Step):
         if artifact.info.get("quantized"):
             raise StepError(f"the model is quantized ({artifact.info['quantized']}); fp16 converts float models",
                             hint="use convert-fp16 instead of, not after, quantize-onnx")
-        for file in artifact.path.iterdir():
-            if file.is_file() and file.suffix != ".onnx" and file.name != "artifact.json":
-                shutil.copy2(file, ctx.out_dir / file.name)
+        copy_companions(artifact, ctx.out_dir)
         model = onnx.load(str(artifact.model_file))
         converted = convert_float_to_float16(model, keep_io_types=config.keep_io_types,
                                              op_block_list=config.op_block_list)

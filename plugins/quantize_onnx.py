@@ -9,13 +9,12 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from compressor.artifact import Artifact
+from compressor.artifact import Artifact, copy_companions
 from compressor.errors import RecipeError, StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import PlanContext, Step, StepConfig, StepContext
@@ -107,9 +106,7 @@ class QuantizeOnnx(Step):
     def run(self, artifact: Artifact, config: StepConfig, ctx: StepContext) -> Artifact:
         """Write the quantized model.onnx and copy the config and tokenizer beside it."""
         assert isinstance(config, QuantizeOnnxConfig)
-        for file in artifact.path.iterdir():
-            if file.is_file() and file.suffix != ".onnx" and file.name != "artifact.json":
-                shutil.copy2(file, ctx.out_dir / file.name)
+        copy_companions(artifact, ctx.out_dir)
         target = ctx.out_dir / "model.onnx"
         logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns on the root logger about pre-processing
         try:

@@ -152,7 +152,7 @@ def test_token_classification_bundle(tmp_path, compressor_cache, tiny_token_mode
     from compressor import bundle_runtime
     from compressor.testing import run_recipe
 
-    record = run_recipe(recipe_text(tiny_token_model, None, conll_small["eval"], STEPS, task="token-classification",
+    run_recipe(recipe_text(tiny_token_model, None, conll_small["eval"], STEPS, task="token-classification",
                                     data_format="conll") + "bundle: {formats: [onnx]}\n", tmp_path)
     bundle = tmp_path / "run" / "bundle"
     code, out, err = cli_run("predict", str(bundle), "EU rejects German call to boycott British lamb .")

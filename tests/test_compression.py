@@ -58,8 +58,6 @@ def test_prune_is_structural_and_reloads(tmp_path, compressor_cache, tiny4, sst2
 
 
 def test_prune_keeps_the_strongest_ffn_neurons(tmp_path, compressor_cache, tiny4, sst2_small):
-    import numpy as np
-
     record = _run(tmp_path, tiny4, sst2_small, "  - uses: prune\n    with: {target: ffn, ratio: 0.75}\n")
     before = load_file(str(tiny4 / "model.safetensors"))
     after = load_file(str(Path(record["steps"][0]["path"]) / "model.safetensors"))
