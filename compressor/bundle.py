@@ -80,7 +80,13 @@ def write_bundle(artifact: Artifact, out: Path, record: dict[str, Any] | None = 
     if not (artifact.path / "tokenizer.json").is_file():
         raise InputError(f"{artifact.path} has no tokenizer.json, which the device runtime reads",
                          where="bundle", hint="use a fast tokenizer (saved as tokenizer.json)")
-    out = Path(out)
+    out = Path(out).resolve()
+    if out.exists() and not (out.is_dir() and (out / bundle_runtime.MANIFEST).is_file()):
+        raise InputError(f"{out} exists and is not a bundle; compressor replaces only earlier bundles",
+                         where="--out", hint="choose a new directory for the bundle")
+    if out == Path.cwd() or out in Path.cwd().parents or out == artifact.path or out in artifact.path.parents:
+        raise InputError(f"{out} contains the current directory or the model itself", where="--out",
+                         hint="choose a new directory for the bundle")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -156,7 +162,11 @@ def safe_extract(archive: Path, target: Path) -> None:
                     kind = "a link" if (m.issym() or m.islnk()) else "a device or special file"
                     raise InputError(f"{archive}: entry {m.name!r} is {kind}, which bundles never contain",
                                      where=str(archive), hint="rebuild the archive with `compressor bundle --tar`")
-            fh.extractall(target, members=members, filter="data")
+            # the checks above already refuse what the "data" filter would; use it too where Python has it
+            if hasattr(tarfile, "data_filter"):
+                fh.extractall(target, members=members, filter="data")
+            else:
+                fh.extractall(target, members=members)
     except tarfile.TarError as exc:
         raise InputError(f"{archive} is not a readable tar archive: {exc}", where=str(archive)) from None
 

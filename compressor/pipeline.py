@@ -68,7 +68,8 @@ class Runner:
     """Runs one plan; `log` receives one line per event."""
 
     def __init__(self, plan: Plan, host: Host, run_dir: Path, cache: Cache, log: Callable[[str], None] = print):
-        self.plan, self.host, self.run_dir, self.cache, self.log = plan, host, Path(run_dir), cache, log
+        self.plan, self.host, self.cache, self.log = plan, host, cache, log
+        self.run_dir = Path(run_dir).resolve()
         self.settings = eval_settings(plan)
         self.data_hash = plan.data.digest() if plan.data else None
         self._eval_rows: list[Any] | None = None
@@ -98,7 +99,9 @@ class Runner:
         if not self.eval_rows():
             m["skipped"] = "no eval data"
             return m
-        key = make_key(artifact_hash, self.settings.__dict__, self.data_hash, artifact.task)
+        key = make_key(artifact_hash, self.settings.__dict__, self.data_hash, artifact.task, artifact.labels,
+                       f"{type(evaluator).__module__}.{type(evaluator).__qualname__}",
+                       getattr(evaluator, "version", "1"), __version__)
         cached = self.cache.get_metrics(key)
         if cached is None:
             self.log(f"  measuring {artifact.path.name} ({artifact.format}) on {len(self.eval_rows())} rows")
@@ -119,10 +122,12 @@ class Runner:
 
     # -- steps --------------------------------------------------------------------------------
     def run_step(self, planned: PlannedStep, artifact: Artifact, input_hash: str,
-                 history: list[tuple[str, Artifact]] | None = None) -> tuple[Artifact, dict[str, Any]]:
+                 history: list[tuple[str, Artifact]] | None = None,
+                 key_basis: str | None = None) -> tuple[Artifact, dict[str, Any]]:
         """Run one step (or take it from the cache) and place its output under the run directory."""
         cls, config = planned.cls, planned.config
-        key = make_key(input_hash, cls.name, cls.version, config.model_dump(mode="json"),
+        key = make_key(key_basis or input_hash, cls.name, cls.version, config.model_dump(mode="json"),
+                       cls().cache_extra(config),
                        self.data_hash if cls().data_splits(config) else None, self.plan.recipe.seed,
                        external_inputs(config.model_dump(mode="json"), self.plan.recipe_dir))
         entry = self.cache.lookup(key)
@@ -194,9 +199,13 @@ class Runner:
         t0 = time.perf_counter()
         source = plan.source
         source_hash = hash_dir(source.path)
+        # the recipe's task and labels shape what the first step makes (a new head), so they key it too
+        first_key = make_key(source_hash, source.task, source.labels, source.info.get("has_head"))
         each = plan.recipe.evaluate.each_step
+        # the guard compares with a baseline, so the first artifact that can be measured always is
+        need_baseline = plan.recipe.guard.max_accuracy_drop is not None
         artifacts = [{"index": 0, "name": "input", "format": source.format, "path": str(source.path),
-                      "hash": source_hash, **self.measure(source, source_hash, full=each)}]
+                      "hash": source_hash, **self.measure(source, source_hash, full=each or need_baseline)}]
         record: dict[str, Any] = {
             "schema": RECORD_SCHEMA, "compressor": __version__, "name": plan.recipe.name,
             "recipe_path": str(plan.recipe_path), "recipe": plan.recipe.model_dump(mode="json", by_alias=True),
@@ -210,27 +219,35 @@ class Runner:
         history: list[tuple[str, Artifact]] = [("input", source)]
         try:
             for i, planned in enumerate(plan.steps):
-                current, step_record = self.run_step(planned, current, current_hash, history)
+                current, step_record = self.run_step(planned, current, current_hash, history,
+                                                     key_basis=first_key if i == 0 else None)
                 history.append((planned.name, current))
                 current_hash = step_record["output_hash"]
                 record["steps"].append(step_record)
                 last = i == len(plan.steps) - 1
+                baseline_missing = need_baseline and not any(a.get("metric") for a in artifacts)
                 artifacts.append({"index": i + 1, "name": planned.name, "format": current.format,
                                   "path": step_record["path"], "hash": current_hash,
-                                  **self.measure(current, current_hash, full=each or last)})
+                                  **self.measure(current, current_hash, full=each or last or baseline_missing)})
                 self.host.pm.hook.step_finished(index=planned.index, name=planned.name, artifact=current,
                                                 record=step_record)
+            from compressor.guard import check_guard
+
+            record["guard"] = check_guard(plan.recipe.guard, artifacts)
+            record["status"] = "ok" if record["guard"]["passed"] else "guard_failed"
+            if plan.recipe.bundle.formats:
+                try:
+                    record["bundles"] = self.write_bundles(current, record)
+                except CompressorError:
+                    raise
+                except Exception as exc:
+                    raise StepError(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", where="bundle",
+                                    hint="run with --debug for the traceback") from exc
         except CompressorError as exc:
             record["status"] = "failed"
             record["error"] = exc.render()
             self._finish(record, t0)
             raise
-        from compressor.guard import check_guard
-
-        record["guard"] = check_guard(plan.recipe.guard, artifacts)
-        record["status"] = "ok" if record["guard"]["passed"] else "guard_failed"
-        if plan.recipe.bundle.formats:
-            record["bundles"] = self.write_bundles(current, record)
         self._finish(record, t0)
         if not record["guard"]["passed"]:
             raise GuardFailed("; ".join(record["guard"]["failures"]), where="guard",

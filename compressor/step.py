@@ -101,6 +101,10 @@ class Step:
     #: False when the output depends on thread timing; the record says so.
     deterministic: ClassVar[bool] = True
 
+    def cache_extra(self, config: StepConfig) -> Any:
+        """Anything besides the config that decides the output (e.g. the CPU's instruction set); keys the cache."""
+        return None
+
     def data_splits(self, config: StepConfig) -> tuple[str, ...]:
         """Data splits this configuration reads (default: `needs_data`); part of the plan check and cache key."""
         return self.needs_data

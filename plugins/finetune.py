@@ -72,7 +72,7 @@ class Finetune(Step):
         assert isinstance(config, FinetuneConfig)
         ctx.seed_everything()
         rows = sample_rows(ctx.data.load("train"), config.max_train_rows, ctx.seed)
-        labels = artifact.labels or _numeric_sort(all_labels(rows))
+        labels = artifact.labels or _numeric_sort(ctx.data.label_set("train"))  # as the plan said
         label_map = label_ids(labels, all_labels(rows))
         tokenizer = load_tokenizer(artifact.path)
         model = _load_with_head(artifact, labels, AutoConfig)
@@ -94,7 +94,7 @@ class Finetune(Step):
             if config.merge:
                 model = model.merge_and_unload(safe_merge=True)
             else:
-                model = model.get_base_model()
+                model = model.unload()  # drop the LoRA layers unmerged: the saved base keeps its own weights
                 info["adapter"] = "adapter"
         with torch.no_grad():
             model.save_pretrained(str(ctx.out_dir), safe_serialization=True)

@@ -85,6 +85,12 @@ class QuantizeOnnx(Step):
     accepts = ("onnx",)
     produces = "onnx"
 
+    def cache_extra(self, config: StepConfig) -> Any:
+        """`auto` settings resolve from this CPU, so the resolved values key the cache."""
+        assert isinstance(config, QuantizeOnnxConfig)
+        weight_type = "int8" if config.mode == "static" else resolve_weight_type(config.weight_type)
+        return {"weight_type": weight_type, "reduce_range": _reduce_range(config, weight_type)}
+
     def data_splits(self, config: StepConfig) -> tuple[str, ...]:
         """Static quantization reads train rows for calibration."""
         assert isinstance(config, QuantizeOnnxConfig)

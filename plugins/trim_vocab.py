@@ -79,6 +79,7 @@ class TrimVocab(Step):
         vocab: dict[str, int] = tokenizer.get_vocab()
         keep = {i for i, c in counts.items() if c >= config.min_count}
         keep |= set(tokenizer.all_special_ids)
+        keep |= set(tokenizer.added_tokens_decoder)  # added tokens live outside the WordPiece vocab: keep all
         keep |= {i for t, i in vocab.items() if t in config.extra_tokens}
         if config.keep_chars:
             keep |= {i for t, i in vocab.items() if len(t) == 1 or (t.startswith("##") and len(t) == 3)}
@@ -113,7 +114,10 @@ def write_trimmed_tokenizer(src: Path, dst: Path, kept: list[int]) -> None:
     data = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
     vocab = data["model"]["vocab"]
     id_to_token = {i: t for t, i in vocab.items()}
-    data["model"]["vocab"] = {id_to_token[old]: new for new, old in enumerate(kept)}
+    for token in data.get("added_tokens") or []:
+        id_to_token.setdefault(token["id"], token["content"])
+    wordpiece_ids = set(vocab.values())  # added tokens stay in added_tokens, outside the model's vocab
+    data["model"]["vocab"] = {id_to_token[old]: new for new, old in enumerate(kept) if old in wordpiece_ids}
     for token in data.get("added_tokens") or []:
         token["id"] = old_to_new[token["id"]]
     _remap_ids(data.get("post_processor"), old_to_new)

@@ -142,3 +142,25 @@ def test_distill_after_trim_vocab_is_refused(tmp_path, compressor_cache, tiny_te
     with pytest.raises(StepError, match="different tokenizers"):
         _run(tmp_path, tiny_text_model, sst2_small,
              "  - uses: trim-vocab\n  - uses: distill\n    with: {teacher: input, max_train_rows: 64}\n")
+
+
+def test_trim_vocab_keeps_added_tokens(tmp_path, compressor_cache, tiny_text_model, sst2_small):
+    """A token added with tokenizer.add_tokens lives outside the WordPiece vocab; it is kept and remapped."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = tmp_path / "with-added"
+    shutil.copytree(tiny_text_model, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.add_tokens(["<product>"])
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    record = _run(tmp_path, model_dir, sst2_small, "  - uses: trim-vocab\n  - uses: export-onnx\n")
+    out = Path(record["steps"][0]["path"])
+    new_tok = AutoTokenizer.from_pretrained(out)
+    assert new_tok.tokenize("<product> is good") == tok.tokenize("<product> is good")
+    assert new_tok.convert_tokens_to_ids("<product>") == record["steps"][0]["notes"]["rows_kept"] - 1
+    assert record["steps"][1]["notes"]["parity_max_abs_diff"] < 1e-4

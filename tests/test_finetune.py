@@ -13,6 +13,8 @@ from conftest import recipe_text
 def _run(tmp_path, model, data, with_: str):
     from compressor.testing import run_recipe
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
+
     text = recipe_text(model, data["train"], data["eval"], f"  - uses: finetune\n    with: {{{with_}}}\n")
     return run_recipe(text, tmp_path)
 
@@ -67,3 +69,18 @@ def test_finetune_is_deterministic(tmp_path, monkeypatch, tiny_text_model, sst2_
         assert record["steps"][0]["cached"] is False
         hashes.append(record["steps"][0]["output_hash"])
     assert hashes[0] == hashes[1]
+
+
+def test_lora_without_merge_keeps_the_base_weights(tmp_path, compressor_cache, tiny_text_model, sst2_small):
+    """merge: false saves the untouched base plus adapter/; evaluation applies the adapter."""
+    record = _run(tmp_path, tiny_text_model, sst2_small,
+                  "method: lora, lora_r: 4, max_train_rows: 256, learning_rate: 1.0e-2, merge: false")
+    out = Path(record["steps"][0]["path"])
+    before, after = _weights(tiny_text_model), _weights(out)
+    assert set(before) == set(after)
+    changed = {k for k in before if not (before[k] == after[k]).all()}
+    assert changed <= {"classifier.weight", "classifier.bias"}, changed  # no LoRA merged into the encoder
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    merged = _run(tmp_path / "merged", tiny_text_model, sst2_small,
+                  "method: lora, lora_r: 4, max_train_rows: 256, learning_rate: 1.0e-2, merge: true")
+    assert record["artifacts"][1]["accuracy"] == merged["artifacts"][1]["accuracy"]

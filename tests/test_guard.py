@@ -1,0 +1,50 @@
+"""The guard: a baseline is measured even when only the last step is, and a broken budget exits 1
+with every artifact and the report still written."""
+
+from __future__ import annotations
+
+import json
+
+
+from conftest import recipe_text
+
+STEPS = "  - uses: export-onnx\n  - uses: quantize-onnx\n"
+
+
+def test_baseline_is_measured_without_each_step(tmp_path, compressor_cache, tiny_text_model, sst2_small):
+    from compressor.testing import run_recipe
+
+    text = recipe_text(tiny_text_model, None, sst2_small["eval"], STEPS).replace(
+        "evaluate: {", "evaluate: {each_step: false, ") + "guard: {max_accuracy_drop: 0.05}\n"
+    record = run_recipe(text, tmp_path)
+    assert "accuracy" in record["artifacts"][0] and "accuracy" not in record["artifacts"][1]
+    check = record["guard"]["checks"][0]
+    assert check["baseline"] == "input" and check["reference"] == record["artifacts"][0]["accuracy"]
+
+
+def test_broken_guard_exits_1_and_keeps_everything(tmp_path, cli_run, tiny_text_model, sst2_small):
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_text(tiny_text_model, None, sst2_small["eval"], STEPS)
+                    + "guard: {max_size_mb: 0.001}\nbundle: {formats: [onnx]}\n")
+    code, out, err = cli_run("run", str(path), "--out", str(tmp_path / "run"))
+    assert code == 1 and "exceeds max_size_mb 0.001" in err
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["status"] == "guard_failed" and len(record["steps"]) == 2
+    assert "max_size_mb" in (tmp_path / "run" / "report.md").read_text() and "FAILED" in (tmp_path / "run" / "report.md").read_text()
+    assert (tmp_path / "run" / "bundle" / "manifest.json").is_file()
+
+
+def test_bundle_refuses_to_replace_a_non_bundle(tmp_path, cli_run, tiny_text_model, sst2_small):
+    from compressor.testing import run_recipe
+
+    run_recipe(recipe_text(tiny_text_model, None, sst2_small["eval"], "  - uses: export-onnx\n"), tmp_path)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("do not delete")
+    code, _, err = cli_run("bundle", str(tmp_path / "run"), "--out", str(precious))
+    assert code == 2 and "is not a bundle" in err
+    assert (precious / "thesis.txt").read_text() == "do not delete"
+    code, _, err = cli_run("bundle", str(tmp_path / "run"), "--out", str(tmp_path / "run" / "b"))
+    assert code == 0, err
+    code, _, err = cli_run("bundle", str(tmp_path / "run"), "--out", str(tmp_path / "run" / "b"))
+    assert code == 0, err  # an earlier bundle is replaced
