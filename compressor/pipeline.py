@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from compressor import __version__
-from compressor.artifact import Artifact, copy_companions, dir_size, hash_dir, link_or_copy_tree
+from compressor.artifact import Artifact, copy_companions, hash_dir, link_or_copy_tree
 from compressor.cache import Cache, make_key, write_json_atomic
 from compressor.errors import CompressorError, GuardFailed, InputError, StepError
 from compressor.evaluators.base import EvalSettings
@@ -299,4 +299,3 @@ def run_plan(plan: Plan, host: Host, run_dir: Path, use_cache: bool = True,
     return Runner(plan, host, run_dir, Cache(enabled=use_cache), log).run()
 
 
-__all__ = ["run_plan", "eval_settings", "dir_size"]
