@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from compressor.artifact import Artifact
+    from compressor.artifact import Artifact, copy_companions
     from compressor.data import DataSource
     from compressor.evaluators.base import EvalSettings
     from compressor.evaluators.measure import model_bytes
@@ -91,9 +91,7 @@ def main() -> None:
     measure("ONNX Runtime FP32", fp32_onnx, model_bytes(fp32_onnx))
     opt_dir = optimum_int8(fp32_onnx.path, work / "optimum")
     (opt_dir / "model_quantized.onnx").rename(opt_dir / "model.onnx")
-    for f in fp32_onnx.path.iterdir():
-        if f.is_file() and f.suffix != ".onnx" and not (opt_dir / f.name).exists():
-            (opt_dir / f.name).write_bytes(f.read_bytes())
+    copy_companions(fp32_onnx, opt_dir)  # config and tokenizer beside Optimum's model
     opt = fp32_onnx.derive(opt_dir, format="onnx")
     measure("Optimum dynamic int8 (ORTQuantizer)", opt, model_bytes(opt),
             f"AutoQuantizationConfig.{(opt_dir / 'config.name').read_text()}(is_static=False)")

@@ -67,12 +67,10 @@ def hash_dir(path: Path) -> str:
 
 
 def hash_file(path: Path) -> str:
-    """sha256 of one file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 of one file (the bundle runtime's function: host and device hash alike)."""
+    from compressor.bundle_runtime import sha256
+
+    return sha256(path)
 
 
 def dir_size(path: Path) -> int:

@@ -275,18 +275,15 @@ def bundle(ctx: click.Context, source: Path, out: Path, fmt: str, tar: bool) -> 
     """Pack a run's final artifact (or any onnx/ort artifact) for a device with only onnxruntime."""
     import tempfile
 
-    from compressor.artifact import copy_companions
     from compressor.bundle import write_bundle
 
     artifact, record = _final_artifact(source)
     if fmt == "ort" and artifact.format == "onnx":
-        from compressor.export.ort import convert_to_ort
+        from compressor.export.ort import to_ort
 
         work = Path(tempfile.mkdtemp(prefix=".compressor-ort-"))
         try:
-            copy_companions(artifact, work)
-            convert_to_ort(artifact.model_file, work)
-            result = write_bundle(artifact.derive(work, format="ort", **artifact.info), out, record, tar=tar)
+            result = write_bundle(to_ort(artifact, work, **artifact.info), out, record, tar=tar)
         finally:
             import shutil
 

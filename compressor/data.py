@@ -102,6 +102,11 @@ def _read_datasets_dir(path: Path, split: str, text: str, label: str, where: str
     return [Example(row[text], _name(row[label])) for row in ds]
 
 
+def all_labels(rows: list[Example]) -> set[str]:
+    """Every label (or, for token classification, every tag) in the rows."""
+    return {l for r in rows for l in (r.label if isinstance(r.label, list) else [r.label])}
+
+
 @dataclass
 class DataSource:
     """The recipe's `data:` section bound to the recipe's directory."""
@@ -143,10 +148,7 @@ class DataSource:
 
     def label_set(self, split: str) -> set[str]:
         """Every label (or tag) that occurs in a split."""
-        labels: set[str] = set()
-        for row in self.load(split):
-            labels.update(row.label if isinstance(row.label, list) else [row.label])
-        return labels
+        return all_labels(self.load(split))
 
     def digest(self) -> str:
         """sha256 over the data files' bytes and the column settings (part of cache keys)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from compressor import __version__
-from compressor.artifact import Artifact, copy_companions, hash_dir, link_or_copy_tree
+from compressor.artifact import Artifact, hash_dir, link_or_copy_tree
 from compressor.cache import Cache, make_key, write_json_atomic
 from compressor.errors import CompressorError, GuardFailed, InputError, StepError
 from compressor.evaluators.base import EvalSettings
@@ -271,15 +271,12 @@ class Runner:
 
     def _ort_copy(self, artifact: Artifact) -> Artifact:
         """The final ONNX artifact converted to .ort (cached like a step)."""
-        from compressor.export.ort import convert_to_ort
+        from compressor.export.ort import to_ort
 
         key = make_key(hash_dir(artifact.path), "bundle-ort", 1)
         if self.cache.lookup(key) is None:
             tmp = self.cache.temp_dir(key)
-            copy_companions(artifact, tmp)
-            convert_to_ort(artifact.model_file, tmp)
-            out = artifact.derive(tmp, format="ort", **artifact.info)
-            out.save_meta()
+            to_ort(artifact, tmp, **artifact.info).save_meta()
             self.cache.commit(key, tmp, {"hash": hash_dir(tmp)})
         return Artifact.load(self.cache.artifact_dir(key))
 

@@ -40,9 +40,6 @@ def sample_rows(rows: list[Example], limit: int | None, seed: int) -> list[Examp
     return rows
 
 
-def all_labels(rows: list[Example]) -> set[str]:
-    """Every label or tag in the rows."""
-    return {l for r in rows for l in (r.label if isinstance(r.label, list) else [r.label])}
 
 
 @dataclass

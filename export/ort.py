@@ -51,6 +51,14 @@ def convert_to_ort(model_file: Path, out_dir: Path, optimization: str = "fixed")
     return out_dir / "model.ort"
 
 
+def to_ort(artifact: Artifact, out_dir: Path, style: str = "fixed", **info: object) -> Artifact:
+    """The onnx artifact converted into out_dir as an `ort` artifact (config and tokenizer copied along);
+    `style` is the converter's optimization style, `info` goes into the new artifact's metadata."""
+    copy_companions(artifact, out_dir)
+    convert_to_ort(artifact.model_file, out_dir, style)
+    return artifact.derive(out_dir, format="ort", **info)
+
+
 class ExportOrt(Step):
     """Convert to ONNX Runtime's mobile (.ort) format."""
 
@@ -66,15 +74,13 @@ class ExportOrt(Step):
         assert isinstance(config, ExportOrtConfig)
         from compressor.export.onnx import max_logit_difference, parity_texts
 
-        copy_companions(artifact, ctx.out_dir)
         try:
-            convert_to_ort(artifact.model_file, ctx.out_dir, config.optimization)
+            out = to_ort(artifact, ctx.out_dir, config.optimization, optimization=config.optimization,
+                         **{k: v for k, v in artifact.info.items() if k in ("opset", "quantized")})
         except StepError:
             raise
         except Exception as exc:
             raise StepError(f"conversion to .ort failed: {type(exc).__name__}: {exc}") from exc
-        out = artifact.derive(ctx.out_dir, format="ort", optimization=config.optimization,
-                              **{k: v for k, v in artifact.info.items() if k in ("opset", "quantized")})
         diff = max_logit_difference(artifact, out, parity_texts(ctx, config.parity_rows), ctx.threads)
         ctx.report(parity_max_abs_diff=diff, parity_atol=config.atol,
                    operators_config="required_operators.config")

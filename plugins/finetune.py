@@ -10,7 +10,8 @@ from compressor.artifact import Artifact
 from compressor.errors import RecipeError, StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import PlanContext, Step, StepConfig, StepContext
-from compressor.training import TrainConfig, all_labels, sample_rows
+from compressor.data import all_labels
+from compressor.training import TrainConfig, sample_rows
 
 
 class FinetuneConfig(TrainConfig):

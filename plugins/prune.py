@@ -157,14 +157,13 @@ def _accumulate_gradients(model: Any, artifact: Artifact, config: PruneConfig, c
     """Sum ∂L/∂w over a few training batches (for Taylor importance)."""
     import random
 
-    from compressor.data import label_ids
+    from compressor.data import all_labels, label_ids
     from compressor.evaluators.runtime import load_tokenizer
     from compressor.training import collate
 
     rows = ctx.data.load("train")
     rows = random.Random(ctx.seed).sample(rows, min(len(rows), config.taylor_batches * config.batch_size))
-    labels = {l for r in rows for l in (r.label if isinstance(r.label, list) else [r.label])}
-    mapping = label_ids(artifact.labels, labels)
+    mapping = label_ids(artifact.labels, all_labels(rows))
     tokenizer = load_tokenizer(artifact.path)
     model.zero_grad(set_to_none=True)
     model.eval()  # no dropout: scores of the model as it is

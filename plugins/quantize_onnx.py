@@ -88,8 +88,8 @@ class QuantizeOnnx(Step):
     def cache_extra(self, config: StepConfig) -> Any:
         """`auto` settings resolve from this CPU, so the resolved values key the cache."""
         assert isinstance(config, QuantizeOnnxConfig)
-        weight_type = "int8" if config.mode == "static" else resolve_weight_type(config.weight_type)
-        return {"weight_type": weight_type, "reduce_range": _reduce_range(config, weight_type)}
+        weight_type, reduce_range = resolved_settings(config)
+        return {"weight_type": weight_type, "reduce_range": reduce_range}
 
     def data_splits(self, config: StepConfig) -> tuple[str, ...]:
         """Static quantization reads train rows for calibration."""
@@ -131,17 +131,18 @@ class QuantizeOnnx(Step):
                                **{k: v for k, v in artifact.info.items() if k in ("opset",)})
 
 
-def _reduce_range(config: QuantizeOnnxConfig, weight_type: str) -> bool:
+def resolved_settings(config: QuantizeOnnxConfig) -> tuple[str, bool]:
+    """(weight type, reduce_range) after `auto`/default resolution on this CPU; static QDQ weights are int8."""
+    weight_type = "int8" if config.mode == "static" else resolve_weight_type(config.weight_type)
     if config.reduce_range is not None:
-        return config.reduce_range
-    return weight_type == "int8" and not cpu_has_vnni()
+        return weight_type, config.reduce_range
+    return weight_type, weight_type == "int8" and not cpu_has_vnni()
 
 
 def _dynamic(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepContext) -> str:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    weight_type = resolve_weight_type(config.weight_type)
-    reduce_range = _reduce_range(config, weight_type)
+    weight_type, reduce_range = resolved_settings(config)
     ctx.report(weight_type=weight_type, reduce_range=reduce_range)
     quantize_dynamic(str(source), str(target), per_channel=config.per_channel, reduce_range=reduce_range,
                      op_types_to_quantize=config.op_types, nodes_to_exclude=config.exclude_nodes,
@@ -190,7 +191,7 @@ def _static(artifact: Artifact, target: Path, config: QuantizeOnnxConfig, ctx: S
                         padding="max_length" if length else False, return_tensors="np")
         feeds.append({k: enc[k].astype(np.int64) for k in inputs if k in enc})
     reader = type("Reader", (_Rows, CalibrationDataReader), {})(feeds)
-    reduce_range = _reduce_range(config, "int8")
+    _, reduce_range = resolved_settings(config)
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.calibration]
     ctx.report(calibration=config.calibration, calibration_rows=len(feeds), reduce_range=reduce_range,
