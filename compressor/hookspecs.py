@@ -41,6 +41,17 @@ def register_commands(cli: "click.Group") -> None:
     """Add commands to the `compressor` CLI with `cli.add_command(...)`."""
 
 
+@hookspec(firstresult=True)
+def load_hf_model(path: str, task: str, config: dict[str, Any]) -> Any | None:
+    """Load an `hf` artifact that this plugin saved in its own layout; return None for any other.
+
+    `config` is the directory's config.json. Called, in plugin order, whenever compressor loads an
+    `hf` model (steps, evaluators, export-onnx); the first non-None model wins. A plugin whose step
+    replaces modules (say, a Linear by two smaller ones) marks its models with a key in config.json
+    and rebuilds them here, so that every later step can read them.
+    """
+
+
 @hookspec
 def step_started(index: int, name: str, config: dict[str, Any], artifact: "Artifact") -> None:
     """Observer: a step is about to run on `artifact` (not called for cached steps)."""

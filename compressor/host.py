@@ -166,6 +166,14 @@ def _api_compatible(spec: str) -> bool:
         return False
 
 
+_current: Host | None = None
+
+
+def current_host() -> Host:
+    """The host built last in this process (built now if none was): what model loaders consult."""
+    return _current or build_host()
+
+
 def build_host(disable: tuple[str, ...] | list[str] = (), entry_points: list[Any] | None = None) -> Host:
     """Build the plugin manager: built-ins first, then the `compressor` entry points.
 
@@ -180,6 +188,8 @@ def build_host(disable: tuple[str, ...] | list[str] = (), entry_points: list[Any
     for name, module in BUILTIN_PLUGINS:
         if name not in off:
             _load_one(host, name, "compressor", __version__, lambda m=module: importlib.import_module(m))
+    global _current
+    _current = host
     eps = entry_points if entry_points is not None else list(metadata.entry_points(group=ENTRY_POINT_GROUP))
     for ep in eps:
         if ep.name in off:

@@ -4,6 +4,7 @@ artifact measured, record.json and the reports written, the guard applied."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from datetime import datetime, timezone
@@ -50,6 +51,21 @@ def external_inputs(value: Any, recipe_dir: Path) -> list[str]:
             from compressor.artifact import hash_file
 
             found.append(hash_file(path))
+    return found
+
+
+_CACHE_NAME = re.compile(r"^\.?(tmp-)?[0-9a-f]{16,64}(-\d+)?(\.json)?(\.tmp-\d+)?$|^(artifacts|metrics)$")
+
+
+def _tree_listing(run_dir: Path, cache_root: Path, recipe_dir: Path) -> set[str]:
+    """What a step must not add to: every path under the run directory, and the entries right in
+    the recipe's directory and the cache's directories (other than cache entries, which parallel
+    runs may add). A cheap way to notice files a step made outside its output directory."""
+    found = {str(p) for p in Path(run_dir).rglob("*")} if Path(run_dir).is_dir() else set()
+    for folder, is_cache in ((recipe_dir, False), (cache_root, True), (Path(cache_root) / "artifacts", True),
+                             (Path(cache_root) / "metrics", True)):
+        if Path(folder).is_dir():
+            found |= {str(p) for p in Path(folder).iterdir() if not (is_cache and _CACHE_NAME.match(p.name))}
     return found
 
 
@@ -141,6 +157,7 @@ class Runner:
                               threads=self.settings.threads, recipe_dir=self.plan.recipe_dir,
                               history=list(history or []))
             t0 = time.perf_counter()
+            before = self._listing()
             try:
                 out = cls().run(artifact, config, ctx)
             except CompressorError as exc:
@@ -156,7 +173,12 @@ class Runner:
                 raise StepError(f"{type(exc).__name__}: {exc}", where=planned.label,
                                 hint="run with --debug for the traceback") from exc
             seconds = time.perf_counter() - t0
-            self._check_output(planned, out, tmp)
+            try:
+                self._check_output(planned, out, tmp)
+                self._check_writes(planned, artifact, input_hash, before)
+            except StepError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             out.path = tmp
             out.save_meta()
             entry = {"hash": hash_dir(tmp), "seconds": seconds, "notes": ctx.notes, "key": key,
@@ -177,18 +199,34 @@ class Runner:
                      "cached": cached, "deterministic": cls.deterministic, "notes": entry.get("notes", {}),
                      "cache_key": key, "path": str(placed)}
 
+    def _listing(self) -> set[str]:
+        return _tree_listing(self.run_dir, self.cache.root, self.plan.recipe_dir)
+
+    def _check_writes(self, planned: PlannedStep, artifact: Artifact, input_hash: str, before: set[str]) -> None:
+        """A step writes only into its output directory: its input and the run directory stay as they were."""
+        where = f"{planned.label}, from plugin {self.host.step_provider.get(planned.name)!r}"
+        if hash_dir(artifact.path) != input_hash:
+            raise StepError(f"the step changed its input model in {artifact.path}", where=where,
+                            hint="a step must only read its input and write into ctx.out_dir")
+        added = sorted(self._listing() - before)
+        if added:
+            raise StepError(f"the step wrote outside its output directory: {added[0]}"
+                            + (f" and {len(added) - 1} more" if len(added) > 1 else ""), where=where,
+                            hint="a step must write only into ctx.out_dir")
+
     def _check_output(self, planned: PlannedStep, out: Any, tmp: Path) -> None:
         """A step must return an artifact of its declared format, written inside its directory."""
+        where = f"{planned.label}, from plugin {self.host.step_provider.get(planned.name)!r}"
         if not isinstance(out, Artifact):
-            raise StepError(f"returned {type(out).__name__}, not an Artifact", where=planned.label)
+            raise StepError(f"returned {type(out).__name__}, not an Artifact", where=where)
         if out.format != planned.cls.produces:
             raise StepError(f"declared format {planned.cls.produces!r} but returned {out.format!r}",
-                            where=planned.label, hint="the step's `produces` must match what run() returns")
+                            where=where, hint="the step's `produces` must match what run() returns")
         if Path(out.path).resolve() != tmp.resolve():
             raise StepError(f"returned an artifact at {out.path}, outside its output directory",
-                            where=planned.label, hint="write into ctx.out_dir and return an artifact there")
+                            where=where, hint="write into ctx.out_dir and return an artifact there")
         if not any(tmp.iterdir()):
-            raise StepError("wrote nothing into its output directory", where=planned.label)
+            raise StepError("wrote nothing into its output directory", where=where)
 
     # -- the run ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

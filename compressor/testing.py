@@ -147,6 +147,7 @@ def run_recipe(yaml_text: str, tmp_path: Path, host: Any = None, overrides: list
     from compressor.pipeline import run_plan
     from compressor.plan import build_plan
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml_text, encoding="utf-8")
     host = host or build_host()

@@ -10,6 +10,7 @@ from pydantic import Field
 from compressor.artifact import Artifact
 from compressor.errors import StepError
 from compressor.hookspecs import hookimpl
+from compressor.models import copy_tokenizer
 from compressor.step import Step, StepConfig, StepContext
 
 #: Used for the parity check when the recipe has no data.
@@ -70,9 +71,21 @@ class ExportOnnx(Step):
         if artifact.info.get("adapter"):
             raise StepError("the model carries an unmerged LoRA adapter",
                             hint="set merge: true on finetune, or add a merge-adapter step before export-onnx")
+        from compressor.evaluators.runtime import load_plugin_model
+
+        # a model in a plugin's own layout (say, low-rank Linears) cannot be re-read by optimum from
+        # its directory, so it is exported from the module the plugin's loader rebuilt
+        custom = load_plugin_model(artifact.path, artifact.task)
         try:
-            main_export(str(artifact.path), output=str(ctx.out_dir), task=artifact.task, opset=config.opset,
-                        do_validation=False, local_files_only=True, library_name="transformers")
+            if custom is None:
+                main_export(str(artifact.path), output=str(ctx.out_dir), task=artifact.task, opset=config.opset,
+                            do_validation=False, local_files_only=True, library_name="transformers")
+            else:
+                from optimum.exporters.onnx import onnx_export_from_model
+
+                onnx_export_from_model(custom.eval(), output=str(ctx.out_dir), task=artifact.task,
+                                       opset=config.opset, do_validation=False)
+                copy_tokenizer(artifact.path, ctx.out_dir)
         except Exception as exc:  # the exporter raises many kinds; all mean the same to the user
             raise StepError(f"ONNX export failed: {type(exc).__name__}: {exc}",
                             hint="try another opset, or run with --debug for the exporter's traceback") from exc

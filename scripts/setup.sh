@@ -11,4 +11,6 @@ fi
 .venv/bin/python -m pip install -q --upgrade "pip>=24" "setuptools>=68" wheel
 .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[cpu,dev]"
+# the example third-party plugin (examples/compressor-lowrank): its tests run with the suite
+.venv/bin/python -m pip install -q --no-deps --no-build-isolation ./examples/compressor-lowrank
 .venv/bin/compressor --version

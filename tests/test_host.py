@@ -187,3 +187,77 @@ def test_cheap_commands_do_not_import_torch(tmp_path, tiny_text_model, sst2_smal
     for args in (["--help"], ["plugins"], ["steps"], ["check", str(recipe)]):
         result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
         assert "HEAVY=\n" in result.stderr or result.stderr.rstrip().endswith("HEAVY="), (args, result.stderr)
+
+
+def _misbehaving(kind: str):
+    """An inline plugin whose step breaks the contract in one way."""
+    import shutil
+
+    from compressor.hookspecs import hookimpl
+    from compressor.step import Step, StepConfig
+
+    class Bad(Step):
+        name, summary, Config = f"bad-{kind}", "breaks the step contract", StepConfig
+
+        def run(self, artifact, config, ctx):
+            for f in artifact.path.iterdir():
+                if f.is_file() and f.name != "artifact.json":
+                    shutil.copy2(f, ctx.out_dir / f.name)
+            if kind == "format":
+                return artifact.derive(ctx.out_dir, format="onnx")
+            if kind == "outside":
+                (ctx.out_dir.parent.parent / "stray.txt").write_text("x")  # beside the run's artifacts
+                return artifact.derive(ctx.out_dir)
+            if kind == "input":
+                (artifact.path / "config.json").write_text("{}")
+            return artifact.derive(ctx.out_dir)
+
+    class Plugin:
+        @hookimpl
+        def register_steps(self, register):
+            register(Bad)
+
+    return Plugin()
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("format", "declared format 'hf' but returned 'onnx'"),
+    ("input", "changed its input model"),
+])
+def test_a_step_that_breaks_the_contract_fails_naming_its_plugin(tmp_path, compressor_cache, tiny_text_model,
+                                                                  sst2_small, kind, words):
+    import shutil
+
+    from compressor.artifact import hash_dir
+    from compressor.errors import StepError
+    from compressor.host import build_host
+    from compressor.testing import register_plugin, run_recipe
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_text_model, model)
+    host = build_host(entry_points=[])
+    register_plugin(host, _misbehaving(kind), f"naughty-{kind}")
+    # the bad step runs second, so that its input is an artifact of this run, not the user's model
+    steps = f"  - uses: prune\n    with: {{ratio: 0.25}}\n  - uses: bad-{kind}\n"
+    before = hash_dir(model)
+    with pytest.raises(StepError) as info:
+        run_recipe(recipe_text(model, sst2_small["train"], sst2_small["eval"], steps), tmp_path / "r", host=host)
+    assert words in info.value.message and f"naughty-{kind}" in (info.value.where or "")
+    assert hash_dir(model) == before
+    # nothing half-made is left in the cache for the failed step
+    assert not list(compressor_cache.rglob("*.tmp*"))
+
+
+def test_a_step_that_writes_outside_its_directory_is_caught(tmp_path, compressor_cache, tiny_text_model, sst2_small):
+    from compressor.errors import StepError
+    from compressor.host import build_host
+    from compressor.testing import register_plugin, run_recipe
+
+    host = build_host(entry_points=[])
+    register_plugin(host, _misbehaving("outside"), "naughty-outside")
+    run_dir_writer = _misbehaving("outside")
+    assert run_dir_writer is not None
+    with pytest.raises(StepError) as info:
+        run_recipe(recipe_text(tiny_text_model, sst2_small["train"], sst2_small["eval"], "  - uses: bad-outside\n"),
+                   tmp_path / "r", host=host)
+    assert "wrote outside its output directory" in info.value.message

@@ -47,12 +47,24 @@ def load_tokenizer(path: Path) -> Any:
         raise InputError(f"cannot load the tokenizer in {path}: {exc}", where=str(path)) from None
 
 
+def load_plugin_model(path: Path, task: str) -> Any | None:
+    """The model a plugin's `load_hf_model` hook rebuilds from this directory, or None if no plugin claims it."""
+    import json
+
+    from compressor.host import current_host
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    return current_host().pm.hook.load_hf_model(path=str(path), task=task, config=config)
+
+
 def load_torch_model(path: Path, task: str, adapter: str | None = None) -> Any:
     """A transformers model from safetensors only (never a pickle), with an unmerged peft adapter if named."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    cls = AutoModelForSequenceClassification if task == "text-classification" else AutoModelForTokenClassification
-    model = cls.from_pretrained(str(path), use_safetensors=True)
+    model = load_plugin_model(path, task)
+    if model is None:
+        cls = AutoModelForSequenceClassification if task == "text-classification" else AutoModelForTokenClassification
+        model = cls.from_pretrained(str(path), use_safetensors=True)
     if adapter:
         from peft import PeftModel
 
