@@ -41,7 +41,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # a bug or an unexpected library failure
             if debug:
                 raise
-            _err(f"error: unexpected {type(exc).__name__}: {exc}\n  hint: run again with --debug for the traceback")
+            from compressor.pipeline import failure_hint
+
+            _err(f"error: unexpected {type(exc).__name__}: {exc}\n  hint: {failure_hint(exc)}")
             sys.exit(EXIT_INTERNAL)
 
     return wrapper

@@ -36,7 +36,15 @@ def _read_delimited(path: Path, delimiter: str, text: str, label: str, where: st
             if column not in columns:
                 raise InputError(f"column {column!r} is not in {path} (columns: {', '.join(columns) or 'none'})",
                                  where=where, hint="set data.text / data.label to the file's column names")
-        return [Example(row[text], (row[label] or "").strip()) for row in reader]
+        rows = []
+        for row in reader:
+            if None in row or None in row.values():  # too many fields, or too few
+                fields = len(columns) + len(row.get(None) or []) - sum(v is None for v in row.values())
+                raise InputError(f"line {reader.line_num} of {path} has {fields} column(s), the header has "
+                                 f"{len(columns)}", where=where,
+                                 hint="every row needs one value per header column (tab-separated for tsv)")
+            rows.append(Example(row[text], (row[label] or "").strip()))
+        return rows
 
 
 def _read_jsonl(path: Path, text: str, label: str, where: str) -> list[Example]:
@@ -128,6 +136,10 @@ class DataSource:
         path = self.splits[split]
         if not path.exists():
             raise InputError(f"{path} does not exist", where=where, hint="fix the path (relative to the recipe file)")
+        if self.format != "datasets" and not path.is_file():
+            raise InputError(f"{path} is not a file", where=where, hint=f"data.{split} names a {self.format} file")
+        if self.format != "datasets" and path.stat().st_size == 0:
+            raise InputError(f"{path} is empty", where=where, hint="point to a file with a header and labelled rows")
         try:
             if self.format == "datasets":
                 rows = _read_datasets_dir(path, split, self.text, self.label, where)

@@ -3,6 +3,7 @@ artifact measured, record.json and the reports written, the guard applied."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -55,6 +56,16 @@ def external_inputs(value: Any, recipe_dir: Path) -> list[str]:
 
 
 _CACHE_NAME = re.compile(r"^\.?(tmp-)?[0-9a-f]{16,64}(-\d+)?(\.json)?(\.tmp-\d+)?$|^(artifacts|metrics)$")
+
+
+def failure_hint(exc: BaseException) -> str:
+    """What to do about an unexpected exception from a step."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ("free disk space, or point COMPRESSOR_CACHE_DIR and --out at a larger disk, then run the same "
+                "command again: finished steps are cached and the run resumes")
+    if isinstance(exc, MemoryError):
+        return "lower the step's batch_size or max_length, or run on a machine with more memory"
+    return "run with --debug for the traceback"
 
 
 def _tree_listing(run_dir: Path, cache_root: Path, recipe_dir: Path) -> set[str]:
@@ -170,8 +181,7 @@ class Runner:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
-                raise StepError(f"{type(exc).__name__}: {exc}", where=planned.label,
-                                hint="run with --debug for the traceback") from exc
+                raise StepError(f"{type(exc).__name__}: {exc}", where=planned.label, hint=failure_hint(exc)) from exc
             seconds = time.perf_counter() - t0
             try:
                 self._check_output(planned, out, tmp)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,27 @@ def resolve_model_path(spec: str, recipe_dir: Path) -> Path:
     return (recipe_dir / Path(spec).expanduser()).resolve()
 
 
+def check_safetensors(file: Path, where: str) -> None:
+    """Read a safetensors file's header (not its tensors): refuse a corrupted or truncated file now,
+    rather than when a step loads it minutes later."""
+    size = file.stat().st_size
+    hint = "the file is damaged: copy or save the model again"
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise InputError(f"{file} is not a valid safetensors file (no readable header)", where=where, hint=hint)
+        try:
+            header = json.loads(fh.read(length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError):
+            raise InputError(f"{file} is not a valid safetensors file (its header is not valid)", where=where,
+                             hint=hint) from None
+    if 8 + length + end > size:
+        raise InputError(f"{file} is truncated: it holds {size} bytes, its header describes {8 + length + end}",
+                         where=where, hint=hint)
+
+
 def inspect_model(path: Path, task: str, labels: list[str] | None) -> tuple[Artifact, dict[str, Any]]:
     """Describe the input model directory from its files alone (no weights are read)."""
     where = "model.path"
@@ -103,6 +125,9 @@ def inspect_model(path: Path, task: str, labels: list[str] | None) -> tuple[Arti
     else:
         raise InputError(f"{path} has no model weights (model.safetensors or model.onnx)", where=where,
                          hint="point to a directory written by save_pretrained")
+    if fmt == "hf":
+        for weights in sorted(path.glob("*.safetensors")):
+            check_safetensors(weights, where)
     if not any((path / n).is_file() for n in TOKENIZER_FILES):
         raise InputError(f"{path} has no tokenizer (tokenizer.json or vocab.txt)", where=where,
                          hint="save the tokenizer beside the model with tokenizer.save_pretrained(DIR)")
@@ -208,6 +233,11 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
     warnings: list[str] = []
     if not errors and data is not None:
         errors.extend(_check_data_labels(data, labels, steps))
+    if not errors and data is not None and data.has("train") and any("train" in p.cls().data_splits(p.config)
+                                                                      for p in steps):
+        n = len(data.load("train"))
+        if n < 8:
+            warnings.append(f"data.train has only {n} row{'s' if n > 1 else ''}: too few to train or calibrate on")
     if data is None or not data.has("eval"):
         warnings.append("the recipe has no data.eval: artifacts get size and latency but no accuracy")
     if errors:

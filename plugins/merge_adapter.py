@@ -11,7 +11,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compressor.artifact import Artifact
-from compressor.errors import RecipeError, StepError
+from compressor.errors import CompressorError, RecipeError, StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import PlanContext, Step, StepConfig, StepContext
 
@@ -60,6 +60,10 @@ def read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:
     weights = path / "adapter_model.safetensors"
     if weights.is_file():
         from safetensors import safe_open
+
+        from compressor.plan import check_safetensors
+
+        check_safetensors(weights, "")
 
         with safe_open(str(weights), framework="numpy") as fh:
             shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
@@ -111,7 +115,7 @@ class MergeAdapter(Step):
                                   hint="paths are relative to the recipe file")
             try:
                 check_adapter_fits(path, ctx.model_config, ctx.labels)
-            except RecipeError as exc:
+            except CompressorError as exc:
                 exc.where = where
                 raise
 

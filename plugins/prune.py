@@ -21,6 +21,9 @@ from compressor.step import PlanContext, Step, StepConfig, StepContext
 
 Target = Literal["ffn", "heads"]
 
+#: Model types whose layers sit at `encoder.layer` with BERT's attention and FFN module names.
+BERT_STYLE = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie")
+
 
 class PruneConfig(StepConfig):
     """Settings of `prune`."""
@@ -82,6 +85,10 @@ class Prune(Step):
         """Layer indices, head counts and Taylor data are checked against the model's config."""
         assert isinstance(config, PruneConfig)
         mc = ctx.model_config
+        if mc.get("model_type") not in BERT_STYLE:
+            raise RecipeError(f"prune supports BERT-style encoders ({', '.join(BERT_STYLE)}); this model's "
+                              f"model_type is {mc.get('model_type')!r}", where="uses",
+                              hint="prune a BERT-style model, or leave this step out")
         n_layers, n_heads = mc.get("num_hidden_layers"), mc.get("num_attention_heads")
         if not isinstance(n_layers, int) or not isinstance(n_heads, int) or "intermediate_size" not in mc:
             raise RecipeError(f"prune supports BERT-style encoders; model_type {mc.get('model_type')!r} has no "
