@@ -19,6 +19,21 @@ def _err(text: str) -> None:
     click.echo(text, err=True)
 
 
+def _stop_cleanly_on_sigterm() -> None:
+    """Make SIGTERM (what `kill`, systemd and schedulers send) stop a run like Ctrl-C does."""
+    import signal
+
+    from compressor.errors import Terminated
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+        pass
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn CompressorError into one message and its exit code; no traceback unless --debug."""
     import functools
@@ -33,9 +48,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             _err(f"error: {exc.render()}")
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             _err("interrupted: finished steps are cached; run the same command again to resume")
-            sys.exit(130)
+            sys.exit(128 + getattr(exc, "signal_number", 2))
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as exc:  # a bug or an unexpected library failure
@@ -240,6 +255,7 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, overrides: tuple[str
     plan = build_plan(recipe, host, overrides)
     _print_plan(plan)
     run_dir = out or Path("runs") / plan.recipe.name
+    _stop_cleanly_on_sigterm()
     try:
         run_plan(plan, host, run_dir, use_cache=not no_cache, log=lambda s: click.echo(s, err=True))
     finally:

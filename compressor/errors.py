@@ -72,3 +72,10 @@ class RecipeErrors(RecipeError):
         lines = [f"{len(self.errors)} problems in the recipe:"]
         lines += ["- " + e.render().replace("\n", "\n  ") for e in self.errors]
         return "\n".join(lines)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that a run stops the way it does on Ctrl-C: the step's
+    temporary directory is removed and record.json says the run was interrupted."""
+
+    signal_number = 15

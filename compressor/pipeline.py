@@ -296,6 +296,11 @@ class Runner:
             record["error"] = exc.render()
             self._finish(record, t0)
             raise
+        except KeyboardInterrupt:
+            record["status"] = "interrupted"
+            record["error"] = "interrupted (SIGINT or SIGTERM); run the same command again to resume"
+            self._finish(record, t0)
+            raise
         self._finish(record, t0)
         if not record["guard"]["passed"]:
             raise GuardFailed("; ".join(record["guard"]["failures"]), where="guard",

@@ -138,6 +138,44 @@ def validation_errors(exc: ValidationError, raw: Any, prefix: tuple[Any, ...] = 
     return errors
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys (YAML would silently keep the last one) and
+    documents with many aliases (a 'billion laughs' document expands exponentially)."""
+
+    MAX_ALIASES = 100
+
+    def __init__(self, stream: Any):
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > self.MAX_ALIASES:
+                raise yaml.composer.ComposerError(None, None, f"more than {self.MAX_ALIASES} aliases (*name); "
+                                                  "write the values out", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load(text: str) -> Any:
+    """Parse YAML with RecipeLoader."""
+    loader = RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[list[str | int], Any]:
     """`steps.1.with.ratio=0.3` → (['steps', 1, 'with', 'ratio'], 0.3), values parsed as YAML."""
     if "=" not in text:
@@ -147,7 +185,7 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
     if not key.strip() or any(p == "" for p in parts):
         raise RecipeError(f"--set {text!r} has an empty key", hint="write --set KEY.PATH=VALUE")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     return parts, parsed
@@ -189,7 +227,7 @@ def load_raw(path: Path, overrides: tuple[str, ...] | list[str] = ()) -> dict[st
     except UnicodeDecodeError:
         raise RecipeError("the recipe is not UTF-8 text", where=str(path)) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

@@ -387,3 +387,12 @@ def test_plugin_problems_exit_3_naming_the_plugin(tmp_path, tiny_text_model, sst
     assert done.returncode == 3 and "sigplug" in done.stderr and "Traceback" not in done.stderr
     plugins = {p["name"]: p for p in json.loads(cli(site, "plugins", "--json").stdout)["plugins"]}
     assert "registered twice" in plugins["dupplug"]["error"] and "'prune'" in plugins["dupplug"]["error"]
+
+
+def test_duplicate_keys_are_refused_with_their_line(tmp_path, cli_run, tiny_text_model, sst2_small):
+    """YAML keeps the last of two equal keys without a word; a recipe refuses them."""
+    text = recipe_text(tiny_text_model, sst2_small["train"], sst2_small["eval"], EXPORT)
+    path = tmp_path / "r.yaml"
+    path.write_text(text.replace("name: test\n", "name: test\nname: other\n"))
+    code, _, err = cli_run("check", str(path))
+    assert_clean_failure(code, err, 2, ["duplicate key 'name'", "r.yaml:3:"])

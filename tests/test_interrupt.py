@@ -1,0 +1,97 @@
+"""Interrupted runs and determinism, on real steps in real processes.
+
+A run is stopped with SIGINT, SIGTERM or SIGKILL while `finetune` is training, then started again:
+it resumes after the last finished step, leaves no temporary file, and every artifact it ends with
+is byte-identical to an uninterrupted run's. Two uninterrupted runs with the same seed and fresh
+caches give identical artifact hashes and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import recipe_text
+
+STEPS = ("  - uses: prune\n    with: {ratio: 0.25}\n"
+         "  - uses: finetune\n    with: {epochs: 3, max_train_rows: 800, batch_size: 8, learning_rate: 1.0e-3}\n"
+         "  - uses: export-onnx\n  - uses: quantize-onnx\n")
+
+
+def _recipe(tmp: Path, model: Path, data: dict[str, Path]) -> Path:
+    path = tmp / "recipe.yaml"
+    path.write_text(recipe_text(model, data["train"], data["eval"], STEPS).replace(
+        "latency: {runs: 5, warmup: 1, batch_sizes: [1, 8]}", "latency: null"))
+    return path
+
+
+def _run(recipe: Path, run_dir: Path, cache: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "COMPRESSOR_CACHE_DIR": str(cache)}
+    return subprocess.Popen([sys.executable, "-m", "compressor", "run", str(recipe), "--out", str(run_dir)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _finish(recipe: Path, run_dir: Path, cache: Path) -> dict:
+    proc = _run(recipe, run_dir, cache)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return json.loads((run_dir / "record.json").read_text())
+
+
+def _leftovers(*roots: Path) -> list[Path]:
+    return [p for root in roots if root.exists() for p in root.rglob("*") if ".tmp" in p.name]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_text_model, sst2_small):
+    """Two uninterrupted runs of the same recipe, each with its own empty cache."""
+    tmp = tmp_path_factory.mktemp("reference")
+    recipe = _recipe(tmp, tiny_text_model, sst2_small)
+    return recipe, [_finish(recipe, tmp / f"run{i}", tmp / f"cache{i}") for i in (1, 2)]
+
+
+def test_same_seed_same_artifacts_and_metrics(reference):
+    _, (first, second) = reference
+    assert [s["output_hash"] for s in first["steps"]] == [s["output_hash"] for s in second["steps"]]
+    assert all(s["deterministic"] for s in first["steps"])
+    metrics = lambda r: [(a["name"], a.get("accuracy"), a["size_bytes"]) for a in r["artifacts"]]  # noqa: E731
+    assert metrics(first) == metrics(second)
+    assert first["artifacts"][-1]["accuracy"] > 0.55  # it did learn something
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)],
+                         ids=["SIGINT", "SIGTERM", "SIGKILL"])
+def test_interrupted_mid_step_resumes_to_identical_artifacts(tmp_path, reference, sig, code):
+    recipe, (expected, _) = reference
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    proc = _run(recipe, run_dir, cache)
+    artifacts = cache / "artifacts"
+    try:
+        # prune is finished (its cache record exists) and finetune is training in its temporary dir
+        end = time.time() + 300
+        while not (len(list(artifacts.glob("*.json"))) == 1 and list(artifacts.glob(".tmp-*"))):
+            assert proc.poll() is None and time.time() < end, "the run ended before it could be interrupted"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert len(list(artifacts.glob("*.json"))) == 1, "finetune must not have finished"
+    if sig != signal.SIGKILL:
+        # a clean stop: the message, the record, and nothing temporary left
+        assert "interrupted" in err and "Traceback" not in err
+        assert json.loads((run_dir / "record.json").read_text())["status"] == "interrupted"
+        assert not _leftovers(cache, run_dir)
+
+    resumed = _finish(recipe, run_dir, cache)
+    assert [s["cached"] for s in resumed["steps"]] == [True, False, False, False]
+    assert [s["output_hash"] for s in resumed["steps"]] == [s["output_hash"] for s in expected["steps"]]
+    assert [a.get("accuracy") for a in resumed["artifacts"]] == [a.get("accuracy") for a in expected["artifacts"]]
+    assert not _leftovers(cache, run_dir)
