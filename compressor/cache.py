@@ -63,6 +63,11 @@ class Cache:
     def commit(self, key: str, tmp: Path, entry: dict[str, Any]) -> Path:
         """Rename the finished temporary directory into place, then write its record."""
         final = self.artifact_dir(key)
+        if self.lookup(key) is not None:
+            # another process (a parallel sweep variant) finished the same step first: keep its copy,
+            # which runs may already be reading, and drop ours (same key, so the same content)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -222,10 +222,23 @@ def _print_plan(plan: Any) -> None:
 def check(ctx: click.Context, recipe: Path, overrides: tuple[str, ...]) -> None:
     """Check a recipe and print its plan, without loading any model weights."""
     from compressor.plan import build_plan
+    from compressor.sweep import build_sweep
 
+    sweep = build_sweep(recipe, get_host(ctx), overrides)
+    if sweep is not None:
+        _print_sweep(sweep)
+        click.echo(f"ok: the sweep is valid ({len(sweep.variants)} variants)")
+        return
     plan = build_plan(recipe, get_host(ctx), overrides)
     _print_plan(plan)
     click.echo("ok: the recipe is valid")
+
+
+def _print_sweep(sweep: Any) -> None:
+    click.echo(f"sweep {sweep.name!r}: {len(sweep.variants)} variants, select {sweep.select}")
+    for v in sweep.variants:
+        click.echo(f"  variant {v.name}: " + json.dumps(v.values))
+    _print_plan(sweep.variants[0].plan)
 
 
 @cli.command()
@@ -233,10 +246,16 @@ def check(ctx: click.Context, recipe: Path, overrides: tuple[str, ...]) -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory (default: runs/NAME).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe value.")
 @click.option("--no-cache", is_flag=True, help="Recompute every step and measurement.")
+@click.option("--jobs", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Sweeps: run this many variants at once in local processes.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Sweeps: run variants locally or as Ray tasks (the `ray` extra).")
+@click.option("--ray-address", default=None, help="With --executor ray: an existing cluster (default: start one).")
 @click.pass_context
 @handle_errors
-def run(ctx: click.Context, recipe: Path, out: Path | None, overrides: tuple[str, ...], no_cache: bool) -> None:
-    """Run a recipe: every step, measured; writes record.json, report.md/json and the bundle."""
+def run(ctx: click.Context, recipe: Path, out: Path | None, overrides: tuple[str, ...], no_cache: bool,
+        jobs: int, executor: str, ray_address: str | None) -> None:
+    """Run a recipe (or a sweep): every step, measured; writes record.json, the reports and the bundle."""
     import logging
     import os
     import warnings
@@ -252,6 +271,21 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, overrides: tuple[str
     host = get_host(ctx)
     click.echo("plugins: " + ", ".join(f"{p.name} ({p.distribution} {p.version})" for p in host.plugins
                                        if not p.error), err=True)
+    from compressor.sweep import build_sweep, run_sweep
+
+    sweep = build_sweep(recipe, host, overrides)
+    if sweep is not None:
+        _print_sweep(sweep)
+        run_dir = out or Path("runs") / sweep.name
+        _stop_cleanly_on_sigterm()
+        disabled = list(ctx.find_root().params.get("disable_plugin") or ())
+        try:
+            run_sweep(sweep, host, run_dir, executor=executor, jobs=jobs, use_cache=not no_cache,
+                      disabled=disabled, ray_address=ray_address, log=lambda s: click.echo(s, err=True))
+        finally:
+            if (run_dir / "sweep.json").is_file():
+                click.echo(f"sweep report: {run_dir / 'report.html'}")
+        return
     plan = build_plan(recipe, host, overrides)
     _print_plan(plan)
     run_dir = out or Path("runs") / plan.recipe.name
@@ -264,6 +298,41 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, overrides: tuple[str
             click.echo("")
             click.echo(report.read_text())
             click.echo(f"run directory: {run_dir}")
+
+
+@cli.command("report")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Where to write report.html (default: the only run "
+              "directory, or ./report).")
+@click.pass_context
+@handle_errors
+def report_cmd(ctx: click.Context, run_dirs: tuple[Path, ...], out: Path | None) -> None:
+    """One HTML report (one Pareto front) over one or more run directories, e.g. ours against a baseline."""
+    from compressor.errors import InputError
+    from compressor.report_html import write_html_report
+
+    records = []
+    for run_dir in run_dirs:
+        if (run_dir / "sweep.json").is_file():
+            sweep = json.loads((run_dir / "sweep.json").read_text())
+            paths = [Path(v["run_dir"]) / "record.json" for v in sweep["variants"]]
+        else:
+            paths = [run_dir / "record.json"]
+        for path in paths:
+            if not path.is_file():
+                raise InputError(f"{path.parent} is not a run directory (no record.json)", where=str(run_dir),
+                                 hint="give directories written by `compressor run`")
+            try:
+                record = json.loads(path.read_text())
+                record["artifacts"], record["name"]  # noqa: B018 - the fields the report reads
+            except (ValueError, KeyError, TypeError):
+                raise InputError(f"{path} is not a compressor record", where=str(run_dir)) from None
+            if len(run_dirs) > 1 and not record.get("variant"):
+                record["variant"] = run_dir.name
+            records.append(record)
+    target = out or (run_dirs[0] if len(run_dirs) == 1 else Path("report"))
+    path = write_html_report(records, target, title=None if len(records) == 1 else f"{len(records)} runs compared")
+    click.echo(f"report: {path}")
 
 
 def _final_artifact(path: Path) -> Any:

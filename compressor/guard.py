@@ -24,6 +24,7 @@ def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]]) -> dict[str, 
     """Compare the last artifact with the budgets; returns {passed, failures, checks}."""
     final = artifacts[-1]
     failures: list[str] = []
+    crossed: int | None = None
     unmeasured: list[str] = []
     checks: list[dict[str, Any]] = []
     if guard.max_accuracy_drop is not None:
@@ -38,6 +39,8 @@ def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]]) -> dict[str, 
             checks.append({"check": "max_accuracy_drop", "metric": final["metric"], "baseline": base["name"],
                            "reference": ref,
                            "value": value, "drop": drop, "allowed": allowed, "passed": drop <= allowed + 1e-12})
+            crossed = next((a["index"] for a in artifacts if a["index"] > base["index"]
+                            and _value(a, "metric") is not None and ref - _value(a, "metric") > allowed + 1e-12), None)
             if drop > allowed + 1e-12:
                 failures.append(f"{final['metric']} dropped by {drop:.4f} from {base['name']} ({ref:.4f} → "
                                 f"{value:.4f}); the budget is {allowed:.4f}")
@@ -57,4 +60,5 @@ def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]]) -> dict[str, 
             if not ok:
                 failures.append(f"p50 latency {p50:.2f} ms exceeds max_latency_ms {guard.max_latency_ms}")
     failures += unmeasured
-    return {"passed": not failures, "failures": failures, "checks": checks, "unmeasured": unmeasured}
+    return {"passed": not failures, "failures": failures, "checks": checks, "unmeasured": unmeasured,
+            "crossed_at": crossed}

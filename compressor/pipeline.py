@@ -194,6 +194,7 @@ class Runner:
             entry = {"hash": hash_dir(tmp), "seconds": seconds, "notes": ctx.notes, "key": key,
                      "created": datetime.now(timezone.utc).isoformat()}
             self.cache.commit(key, tmp, entry)
+            entry = self.cache.lookup(key) or entry  # a parallel run may have committed the same key first
         final = self.cache.artifact_dir(key)
         placed = self.run_dir / "artifacts" / f"{planned.index + 1:02d}-{planned.name}"
         if placed.exists():
@@ -263,6 +264,8 @@ class Runner:
             "plugins": [p.__dict__ for p in self.host.plugins], "steps": [], "artifacts": artifacts,
             "status": "running",
         }
+        if plan.variant:
+            record["variant"], record["matrix"] = plan.variant, plan.matrix_values
         current, current_hash = source, source_hash
         history: list[tuple[str, Artifact]] = [("input", source)]
         try:

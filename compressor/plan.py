@@ -54,6 +54,8 @@ class Plan:
     data: DataSource | None
     steps: list[PlannedStep]
     warnings: list[str] = field(default_factory=list)
+    variant: str | None = None
+    matrix_values: dict[str, Any] | None = None
 
     @property
     def recipe_dir(self) -> Path:
@@ -162,10 +164,16 @@ def _unknown_step(name: str, host: Host) -> CompressorError:
     return RecipeError(f"unknown step {name!r}", hint=_suggest(name, list(host.steps)))
 
 
-def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[str] = ()) -> Plan:
-    """Parse and check a recipe; raise RecipeErrors (exit 2) or PluginLoadError (exit 3)."""
+def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[str] = (),
+               raw: dict[str, Any] | None = None) -> Plan:
+    """Parse and check a recipe (or, with `raw`, one variant of a sweep already read from it);
+    raise RecipeErrors (exit 2) or PluginLoadError (exit 3)."""
     recipe_path = Path(recipe_path).resolve()
-    raw = load_raw(recipe_path, overrides)
+    if raw is None:
+        raw = load_raw(recipe_path, overrides)
+        if "matrix" in raw or "select" in raw:
+            raise RecipeError("the recipe is a sweep (it has matrix: or select:)", where="matrix",
+                              hint="build it with compressor.sweep.build_sweep, or run it with `compressor run`")
     recipe = parse_recipe(raw)
     recipe_dir = recipe_path.parent
     errors: list[CompressorError] = []
@@ -230,6 +238,14 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
     if recipe.bundle.formats and fmt not in ("onnx", "ort"):
         errors.append(RecipeError(f"a bundle needs an onnx or ort model but the last step gives {fmt}",
                                   where="bundle.formats", hint="end the steps with export-onnx, or remove bundle"))
+    guard = recipe.guard
+    if guard.max_accuracy_drop is not None and (data is None or not data.has("eval")):
+        errors.append(RecipeError("max_accuracy_drop needs an accuracy, and without data.eval no evaluator "
+                                  "produces one", where="guard.max_accuracy_drop",
+                                  hint="add data.eval, or remove the accuracy budget"))
+    if guard.max_latency_ms is not None and recipe.evaluate.latency is None:
+        errors.append(RecipeError("max_latency_ms needs latency, which evaluate.latency: null turns off",
+                                  where="guard.max_latency_ms", hint="remove `latency: null` from evaluate"))
     warnings: list[str] = []
     if not errors and data is not None:
         errors.extend(_check_data_labels(data, labels, steps))

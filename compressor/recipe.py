@@ -98,6 +98,11 @@ class Recipe(_Strict):
     guard: GuardSpec = Field(default_factory=GuardSpec)
     bundle: BundleSpec = Field(default_factory=BundleSpec)
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed for every random choice.")
+    matrix: dict[str, list[Any]] | None = Field(
+        default=None, description="A sweep: names mapped to lists of values; `${{ matrix.NAME }}` anywhere in the "
+                                  "recipe takes each value in turn, and every combination runs as a variant.")
+    select: Literal["smallest", "fastest", "most_accurate"] | None = Field(
+        default=None, description="With a matrix: the variant to keep (and bundle) among those passing the guard.")
 
     def digest(self) -> str:
         """sha256 of the resolved recipe (canonical JSON)."""

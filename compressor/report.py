@@ -93,3 +93,6 @@ def write_reports(record: dict[str, Any], run_dir: Path) -> None:
     write_json_atomic(Path(run_dir) / "report.json", {"name": record["name"], "status": record["status"],
                                                       "guard": record.get("guard"), "rows": rows})
     write_text_atomic(Path(run_dir) / "report.md", render_markdown(record, rows))
+    from compressor.report_html import write_html_report
+
+    write_html_report([record], run_dir)
