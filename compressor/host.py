@@ -34,6 +34,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("convert-fp16", "compressor.plugins.convert_fp16"),
     ("quantize-torch", "compressor.plugins.quantize_torch"),
     ("export-ort", "compressor.export.ort"),
+    ("export-tensorrt", "compressor.export.tensorrt"),
 )
 
 

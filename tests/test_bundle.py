@@ -193,3 +193,33 @@ def test_bundle_runs_in_a_clean_venv(text_run, tmp_path, cli_run):
     host_out = [json.loads(l)["prediction"] for l in ours.splitlines()]
     assert [d["label"] for d in device_out] == [h["label"] for h in host_out]
     assert all(abs(d["score"] - h["score"]) < 1e-5 for d, h in zip(device_out, host_out))
+
+
+def test_export_tensorrt_is_refused_before_any_work_without_a_gpu(tmp_path, cli_run, tiny_text_model, sst2_small):
+    """Where no NVIDIA GPU or no tensorrt package is present, `check` says which, with exit 2."""
+    from compressor.export.tensorrt import gpu_problem
+    from conftest import recipe_text
+
+    problem = gpu_problem()
+    if problem is None:
+        pytest.skip("this machine can build TensorRT engines; see test_tensorrt_engine_matches_onnx")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text(tiny_text_model, sst2_small["train"], sst2_small["eval"],
+                                  "  - uses: export-onnx\n  - uses: export-tensorrt\n"))
+    code, _, err = cli_run("check", str(recipe))
+    assert code == 2 and "steps[1] (export-tensorrt)" in err and problem in err
+
+
+def test_tensorrt_engine_matches_onnx(tmp_path, compressor_cache, tiny_text_model, sst2_small):
+    """On a GPU machine: an fp16 engine's accuracy matches the ONNX model's on the same rows."""
+    from compressor.export.tensorrt import gpu_problem
+    from compressor.testing import run_recipe
+    from conftest import recipe_text
+
+    problem = gpu_problem()
+    if problem:
+        pytest.skip(f"TensorRT cannot run here: {problem}")
+    record = run_recipe(recipe_text(tiny_text_model, sst2_small["train"], sst2_small["eval"],
+                                    "  - uses: export-onnx\n  - uses: export-tensorrt\n"), tmp_path)
+    onnx, engine = record["artifacts"][1], record["artifacts"][2]
+    assert engine["format"] == "engine" and abs(engine["accuracy"] - onnx["accuracy"]) <= 0.02

@@ -100,6 +100,13 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
             return session.run(None, {k: v.astype(np.int64) for k, v in batch.items()})[0]
 
         return Runner(artifact, tokenizer, forward, names)
+    if artifact.format == "engine":
+        from compressor.export.tensorrt import engine_forward, gpu_problem
+
+        problem = gpu_problem()
+        if problem:
+            raise InputError(f"cannot run a TensorRT engine here: {problem}", where=str(artifact.path))
+        return Runner(artifact, tokenizer, engine_forward(artifact.model_file), list(artifact.info["build"]["inputs"]))
     raise InputError(f"no runtime for format {artifact.format!r} here", where=str(artifact.path))
 
 

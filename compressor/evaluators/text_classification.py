@@ -13,7 +13,7 @@ class TextClassificationEvaluator:
     """Accuracy for `text-classification`, plus latency on the artifact's runtime."""
 
     task = "text-classification"
-    formats = ("hf", "onnx", "ort")
+    formats = ("hf", "onnx", "ort", "engine")
     metric = "accuracy"
 
     def evaluate(self, artifact: Artifact, rows: list[Example], settings: EvalSettings) -> dict[str, Any]:

@@ -56,7 +56,7 @@ class TokenClassificationEvaluator:
     """Entity F1 for `token-classification`, plus latency on the artifact's runtime."""
 
     task = "token-classification"
-    formats = ("hf", "onnx", "ort")
+    formats = ("hf", "onnx", "ort", "engine")
     metric = "f1"
 
     def evaluate(self, artifact: Artifact, rows: list[Example], settings: EvalSettings) -> dict[str, Any]:
