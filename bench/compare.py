@@ -4,9 +4,10 @@
     PyTorch dynamic int8 (torch.ao) · our int8 recipe · our edge recipe
 
 Every row is measured in this one process with the same threads, the same real dev sentences and
-the same warm-up. Writes bench/RESULTS.md and bench/results.json. Asserts nothing.
+the same warm-up, and the latencies are taken in round-robin passes over all rows, so that a change
+in the machine's speed during the run affects every row alike. Writes bench/RESULTS.md and bench/results.json. Asserts nothing.
 
-    python bench/compare.py [--runs 200] [--threads 2]
+    python bench/compare.py [--runs 200] [--rounds 5] [--threads 2]
 
 It runs both recipes first (cached after their first run).
 """
@@ -58,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="Round-robin timing passes over all rows.")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from compressor.artifact import Artifact, copy_companions
@@ -72,20 +74,40 @@ def main() -> None:
     fp32_hf, fp32_onnx = Artifact.load(steps["finetune"]), Artifact.load(steps["export-onnx"])
     rows = DataSource("tsv", {"eval": REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"}, "sentence",
                       "label").load("eval")
-    settings = EvalSettings(threads=args.threads, batch_sizes=(1, 32), runs=args.runs, warmup=20)
+    settings = EvalSettings(threads=args.threads, batch_sizes=(1, 32), runs=args.runs, warmup=20, latency=False)
     evaluator = TextClassificationEvaluator()
     work = Path(tempfile.mkdtemp(prefix="compressor-bench-"))
 
     rows_out: list[dict[str, Any]] = []
+    runners: list[Any] = []
 
     def measure(label: str, artifact: Artifact, size: int, note: str = "") -> None:
-        t0 = time.perf_counter()
+        """Accuracy now; latency later, interleaved with every other row's (see time_all)."""
+        from compressor.evaluators.runtime import load_runner
+
         result = evaluator.evaluate(artifact, rows, settings)
-        lat = result["latency"]
-        rows_out.append({"row": label, "accuracy": result["accuracy"], "size_bytes": size, "p50_ms": lat["p50_ms"],
-                         "p90_ms": lat["p90_ms"], "throughput_b32": lat["b32"]["throughput"], "note": note})
-        print(f"{label}: acc {result['accuracy']:.4f} size {size / 1e6:.1f} MB p50 {lat['p50_ms']:.2f} ms "
-              f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+        rows_out.append({"row": label, "accuracy": result["accuracy"], "size_bytes": size, "note": note})
+        runners.append(load_runner(artifact, args.threads))
+        print(f"{label}: acc {result['accuracy']:.4f} size {size / 1e6:.1f} MB", file=sys.stderr)
+
+    def time_all() -> None:
+        """Latency of every row in `--rounds` round-robin passes of runs/rounds calls each, so that
+        drift of the machine's speed during the benchmark hits every row alike; each figure is the
+        median over the passes."""
+        import statistics
+
+        from compressor.evaluators.measure import latency
+
+        texts = [r.text for r in rows]
+        passes: list[list[dict[str, Any]]] = [[] for _ in runners]
+        for _ in range(args.rounds):
+            for i, runner in enumerate(runners):
+                passes[i].append(latency(runner, texts, [1, 32], max(1, args.runs // args.rounds), 20))
+        for row, results in zip(rows_out, passes):
+            row["p50_ms"] = statistics.median(r["p50_ms"] for r in results)
+            row["p90_ms"] = statistics.median(r["p90_ms"] for r in results)
+            row["throughput_b32"] = statistics.median(r["b32"]["throughput"] for r in results)
+            print(f"{row['row']}: p50 {row['p50_ms']:.2f} ms", file=sys.stderr)
 
     measure("PyTorch FP32 eager", fp32_hf, model_bytes(fp32_hf))
     measure("ONNX Runtime FP32", fp32_onnx, model_bytes(fp32_onnx))
@@ -110,6 +132,7 @@ def main() -> None:
         final = Artifact.load(Path(record["steps"][-1]["path"]))
         measure(f"compressor {RECIPES[name].name}", final, model_bytes(final))
 
+    time_all()
     base = next(r for r in rows_out if r["row"] == "ONNX Runtime FP32")
     fp32_acc = rows_out[0]["accuracy"]
     for r in rows_out:
@@ -130,7 +153,8 @@ def main() -> None:
     (REPO / "bench" / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     lines = ["# Benchmark: MiniLM-L6 fine-tuned on SST-2", "",
              f"`{results['command']}` on {results['date']} · {results['cpu']} ({', '.join(flags)}) · "
-             f"{args.threads} threads · {args.runs} timed runs per batch size after 20 warm-up runs · "
+             f"{args.threads} threads · {args.runs} timed runs per batch size, in {args.rounds} round-robin passes "
+             f"over all rows (each after 20 warm-up runs; figures are medians over the passes) · "
              f"SST-2 dev (872 sentences; batch-1 latency cycles through them) · python {env['python']} · "
              + ", ".join(f"{k} {v}" for k, v in env["libraries"].items()), "",
              "Latency is the model call (tokenization excluded), median (p50) and 90th percentile over the "

@@ -36,21 +36,24 @@ def collect_points(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for record in runs:
         run = record.get("variant") or record["name"]
         last = len(record["artifacts"]) - 1
-        for row, artifact in zip(report_rows(record), record["artifacts"]):
+        rows = report_rows(record)
+        # the reference: the first artifact with a metric (a bare encoder has none until fine-tuned)
+        first = next((r["index"] for r in rows if r["metric"] is not None), 0)
+        for row, artifact in zip(rows, record["artifacts"]):
             if row["metric"] is None or artifact.get("hash") in seen:
                 continue
-            if record.get("matrix") and several and 0 < row["index"] < last:
+            if record.get("matrix") and several and first < row["index"] < last:
                 continue
             seen.add(artifact.get("hash", f"{run}/{row['index']}"))
             if not several:
                 label = row["artifact"]
-            elif row["index"] == 0:
-                label = "input"
+            elif row["index"] == first:
+                label = f"reference ({row['artifact']})"
             elif record.get("matrix"):
                 label = run
             else:
                 label = f"{run}: {row['artifact']}"
-            points.append({"label": label, "run": "input" if several and row["index"] == 0 else run,
+            points.append({"label": label, "run": "reference" if several and row["index"] == first else run,
                            "metric": row["metric"], "metric_name": row["metric_name"], "size_mb": row["size_mb"],
                            "p50_ms": row["p50_ms"], "final": row["index"] == last})
     return points
@@ -85,11 +88,14 @@ def _scatter(points: list[dict[str, Any]], x_key: str, x_label: str, path: Path,
         near = sum(1 for j in range(i) if abs(xs[j] - xs[i]) < 0.06 * span_x and abs(ys[j] - ys[i]) < 0.06 * span_y)
         ax.annotate(p["label"], xy[i], textcoords="offset points", xytext=(6, 5 + 10 * near), fontsize=7.5,
                     color="#222")
+    if min(xs) > 0 and max(xs) / min(xs) > 4:
+        ax.set_xscale("log")  # a 10× smaller model and its baseline on one readable axis
+        x_label += " (log scale)"
     ax.set_xlabel(x_label)
     ax.set_ylabel(usable[0]["metric_name"] or "metric")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

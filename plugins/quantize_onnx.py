@@ -60,7 +60,8 @@ class QuantizeOnnxConfig(StepConfig):
                                     "(onnxruntime's U8S8 saturation caveat), else int8.")
     op_types: list[str] | None = Field(default=None, description="Operator types to quantize (default: dynamic — "
                                                                   "all it supports; static — MatMul and Gather, the "
-                                                                  "weight-heavy ops).")
+                                                                  "weight-heavy ops; int4 — MatMul, and Gather "
+                                                                  "(embeddings, as GatherBlockQuantized) if listed).")
     exclude_op_types: list[str] = Field(default_factory=lambda: list(FRAGILE_OPS),
                                         description="static: operator types always left in float, even if listed "
                                                     "in op_types (LayerNorm, GELU, Softmax and the like).")
@@ -216,12 +217,19 @@ def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepConte
             if k % config.block_size:
                 raise StepError(f"block_size {config.block_size} does not divide {node.name}'s input width {k}",
                                 hint="choose a block size that divides every layer width")
+    op_types = tuple(config.op_types or ("MatMul",))
+    unknown = set(op_types) - {"MatMul", "Gather"}
+    if unknown:
+        raise StepError(f"int4 quantizes MatMul and Gather only, not {', '.join(sorted(unknown))}",
+                        hint="set op_types to [MatMul], [Gather] or both")
+    # Gather (embedding tables) becomes GatherBlockQuantized, blocked along the hidden axis
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size, is_symmetric=config.symmetric,
                                      accuracy_level=config.accuracy_level, nodes_to_exclude=config.exclude_nodes,
-                                     op_types_to_quantize=("MatMul",))
+                                     op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
     quantizer.process()
     quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
-    ctx.report(block_size=config.block_size, symmetric=config.symmetric, accuracy_level=config.accuracy_level)
+    ctx.report(block_size=config.block_size, symmetric=config.symmetric, accuracy_level=config.accuracy_level,
+               op_types=list(op_types))
     return f"int4-block{config.block_size}"
 
 

@@ -81,6 +81,24 @@ def test_int4_uses_matmulnbits(trained):
     assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
 
 
+def test_int4_embeddings_and_int8_gather_after_int4(trained):
+    """int4 with op_types [Gather] blocks the embedding tables (GatherBlockQuantized); the edge
+    recipe's pair — int4 MatMuls, then dynamic int8 on Gather only — keeps the accuracy close."""
+    import onnx
+
+    record = _with_step(trained, "int4-gather", "  - uses: quantize-onnx\n    with: {mode: int4, op_types: [Gather]}\n")
+    graph = onnx.load(str(Path(record["steps"][2]["path"]) / "model.onnx")).graph
+    assert sum(n.op_type == "GatherBlockQuantized" for n in graph.node) >= 3  # word, position, token-type tables
+    assert not any(n.op_type == "MatMulNBits" for n in graph.node)
+    record = _with_step(trained, "int4-then-gather", "  - uses: quantize-onnx\n    with: {mode: int4}\n"
+                        "  - uses: quantize-onnx\n    with: {mode: dynamic, op_types: [Gather]}\n")
+    graph = onnx.load(str(Path(record["steps"][3]["path"]) / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulNBits") == 12 and "MatMulInteger" not in ops
+    float_acc, final = record["artifacts"][2]["accuracy"], record["artifacts"][4]
+    assert final["size_bytes"] < record["artifacts"][3]["size_bytes"] and abs(final["accuracy"] - float_acc) <= 0.05
+
+
 @pytest.mark.parametrize("step,words", [
     ("  - uses: quantize-onnx\n    with: {mode: int4, block_size: 48}\n", ["block_size 48 is not a power of two"]),
     ("  - uses: quantize-onnx\n    with: {mode: int4, block_size: 64}\n", ["does not divide the model's hidden_size 32"]),
