@@ -102,6 +102,9 @@ def main() -> None:
         passes: list[list[dict[str, Any]]] = [[] for _ in runners]
         for _ in range(args.rounds):
             for i, runner in enumerate(runners):
+                # PyTorch's OpenMP threads keep spinning for a while after a call; without a pause
+                # they steal the cores from whichever row is timed next
+                time.sleep(1.0)
                 passes[i].append(latency(runner, texts, [1, 32], max(1, args.runs // args.rounds), 20))
         for row, results in zip(rows_out, passes):
             row["p50_ms"] = statistics.median(r["p50_ms"] for r in results)
@@ -173,6 +176,9 @@ def main() -> None:
         acc = f"{a['accuracy']:.4f}" if a.get("accuracy") is not None else "–"
         lines.append(f"| {a['name']} ({a['format']}) | {acc} | {a['size_bytes'] / 1e6:.2f} | "
                      f"{a['parameters'] or '–'} |")
+    notes = REPO / "bench" / "NOTES.md"  # the hand-written analysis: targets, what was tried, why
+    if notes.is_file():
+        lines += ["", notes.read_text().rstrip()]
     (REPO / "bench" / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
