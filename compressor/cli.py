@@ -221,15 +221,13 @@ def _print_plan(plan: Any) -> None:
 @handle_errors
 def check(ctx: click.Context, recipe: Path, overrides: tuple[str, ...]) -> None:
     """Check a recipe and print its plan, without loading any model weights."""
-    from compressor.plan import build_plan
-    from compressor.sweep import build_sweep
+    from compressor.sweep import Sweep, build_run
 
-    sweep = build_sweep(recipe, get_host(ctx), overrides)
-    if sweep is not None:
-        _print_sweep(sweep)
-        click.echo(f"ok: the sweep is valid ({len(sweep.variants)} variants)")
+    plan = build_run(recipe, get_host(ctx), overrides)
+    if isinstance(plan, Sweep):
+        _print_sweep(plan)
+        click.echo(f"ok: the sweep is valid ({len(plan.variants)} variants)")
         return
-    plan = build_plan(recipe, get_host(ctx), overrides)
     _print_plan(plan)
     click.echo("ok: the recipe is valid")
 
@@ -261,7 +259,6 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, overrides: tuple[str
     import warnings
 
     from compressor.pipeline import run_plan
-    from compressor.plan import build_plan
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -271,10 +268,11 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, overrides: tuple[str
     host = get_host(ctx)
     click.echo("plugins: " + ", ".join(f"{p.name} ({p.distribution} {p.version})" for p in host.plugins
                                        if not p.error), err=True)
-    from compressor.sweep import build_sweep, run_sweep
+    from compressor.sweep import Sweep, build_run, run_sweep
 
-    sweep = build_sweep(recipe, host, overrides)
-    if sweep is not None:
+    plan = build_run(recipe, host, overrides)
+    if isinstance(plan, Sweep):
+        sweep = plan
         _print_sweep(sweep)
         run_dir = out or Path("runs") / sweep.name
         _stop_cleanly_on_sigterm()
@@ -286,7 +284,6 @@ def run(ctx: click.Context, recipe: Path, out: Path | None, overrides: tuple[str
             if (run_dir / "sweep.json").is_file():
                 click.echo(f"sweep report: {run_dir / 'report.html'}")
         return
-    plan = build_plan(recipe, host, overrides)
     _print_plan(plan)
     run_dir = out or Path("runs") / plan.recipe.name
     _stop_cleanly_on_sigterm()

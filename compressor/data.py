@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,13 +123,20 @@ class DataSource:
     splits: dict[str, Path]
     text: str
     label: str
+    _rows: dict[str, list[Example]] = field(default_factory=dict, repr=False, compare=False)
 
     def has(self, split: str) -> bool:
         """Whether the recipe gives this split."""
         return split in self.splits
 
     def load(self, split: str) -> list[Example]:
-        """All rows of a split, with clear errors for missing, empty or non-UTF-8 files."""
+        """All rows of a split, with clear errors for missing, empty or non-UTF-8 files. Each file
+        is read once per DataSource (check's label checks, then every step, share the rows)."""
+        if split not in self._rows:
+            self._rows[split] = self._read(split)
+        return list(self._rows[split])
+
+    def _read(self, split: str) -> list[Example]:
         where = f"data.{split}"
         if split not in self.splits:
             raise InputError(f"the recipe has no {split} data", where="data", hint=f"add data.{split}: PATH")

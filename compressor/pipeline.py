@@ -140,7 +140,7 @@ class Runner:
             except Exception as exc:
                 raise StepError(f"measuring {artifact.path.name} failed: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0][:300]}", where=str(artifact.path),
-                                hint="run with --debug for the traceback") from exc
+                                hint=failure_hint(exc)) from exc
             cached["eval_seconds"] = time.perf_counter() - t0
             self.cache.put_metrics(key, cached)
         m.update(cached)
@@ -210,12 +210,16 @@ class Runner:
                      "cached": cached, "deterministic": cls.deterministic, "notes": entry.get("notes", {}),
                      "cache_key": key, "path": str(placed)}
 
+    def _blame(self, planned: PlannedStep) -> str:
+        """Where a broken step contract points: the step and the plugin that provides it."""
+        return f"{planned.label}, from plugin {self.host.step_provider.get(planned.name)!r}"
+
     def _listing(self) -> set[str]:
         return _tree_listing(self.run_dir, self.cache.root, self.plan.recipe_dir)
 
     def _check_writes(self, planned: PlannedStep, artifact: Artifact, input_hash: str, before: set[str]) -> None:
         """A step writes only into its output directory: its input and the run directory stay as they were."""
-        where = f"{planned.label}, from plugin {self.host.step_provider.get(planned.name)!r}"
+        where = self._blame(planned)
         if hash_dir(artifact.path) != input_hash:
             raise StepError(f"the step changed its input model in {artifact.path}", where=where,
                             hint="a step must only read its input and write into ctx.out_dir")
@@ -227,7 +231,7 @@ class Runner:
 
     def _check_output(self, planned: PlannedStep, out: Any, tmp: Path) -> None:
         """A step must return an artifact of its declared format, written inside its directory."""
-        where = f"{planned.label}, from plugin {self.host.step_provider.get(planned.name)!r}"
+        where = self._blame(planned)
         if not isinstance(out, Artifact):
             raise StepError(f"returned {type(out).__name__}, not an Artifact", where=where)
         if out.format != planned.cls.produces:
@@ -293,7 +297,7 @@ class Runner:
                     raise
                 except Exception as exc:
                     raise StepError(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", where="bundle",
-                                    hint="run with --debug for the traceback") from exc
+                                    hint=failure_hint(exc)) from exc
         except CompressorError as exc:
             record["status"] = "failed"
             record["error"] = exc.render()

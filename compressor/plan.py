@@ -173,7 +173,7 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
         raw = load_raw(recipe_path, overrides)
         if "matrix" in raw or "select" in raw:
             raise RecipeError("the recipe is a sweep (it has matrix: or select:)", where="matrix",
-                              hint="build it with compressor.sweep.build_sweep, or run it with `compressor run`")
+                              hint="build it with compressor.sweep.build_run, or run it with `compressor run`")
     recipe = parse_recipe(raw)
     recipe_dir = recipe_path.parent
     errors: list[CompressorError] = []

@@ -33,7 +33,8 @@ def report_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value: Any, spec: str, suffix: str = "") -> str:
+def fmt_value(value: Any, spec: str, suffix: str = "") -> str:
+    """A figure formatted for a table, or an en dash when it was not measured."""
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
@@ -51,10 +52,10 @@ def render_markdown(record: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
-            f"| {r['index']} | {r['artifact']} | {r['format']} | {_fmt(r['metric'], '.4f')} | "
-            f"{_fmt(r['metric_change'], '+.4f')} | {_fmt(r['size_mb'], '.2f')} | {_fmt(r['x_smaller'], '.2f', '×')} | "
-            f"{_fmt(r['parameters'], ',')} | {_fmt(r['p50_ms'], '.2f')} | {_fmt(r['p90_ms'], '.2f')} | "
-            f"{_fmt(r['x_faster'], '.2f', '×')} | {_fmt(r['throughput'], '.1f')} |")
+            f"| {r['index']} | {r['artifact']} | {r['format']} | {fmt_value(r['metric'], '.4f')} | "
+            f"{fmt_value(r['metric_change'], '+.4f')} | {fmt_value(r['size_mb'], '.2f')} | {fmt_value(r['x_smaller'], '.2f', '×')} | "
+            f"{fmt_value(r['parameters'], ',')} | {fmt_value(r['p50_ms'], '.2f')} | {fmt_value(r['p90_ms'], '.2f')} | "
+            f"{fmt_value(r['x_faster'], '.2f', '×')} | {fmt_value(r['throughput'], '.1f')} |")
     notes = [f"- {r['artifact']}: {r['note']}" for r in rows if r["note"]]
     if notes:
         lines += ["", "Not measured:", *notes]

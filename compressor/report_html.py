@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.cache import write_text_atomic
-from compressor.report import report_rows
+from compressor.report import fmt_value, report_rows
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -54,6 +54,7 @@ def collect_points(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             else:
                 label = f"{run}: {row['artifact']}"
             points.append({"label": label, "run": "reference" if several and row["index"] == first else run,
+                           "index": row["index"],
                            "metric": row["metric"], "metric_name": row["metric_name"], "size_mb": row["size_mb"],
                            "p50_ms": row["p50_ms"], "final": row["index"] == last})
     return points
@@ -143,10 +144,10 @@ def _img(path: Path | None, alt: str) -> str:
 
 
 def _fmt(value: Any, spec: str, suffix: str = "") -> str:
-    return "–" if value is None else html.escape(f"{value:{spec}}{suffix}")
+    return html.escape(fmt_value(value, spec, suffix))
 
 
-def _table(record: dict[str, Any], front_labels: set[str]) -> str:
+def _table(record: dict[str, Any], front: set[int]) -> str:
     rows = report_rows(record)
     metric = next((r["metric_name"] for r in rows if r["metric_name"]), "metric")
     crossed = (record.get("guard") or {}).get("crossed_at")
@@ -156,7 +157,7 @@ def _table(record: dict[str, Any], front_labels: set[str]) -> str:
     body = []
     for r in rows:
         classes = []
-        if r["artifact"] in front_labels:
+        if r["index"] in front:
             classes.append("front")
         if crossed is not None and r["index"] == crossed:
             classes.append("crossed")
@@ -243,7 +244,7 @@ def write_html_report(runs: list[dict[str, Any]], out_dir: Path, title: str | No
                         "Accuracy against size (Pareto front circled)")
     lat_png = _scatter(points, "p50_ms", "p50 latency at batch 1 (ms)", out_dir / "accuracy_vs_latency.png",
                        "Accuracy against latency (Pareto front circled)")
-    size_front = {points[i]["label"] for i in pareto_front([(p["size_mb"], p["metric"]) for p in points])}
+    size_front = [points[i] for i in pareto_front([(p["size_mb"], p["metric"]) for p in points])]
     title = title or (runs[0]["name"] if len(runs) == 1 else f"{len(runs)} runs")
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
@@ -256,9 +257,7 @@ def write_html_report(runs: list[dict[str, Any]], out_dir: Path, title: str | No
     for k, record in enumerate(runs):
         name = record.get("variant") or record["name"]
         attribution = _attribution(record, out_dir / (f"steps_{k}.png" if len(runs) > 1 else "steps.png"))
-        mine = {r["artifact"] for r in report_rows(record)
-                if any(p["label"] in size_front and p["run"] == name and (p["final"] or p["label"].endswith(r["artifact"]))
-                       and abs(p["size_mb"] - r["size_mb"]) < 1e-9 for p in points)}
+        mine = {p["index"] for p in size_front if p["run"] == name}
         heading = f"<h2>{html.escape(name)}</h2>" if len(runs) > 1 else "<h2>Artifacts</h2>"
         parts += [heading, _table(record, mine), "<h3>Step attribution</h3>", _img(attribution, "step attribution"),
                   "<h3>Guard</h3>", _guard(record), "<h3>Reproducibility</h3>", _repro(record)]

@@ -131,15 +131,20 @@ def expand(raw: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any
     return out
 
 
-def build_sweep(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[str] = ()) -> Sweep | None:
-    """The checked sweep of a recipe with a matrix, or None for an ordinary recipe."""
+def build_run(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[str] = ()) -> Plan | Sweep:
+    """Read a recipe once: the checked sweep if it has a matrix, else its checked plan."""
     recipe_path = Path(recipe_path).resolve()
     raw = load_raw(recipe_path, overrides)
     if "matrix" not in raw:
         if "select" in raw:
             raise RecipeError("select: needs a matrix: to choose among", where="select",
                               hint="add a matrix, or remove select")
-        return None
+        return build_plan(recipe_path, host, raw=raw)
+    return build_sweep(recipe_path, host, raw)
+
+
+def build_sweep(recipe_path: Path, host: Host, raw: dict[str, Any]) -> Sweep:
+    """The checked sweep of a recipe (read into `raw`) that has a matrix."""
     select = raw.get("select") or "smallest"
     if select not in SELECT_KEYS:
         raise RecipeError(f"select must be one of {', '.join(SELECT_KEYS)} (got {select!r})", where="select")

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from compressor.artifact import Artifact
+from compressor.artifact import Artifact, copy_companions
 from compressor.errors import RecipeError, StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import PlanContext, Step, StepConfig, StepContext
@@ -99,9 +98,7 @@ class ExportTensorrt(Step):
         if serialized is None:
             raise StepError("TensorRT could not build an engine (see the TensorRT messages above)")
         (ctx.out_dir / "model.engine").write_bytes(bytes(serialized))
-        for extra in artifact.path.iterdir():
-            if extra.is_file() and extra.suffix in (".json", ".txt") and extra.name != "artifact.json":
-                shutil.copy2(extra, ctx.out_dir / extra.name)
+        copy_companions(artifact, ctx.out_dir)  # config and tokenizer beside the engine
         settings = {**config.model_dump(mode="json"), "inputs": names, "tensorrt": trt.__version__,
                     "gpu": _gpu_name()}
         ctx.report(**{f"build_{k}": v for k, v in settings.items() if not isinstance(v, list)})
