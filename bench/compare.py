@@ -3,6 +3,8 @@
     PyTorch FP32 eager · ONNX Runtime FP32 · Optimum's dynamic int8 (ORTQuantizer) ·
     PyTorch dynamic int8 (torch.ao) · our int8 recipe · our edge recipe
 
+and the fused operators in our optimize-onnx output against Optimum's ORTOptimizer O2 output.
+
 Every row is measured in this one process with the same threads, the same real dev sentences and
 the same warm-up, and the latencies are taken in round-robin passes over all rows, so that a change
 in the machine's speed during the run affects every row alike. Writes bench/RESULTS.md and bench/results.json. Asserts nothing.
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+FUSION_COLUMNS = ("Attention", "SkipLayerNormalization", "BiasGelu", "EmbedLayerNormalization", "LayerNormalization")
 RECIPES = {"int8": REPO / "recipes" / "minilm-sst2-int8.yaml", "edge": REPO / "recipes" / "minilm-sst2-edge.yaml"}
 
 
@@ -35,6 +38,27 @@ def run_recipe(name: str) -> dict[str, Any]:
     subprocess.run([sys.executable, "-m", "compressor", "run", str(RECIPES[name]), "--out", str(out)], check=True,
                    stdout=subprocess.DEVNULL)
     return json.loads((out / "record.json").read_text())
+
+
+def optimum_o2(onnx_dir: Path, work: Path) -> Path:
+    """Optimum's graph optimizer at level O2 (its documented transformer fusions), written to work/model.onnx."""
+    from optimum.onnxruntime import ORTOptimizer
+    from optimum.onnxruntime.configuration import AutoOptimizationConfig
+
+    optimizer = ORTOptimizer.from_pretrained(str(onnx_dir), file_names=["model.onnx"])
+    optimizer.optimize(save_dir=str(work), optimization_config=AutoOptimizationConfig.O2())
+    (work / "model_optimized.onnx").rename(work / "model.onnx")
+    return work
+
+
+def fused_ops(model_file: Path) -> dict[str, int]:
+    """How many of each fused transformer operator a graph holds."""
+    import onnx
+
+    from compressor.plugins.optimize_onnx import FUSED_OPS
+
+    ops = [n.op_type for n in onnx.load(str(model_file), load_external_data=False).graph.node]
+    return {op: ops.count(op) for op in FUSED_OPS if ops.count(op)}
 
 
 def optimum_int8(onnx_dir: Path, work: Path) -> Path:
@@ -100,8 +124,10 @@ def main() -> None:
 
         texts = [r.text for r in rows]
         passes: list[list[dict[str, Any]]] = [[] for _ in runners]
-        for _ in range(args.rounds):
-            for i, runner in enumerate(runners):
+        for round_ in range(args.rounds):
+            # each pass starts one row later, so that no row always follows the same neighbour
+            for i in [(round_ + k) % len(runners) for k in range(len(runners))]:
+                runner = runners[i]
                 # PyTorch's OpenMP threads keep spinning for a while after a call; without a pause
                 # they steal the cores from whichever row is timed next
                 time.sleep(1.0)
@@ -120,6 +146,12 @@ def main() -> None:
     opt = fp32_onnx.derive(opt_dir, format="onnx")
     measure("Optimum dynamic int8 (ORTQuantizer)", opt, model_bytes(opt),
             f"AutoQuantizationConfig.{(opt_dir / 'config.name').read_text()}(is_static=False)")
+    # Optimum's graph optimizer, for the fusion comparison only: its ORTQuantizer cannot quantize the
+    # fused graph (onnxruntime's quantizer needs DefaultTensorType for contrib ops, which Optimum's
+    # quantization config does not pass), so there is no Optimum "O2 + int8" row to time.
+    o2_dir = optimum_o2(fp32_onnx.path, work / "optimum-o2")
+    fusion = {"compressor optimize-onnx": fused_ops(steps["optimize-onnx"] / "model.onnx"),
+              "Optimum ORTOptimizer O2": fused_ops(o2_dir / "model.onnx")}
 
     # torch.ao dynamic int8, through compressor's own quantize-torch step (int8 weights in safetensors)
     from compressor.plugins.quantize_torch import QuantizeTorch, QuantizeTorchConfig
@@ -147,7 +179,7 @@ def main() -> None:
         if Path("/proc/cpuinfo").exists() else []
     results = {"date": date.today().isoformat(), "command": "python bench/compare.py " + " ".join(sys.argv[1:]),
                "cpu": cpu_name(), "cpu_flags": flags, "threads": args.threads, "runs": args.runs,
-               "libraries": env["libraries"], "python": env["python"], "rows": rows_out,
+               "libraries": env["libraries"], "python": env["python"], "rows": rows_out, "fusion": fusion,
                "steps": {name: [{"uses": s["uses"], "notes": s["notes"]} for s in rec["steps"]]
                          for name, rec in records.items()},
                "recipe_reports": {name: [{k: a.get(k) for k in ("name", "format", "accuracy", "size_bytes",
@@ -170,7 +202,11 @@ def main() -> None:
                      f"{r['size_bytes'] / 1e6:.2f} | {r['x_smaller']:.2f}× | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
                      f"{r['x_faster_b1']:.2f}× | {r['throughput_b32']:.1f} |")
     notes = [f"- {r['row']}: {r['note']}" for r in rows_out if r["note"]]
-    lines += ["", *notes, "", "## What each step of the edge recipe contributed", "",
+    lines += ["", *notes, "", "## Graph fusion on the FP32 export (operators in the graph)", "",
+              "| optimizer | " + " | ".join(FUSION_COLUMNS) + " |", "|---|" + "---:|" * len(FUSION_COLUMNS)]
+    lines += [f"| {who} | " + " | ".join(str(ops.get(op, 0)) for op in FUSION_COLUMNS) + " |"
+              for who, ops in fusion.items()]
+    lines += ["", "## What each step of the edge recipe contributed", "",
               "| step | accuracy | size (MB) | parameters |", "|---|---:|---:|---:|"]
     for a in results["recipe_reports"]["edge"]:
         acc = f"{a['accuracy']:.4f}" if a.get("accuracy") is not None else "–"

@@ -65,6 +65,9 @@ def describe_model(model_file: Path) -> dict[str, Any]:
         info["opset"] = opset
         minimum.append(OPSET_MIN_ORT.get(opset, ort.__version__.rsplit(".", 1)[0]))
         minimum += [OP_MIN_ORT[n.op_type] for n in model.graph.node if n.op_type in OP_MIN_ORT]
+        uint8_tables = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8}
+        if any(n.op_type == "GatherBlockQuantized" and n.input[0] in uint8_tables for n in model.graph.node):
+            minimum.append("1.22")  # GatherBlockQuantized reads uint8-packed 4-bit tables from 1.22 on
     else:  # an .ort file is tied to the onnxruntime that wrote it
         minimum.append(ort.__version__.rsplit(".", 1)[0])
     info["min_onnxruntime"] = _version_max(minimum)

@@ -26,6 +26,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("evaluators", "compressor.evaluators.plugin"),
     ("finetune", "compressor.plugins.finetune"),
     ("export-onnx", "compressor.export.onnx"),
+    ("optimize-onnx", "compressor.plugins.optimize_onnx"),
     ("quantize-onnx", "compressor.plugins.quantize_onnx"),
     ("prune", "compressor.plugins.prune"),
     ("distill", "compressor.plugins.distill"),

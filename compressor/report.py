@@ -38,6 +38,17 @@ def fmt_value(value: Any, spec: str, suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
+def fmt_note(value: Any) -> str:
+    """A step's note for a table cell: floats to 3 significant digits, lists and mappings on one line."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {fmt_note(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(fmt_note(v) for v in value) + "]"
+    return str(value)
+
+
 def render_markdown(record: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The report as a Markdown page."""
     env = record["environment"]
@@ -74,7 +85,7 @@ def render_markdown(record: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         lines += [f"- FAILED: {f}" for f in g.get("unmeasured", [])]
     lines += ["", "## Steps", "", "| step | seconds | cached | notes |", "|---|---:|---|---|"]
     for s in record["steps"]:
-        notes_ = ", ".join(f"{k}={v}" for k, v in s["notes"].items() if not isinstance(v, (list, dict)))
+        notes_ = ", ".join(f"{k}={fmt_note(v)}" for k, v in s["notes"].items())
         lines.append(f"| {s['index']}: {s['uses']} | {s['seconds']:.1f} | {'yes' if s['cached'] else 'no'} | {notes_} |")
     lines += ["", "## Reproducibility", "",
               f"- recipe: `{record['recipe_path']}` (sha256 `{record['recipe_hash'][:16]}…`)",

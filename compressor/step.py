@@ -25,7 +25,8 @@ log = logging.getLogger("compressor")
 class StepConfig(BaseModel):
     """Base class of every step's `Config`: unknown keys are errors, values are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # defer_build: each Config's validator is built on first use, not at import (keeps `--help` fast)
+    model_config = ConfigDict(extra="forbid", validate_default=True, defer_build=True)
 
 
 @dataclass

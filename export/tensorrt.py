@@ -74,8 +74,15 @@ class ExportTensorrt(Step):
         problem = gpu_problem()
         if problem:
             raise StepError(f"export-tensorrt cannot run here: {problem}")
-        if config.precision == "int8" and artifact.info.get("mode") != "static":
+        if config.precision == "int8" and artifact.info.get("quantized") != "int8-static-qdq":
             raise StepError("precision int8 needs a QDQ model", hint="add quantize-onnx with mode: static before it")
+        import onnx
+
+        contrib = sorted({n.op_type for n in onnx.load(str(artifact.model_file), load_external_data=False).graph.node
+                          if n.domain == "com.microsoft"})
+        if contrib:
+            raise StepError(f"the model uses onnxruntime-only operators TensorRT cannot parse: {', '.join(contrib)}",
+                            hint="leave optimize-onnx, dynamic and int4 quantization out of a TensorRT chain")
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode

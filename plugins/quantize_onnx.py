@@ -61,7 +61,9 @@ class QuantizeOnnxConfig(StepConfig):
     op_types: list[str] | None = Field(default=None, description="Operator types to quantize (default: dynamic — "
                                                                   "all it supports; static — MatMul and Gather, the "
                                                                   "weight-heavy ops; int4 — MatMul, and Gather "
-                                                                  "(embeddings, as GatherBlockQuantized) if listed).")
+                                                                  "(embeddings, as GatherBlockQuantized) if listed). "
+                                                                  "After optimize-onnx, list Attention too "
+                                                                  "(→ QAttention) when naming op types.")
     exclude_op_types: list[str] = Field(default_factory=lambda: list(FRAGILE_OPS),
                                         description="static: operator types always left in float, even if listed "
                                                     "in op_types (LayerNorm, GELU, Softmax and the like).")
@@ -145,9 +147,12 @@ def _dynamic(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepCo
 
     weight_type, reduce_range = resolved_settings(config)
     ctx.report(weight_type=weight_type, reduce_range=reduce_range)
+    # DefaultTensorType: ONNX shape inference does not type the outputs of onnxruntime's contrib ops
+    # (Attention, SkipLayerNormalization from optimize-onnx); they are float.
     quantize_dynamic(str(source), str(target), per_channel=config.per_channel, reduce_range=reduce_range,
                      op_types_to_quantize=config.op_types, nodes_to_exclude=config.exclude_nodes,
-                     weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8)
+                     weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
+                     extra_options={"DefaultTensorType": 1})  # onnx.TensorProto.FLOAT
     return f"{weight_type}-dynamic"
 
 
@@ -227,10 +232,37 @@ def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepConte
                                      accuracy_level=config.accuracy_level, nodes_to_exclude=config.exclude_nodes,
                                      op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
     quantizer.process()
+    packed = pack_gather_tables(quantizer.model.model)
     quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
     ctx.report(block_size=config.block_size, symmetric=config.symmetric, accuracy_level=config.accuracy_level,
-               op_types=list(op_types))
+               op_types=list(op_types), packed_gather_tables=packed)
     return f"int4-block{config.block_size}"
+
+
+def pack_gather_tables(model: Any) -> int:
+    """Store symmetric int4 GatherBlockQuantized tables as uint8 bytes holding two 4-bit values (zero point 8).
+
+    The values and scales are unchanged; onnxruntime (>= 1.22) looks rows up about 4x faster from this
+    layout than from the int4 tensor type (measured: 21 µs against 93 µs for 25 rows of a 13k×384 table),
+    which is a tenth of the edge model's batch-1 time. Returns how many tables were repacked."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    tables = {t.name: t for t in model.graph.initializer}
+    packed = 0
+    for node in model.graph.node:
+        if node.op_type != "GatherBlockQuantized" or len(node.input) > 3 or node.input[0] not in tables:
+            continue  # a zero-point input means asymmetric blocks; keep onnxruntime's own layout
+        table = tables[node.input[0]]
+        attrs = {a.name: a.i for a in node.attribute}
+        if (table.data_type != TensorProto.INT4 or len(table.dims) != 2 or table.dims[1] % 2
+                or attrs.get("gather_axis", 0) != 0 or attrs.get("quantize_axis", 1) != 1):
+            continue
+        nibbles = (numpy_helper.to_array(table).astype(np.int16) + 8).astype(np.uint8)  # -8..7 -> 0..15
+        data = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)  # element 2k in the low nibble, as MatMulNBits
+        table.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(data), table.name))
+        packed += 1
+    return packed
 
 
 @hookimpl

@@ -151,3 +151,80 @@ def test_quantize_torch_roundtrip_equals_torch_ao(trained):
         expected = reference(**tok(texts, padding=True, return_tensors="pt")).logits.numpy()
     runner = load_runner(Artifact.load(Path(record["steps"][1]["path"])), threads=1)
     assert abs(runner(runner.encode(texts)) - expected).max() < 1e-6
+
+
+def _graph(record: dict, step: int):
+    import onnx
+
+    return onnx.load(str(Path(record["steps"][step]["path"]) / "model.onnx")).graph
+
+
+def test_int4_tables_are_packed_uint8_with_identical_outputs(trained):
+    """The step stores int4 embedding tables as uint8 pairs (onnxruntime's faster layout); the model's
+    outputs are exactly those of onnxruntime's int4-typed tables."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from compressor.plugins.quantize_onnx import pack_gather_tables
+
+    record = _with_step(trained, "int4-packed", "  - uses: quantize-onnx\n    with: {mode: int4, op_types: [Gather]}\n")
+    graph = _graph(record, 2)
+    tables = {t.name: t for t in graph.initializer}
+    gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
+    assert gathers and all(tables[n.input[0]].data_type == onnx.TensorProto.UINT8 for n in gathers)
+    assert record["steps"][2]["notes"]["packed_gather_tables"] == len(gathers)
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(Path(record["steps"][1]["path"]) / "model.onnx")), bits=4,
+                                     block_size=32, is_symmetric=True, op_types_to_quantize=("Gather",),
+                                     quant_axes=(("MatMul", 0), ("Gather", 1)))
+    quantizer.process()
+    int4 = quantizer.model.model
+    assert any(t.data_type == onnx.TensorProto.INT4 for t in int4.graph.initializer)
+    packed = onnx.ModelProto()
+    packed.CopyFrom(int4)
+    assert pack_gather_tables(packed) == len(gathers)
+    a, b = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (int4, packed))
+    rng = np.random.default_rng(0)
+    for length in (1, 7, 30):
+        feed = {"input_ids": rng.integers(0, 100, (2, length)), "attention_mask": np.ones((2, length), np.int64),
+                "token_type_ids": np.zeros((2, length), np.int64)}
+        feed = {i.name: feed[i.name] for i in a.get_inputs()}
+        assert np.array_equal(a.run(None, feed)[0], b.run(None, feed)[0])
+
+
+OPTIMIZE = "  - uses: optimize-onnx\n"
+
+
+def test_optimize_onnx_fuses_and_keeps_the_logits(trained):
+    """Every layer's attention becomes one Attention op, residual+LayerNorm SkipLayerNormalization and
+    bias+GELU BiasGelu; the logits stay within the parity tolerance and the accuracy is unchanged."""
+    record = _with_step(trained, "optimize", OPTIMIZE)
+    notes = record["steps"][2]["notes"]
+    assert notes["fused"] == {"Attention": 2, "SkipLayerNormalization": 4, "BiasGelu": 2}
+    assert notes["nodes_after"] < notes["nodes_before"] / 2 and notes["parity_max_abs_diff"] < 1e-4
+    ops = [n.op_type for n in _graph(record, 2).node]
+    assert ops.count("Attention") == 2 and "Softmax" not in ops and "EmbedLayerNormalization" not in ops
+    assert record["artifacts"][3]["accuracy"] == record["artifacts"][2]["accuracy"]
+
+
+def test_optimized_graph_quantizes_to_qattention_and_packed_tables(trained):
+    """The edge pair after optimize-onnx: dynamic int8 turns Attention into QAttention and the other
+    weight MatMuls into MatMulInteger; int4 then blocks the embedding tables."""
+    steps = (OPTIMIZE + "  - uses: quantize-onnx\n    with: {mode: dynamic, op_types: [MatMul, Attention], "
+             "per_channel: true}\n  - uses: quantize-onnx\n    with: {mode: int4, op_types: [Gather]}\n")
+    record = _with_step(trained, "optimize-quantize", steps)
+    graph = _graph(record, 4)
+    weights = {t.name for t in graph.initializer}
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QAttention") == 2 and "Attention" not in ops and ops.count("GatherBlockQuantized") >= 3
+    assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    fp32, final = record["artifacts"][2], record["artifacts"][5]
+    assert abs(final["accuracy"] - fp32["accuracy"]) <= 0.04 and final["size_bytes"] < 0.4 * fp32["size_bytes"]
+
+
+def test_optimize_onnx_embed_layer_norm(trained):
+    record = _with_step(trained, "optimize-embed", "  - uses: optimize-onnx\n    with: {embed_layer_norm: true}\n")
+    assert record["steps"][2]["notes"]["fused"]["EmbedLayerNormalization"] == 1
+    assert record["artifacts"][3]["accuracy"] == record["artifacts"][2]["accuracy"]

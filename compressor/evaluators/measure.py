@@ -40,8 +40,22 @@ def parameter_count(artifact: Artifact) -> int | None:
         import numpy as np
 
         model = onnx.load(str(artifact.model_file), load_external_data=False)
-        # Quantized graphs keep scales and zero points as tiny initializers; count only tensors of >1 element.
-        return int(sum(int(np.prod(t.dims)) for t in model.graph.initializer if int(np.prod(t.dims)) > 1))
+        # Blockwise 4-bit ops may store two weights per uint8 and carry per-block scales: count the
+        # weights, not the bytes or the scales. Other quantized graphs keep scales and zero points as
+        # tiny initializers; count only tensors of >1 element.
+        packed, metadata = {}, set()
+        for node in model.graph.node:
+            if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+                bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+                data = 1 if node.op_type == "MatMulNBits" else 0
+                packed[node.input[data]] = 8 // bits
+                metadata.update(name for name in node.input[2:4] if name)  # scales, zero points
+        total = 0
+        for t in model.graph.initializer:
+            n = int(np.prod(t.dims))
+            if n > 1 and t.name not in metadata:
+                total += n * (packed.get(t.name, 1) if t.data_type == onnx.TensorProto.UINT8 else 1)
+        return total
     return None
 
 
