@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -27,16 +28,69 @@ def variants(onnx_dir: Path, work: Path) -> dict[str, Path]:
     out = {"optimum avx2 dynamic": next(optimum_int8(onnx_dir, work / "optimum").glob("*.onnx"))}
     source = str(onnx_dir / "model.onnx")
     settings = {
-        "uint8, const-B MatMuls only (ours before)": dict(weight_type=QuantType.QUInt8),
+        "uint8, const-B MatMuls only (unfused)": dict(weight_type=QuantType.QUInt8),
         "uint8, every MatMul (attention too)": dict(weight_type=QuantType.QUInt8,
                                                     extra_options={"MatMulConstBOnly": False}),
         "int8, every MatMul": dict(weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": False}),
     }
+    fused = next(onnx_dir.parent.glob("*-optimize-onnx"), None)  # the int8 recipe's optimize-onnx output
+    if fused is not None:
+        for label, per_channel in (("per tensor (ours)", False), ("per channel", True)):
+            settings[f"fused (optimize-onnx), uint8, {label}"] = dict(
+                model=fused / "model.onnx", weight_type=QuantType.QUInt8, per_channel=per_channel,
+                extra_options={"DefaultTensorType": 1})  # onnx.TensorProto.FLOAT, for the contrib ops
     for name, kwargs in settings.items():
         target = work / f"{len(out)}.onnx"
-        quantize_dynamic(source, str(target), **kwargs)
+        quantize_dynamic(str(kwargs.pop("model", source)), str(target), **kwargs)
         out[name] = target
     return out
+
+
+def dev_feeds(onnx_dir: Path) -> list[dict[str, Any]]:
+    """One tokenized feed per SST-2 dev sentence (batch 1), with the tokenizer beside the model."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from compressor.data import DataSource
+
+    rows = DataSource("tsv", {"eval": Path(__file__).resolve().parents[2] / "shared/data/sst2/dev.tsv"},
+                      "sentence", "label").load("eval")
+    tokenizer = AutoTokenizer.from_pretrained(str(onnx_dir))
+    return [{k: v.astype(np.int64) for k, v in tokenizer([r.text], return_tensors="np").items()} for r in rows]
+
+
+def time_interleaved(models: dict[str, Path], feeds: list[dict[str, Any]], rounds: int, runs: int,
+                     threads: int) -> dict[str, list[float]]:
+    """Batch-1 call times (ms) of each model: `rounds` passes of `runs` calls per model, each pass
+    starting one model later, so that machine drift and neighbour effects hit every model alike."""
+    from compressor.evaluators.runtime import ort_session
+
+    sessions = {name: ort_session(path, threads) for name, path in models.items()}
+    inputs = {name: {i.name for i in s.get_inputs()} for name, s in sessions.items()}
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for name, session in sessions.items():  # warm-up
+        for feed in feeds[:20]:
+            session.run(None, {k: v for k, v in feed.items() if k in inputs[name]})
+    names = list(sessions)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            for i in range(runs):
+                feed = {k: v for k, v in feeds[(r * runs + i) % len(feeds)].items() if k in inputs[name]}
+                t0 = time.perf_counter()
+                sessions[name].run(None, feed)
+                times[name].append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def print_table(models: dict[str, Path], times: dict[str, list[float]], base_name: str, base_label: str) -> None:
+    """Median, p90, ratio to the base variant and size, one line per variant."""
+    import numpy as np
+
+    base = statistics.median(times[base_name])
+    print(f"{'variant':<52} {'p50 ms':>8} {'p90 ms':>8} {base_label:>12} {'size MB':>8}")
+    for name, values in times.items():
+        p50, p90 = statistics.median(values), float(np.percentile(values, 90))
+        print(f"{name:<52} {p50:8.3f} {p90:8.3f} {p50 / base:11.3f}× {models[name].stat().st_size / 1e6:8.2f}")
 
 
 def main() -> None:
@@ -46,38 +100,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-
-    import numpy as np
-    from transformers import AutoTokenizer
-
-    from compressor.data import DataSource
-    from compressor.evaluators.runtime import ort_session
-
-    rows = DataSource("tsv", {"eval": Path(__file__).resolve().parents[2] / "shared/data/sst2/dev.tsv"},
-                      "sentence", "label").load("eval")
-    tokenizer = AutoTokenizer.from_pretrained(str(args.onnx_dir))
-    feeds = [{k: v.astype(np.int64) for k, v in tokenizer([r.text], return_tensors="np").items()} for r in rows]
-    work = Path(tempfile.mkdtemp(prefix="int8-latency-"))
-    models = variants(args.onnx_dir, work)
-    sessions = {name: ort_session(path, args.threads) for name, path in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for session in sessions.values():  # warm-up
-        for feed in feeds[:20]:
-            session.run(None, {k: v for k, v in feed.items() if k in {i.name for i in session.get_inputs()}})
-    for r in range(args.rounds):
-        for name, session in sessions.items():
-            names = {i.name for i in session.get_inputs()}
-            for i in range(args.runs):
-                feed = feeds[(r * args.runs + i) % len(feeds)]
-                t0 = time.perf_counter()
-                session.run(None, {k: v for k, v in feed.items() if k in names})
-                times[name].append((time.perf_counter() - t0) * 1000)
-    base = statistics.median(times["optimum avx2 dynamic"])
-    print(f"{'variant':<45} {'p50 ms':>8} {'p90 ms':>8} {'vs optimum':>10} {'size MB':>8}")
-    for name, values in times.items():
-        p50, p90 = statistics.median(values), float(np.percentile(values, 90))
-        size = models[name].stat().st_size / 1e6
-        print(f"{name:<45} {p50:8.3f} {p90:8.3f} {p50 / base:9.3f}× {size:8.2f}")
+    feeds = dev_feeds(args.onnx_dir)
+    models = variants(args.onnx_dir, Path(tempfile.mkdtemp(prefix="int8-latency-")))
+    times = time_interleaved(models, feeds, args.rounds, args.runs, args.threads)
+    print_table(models, times, "optimum avx2 dynamic", "vs optimum")
 
 
 if __name__ == "__main__":

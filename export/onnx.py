@@ -49,6 +49,15 @@ def max_logit_difference(reference: Artifact, candidate: Artifact, texts: list[A
     return worst
 
 
+def check_parity(reference: Artifact, candidate: Artifact, ctx: StepContext, atol: float, rows: int, what: str,
+                 hint: str) -> None:
+    """Report the largest |logit difference| on real rows; raise StepError when it exceeds `atol`."""
+    diff = max_logit_difference(reference, candidate, parity_texts(ctx, rows), ctx.threads)
+    ctx.report(parity_max_abs_diff=diff, parity_atol=atol)
+    if diff > atol:
+        raise StepError(f"parity check failed: {what} by {diff:.3g} (atol {atol})", hint=hint)
+
+
 class ExportOnnx(Step):
     """Export a transformers model to ONNX (optimum-onnx) and check its logits against PyTorch."""
 
@@ -90,11 +99,8 @@ class ExportOnnx(Step):
             raise StepError(f"ONNX export failed: {type(exc).__name__}: {exc}",
                             hint="try another opset, or run with --debug for the exporter's traceback") from exc
         out = artifact.derive(ctx.out_dir, format="onnx", opset=config.opset)
-        diff = max_logit_difference(artifact, out, parity_texts(ctx, config.parity_rows), ctx.threads)
-        ctx.report(parity_max_abs_diff=diff, parity_atol=config.atol)
-        if diff > config.atol:
-            raise StepError(f"parity check failed: ONNX logits differ from PyTorch by {diff:.3g} (atol {config.atol})",
-                            hint="raise with.atol if this difference is acceptable, or try another opset")
+        check_parity(artifact, out, ctx, config.atol, config.parity_rows, "ONNX logits differ from PyTorch",
+                     hint="raise with.atol if this difference is acceptable, or try another opset")
         return out
 
 

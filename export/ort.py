@@ -72,7 +72,7 @@ class ExportOrt(Step):
     def run(self, artifact: Artifact, config: StepConfig, ctx: StepContext) -> Artifact:
         """Convert, copy tokenizer and config, and check logits against the ONNX model."""
         assert isinstance(config, ExportOrtConfig)
-        from compressor.export.onnx import max_logit_difference, parity_texts
+        from compressor.export.onnx import check_parity
 
         try:
             out = to_ort(artifact, ctx.out_dir, config.optimization, optimization=config.optimization,
@@ -81,11 +81,9 @@ class ExportOrt(Step):
             raise
         except Exception as exc:
             raise StepError(f"conversion to .ort failed: {type(exc).__name__}: {exc}") from exc
-        diff = max_logit_difference(artifact, out, parity_texts(ctx, config.parity_rows), ctx.threads)
-        ctx.report(parity_max_abs_diff=diff, parity_atol=config.atol,
-                   operators_config="required_operators.config")
-        if diff > config.atol:
-            raise StepError(f"parity check failed: .ort logits differ from ONNX by {diff:.3g} (atol {config.atol})")
+        ctx.report(operators_config="required_operators.config")
+        check_parity(artifact, out, ctx, config.atol, config.parity_rows, ".ort logits differ from ONNX",
+                     hint="raise with.atol if this difference is acceptable, or try optimization: runtime")
         return out
 
 

@@ -148,6 +148,25 @@ def test_export_ort_step_matches_onnx(tmp_path, compressor_cache, tiny_text_mode
     assert (Path(record["steps"][1]["path"]) / "required_operators.config").is_file()
 
 
+def test_fused_packed_model_bundles_for_onnx_and_ort(tmp_path, compressor_cache, tiny_text_model, sst2_small):
+    """The edge recipe's tail (fusion, int8 QAttention, uint8-packed int4 tables) ships in both bundle
+    formats; the manifest asks for the onnxruntime that reads packed tables, and both bundles verify."""
+    from compressor import bundle_runtime
+    from compressor.testing import run_recipe
+
+    steps = ("  - uses: export-onnx\n  - uses: optimize-onnx\n  - uses: quantize-onnx\n"
+             "    with: {op_types: [MatMul, Attention], per_channel: true}\n"
+             "  - uses: quantize-onnx\n    with: {mode: int4, op_types: [Gather]}\n")
+    record = run_recipe(recipe_text(tiny_text_model, None, sst2_small["eval"], steps)
+                        + "bundle: {formats: [onnx, ort]}\n", tmp_path)
+    run = tmp_path / "run"
+    manifest = json.loads((run / "bundle" / "manifest.json").read_text())
+    assert manifest["min_onnxruntime"] == "1.22"
+    for bundle in (run / "bundle", run / "bundle-ort"):
+        assert bundle_runtime.verify(bundle)["golden"] == 4
+    assert record["artifacts"][-1]["accuracy"] == pytest.approx(record["artifacts"][1]["accuracy"], abs=0.05)
+
+
 def test_token_classification_bundle(tmp_path, compressor_cache, tiny_token_model, conll_small, cli_run):
     from compressor import bundle_runtime
     from compressor.testing import run_recipe
