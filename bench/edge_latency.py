@@ -25,7 +25,7 @@ def variants(run_dir: Path, work: Path) -> dict[str, Path]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from compressor.plugins.quantize_onnx import pack_gather_tables
+    from compressor.plugins.quantize_onnx import pack_gather_tables, resolve_weight_type
 
     record = json.loads((run_dir / "record.json").read_text())
     paths = {s["uses"]: Path(s["path"]) / "model.onnx" for s in record["steps"]}
@@ -35,7 +35,8 @@ def variants(run_dir: Path, work: Path) -> dict[str, Path]:
                                     (True, paths["optimize-onnx"], ["MatMul", "Attention"])):
         int8 = work / f"int8-{fused}.onnx"
         quantize_dynamic(str(source), str(int8), per_channel=True, op_types_to_quantize=op_types,
-                         weight_type=QuantType.QUInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                         weight_type=QuantType.QInt8 if resolve_weight_type("auto") == "int8" else QuantType.QUInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # as the recipe on this CPU
         quantizer = MatMulNBitsQuantizer(onnx.load(str(int8)), bits=4, block_size=32, is_symmetric=True,
                                          op_types_to_quantize=("Gather",), quant_axes=(("MatMul", 0), ("Gather", 1)))
         quantizer.process()
@@ -49,6 +50,7 @@ def variants(run_dir: Path, work: Path) -> dict[str, Path]:
 
 
 def main() -> None:
+    """Build the variants, time them interleaved with the recipe's final model, print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a run of recipes/minilm-sst2-edge.yaml")
     parser.add_argument("--rounds", type=int, default=10)

@@ -33,7 +33,7 @@ def variants(onnx_dir: Path, work: Path) -> dict[str, Path]:
                                                     extra_options={"MatMulConstBOnly": False}),
         "int8, every MatMul": dict(weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": False}),
     }
-    fused = next(onnx_dir.parent.glob("*-optimize-onnx"), None)  # the int8 recipe's optimize-onnx output
+    fused = optimize_output(onnx_dir)
     if fused is not None:
         for label, per_channel in (("per tensor (ours)", False), ("per channel", True)):
             settings[f"fused (optimize-onnx), uint8, {label}"] = dict(
@@ -44,6 +44,17 @@ def variants(onnx_dir: Path, work: Path) -> dict[str, Path]:
         quantize_dynamic(str(kwargs.pop("model", source)), str(target), **kwargs)
         out[name] = target
     return out
+
+
+def optimize_output(onnx_dir: Path) -> Path | None:
+    """The optimize-onnx artifact of the run that `onnx_dir` belongs to, read from its record.json."""
+    import json
+
+    record = onnx_dir.parent.parent / "record.json"
+    if not record.is_file():
+        return None
+    steps = json.loads(record.read_text())["steps"]
+    return next((Path(s["path"]) for s in steps if s["uses"] == "optimize-onnx"), None)
 
 
 def dev_feeds(onnx_dir: Path) -> list[dict[str, Any]]:
@@ -94,6 +105,7 @@ def print_table(models: dict[str, Path], times: dict[str, list[float]], base_nam
 
 
 def main() -> None:
+    """Build the variants, time them interleaved, print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("onnx_dir", type=Path)
     parser.add_argument("--rounds", type=int, default=10)

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
+    """Profile the model on dev sentences and print kernel time by operator type."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=Path, help="an artifact directory with model.onnx and its tokenizer")
     parser.add_argument("--sentences", type=int, default=300)

@@ -79,9 +79,10 @@ def dir_size(path: Path) -> int:
 
 
 def copy_companions(artifact: "Artifact", out_dir: Path) -> None:
-    """Copy everything beside an onnx artifact's model file (config, tokenizer) into out_dir."""
+    """Copy everything beside an onnx artifact's model file (config, tokenizer) into out_dir; not the
+    model, its external weights (`model.onnx_data`, which the step rewrites) or the artifact's metadata."""
     for file in Path(artifact.path).iterdir():
-        if file.is_file() and file.suffix != ".onnx" and file.name != META_FILE:
+        if file.is_file() and file.suffix not in (".onnx", ".onnx_data", ".data") and file.name != META_FILE:
             shutil.copy2(file, Path(out_dir) / file.name)
 
 

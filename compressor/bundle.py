@@ -66,8 +66,11 @@ def describe_model(model_file: Path) -> dict[str, Any]:
         minimum.append(OPSET_MIN_ORT.get(opset, ort.__version__.rsplit(".", 1)[0]))
         minimum += [OP_MIN_ORT[n.op_type] for n in model.graph.node if n.op_type in OP_MIN_ORT]
         uint8_tables = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8}
-        if any(n.op_type == "GatherBlockQuantized" and n.input[0] in uint8_tables for n in model.graph.node):
-            minimum.append("1.22")  # GatherBlockQuantized reads uint8-packed 4-bit tables from 1.22 on
+        for node in model.graph.node:
+            if node.op_type == "GatherBlockQuantized" and node.input[0] in uint8_tables:
+                # uint8 tables: 4-bit without zero points from 1.22, zero points and 8 bits from 1.23
+                bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+                minimum.append("1.23" if bits != 4 or any(node.input[3:4]) else "1.22")
     else:  # an .ort file is tied to the onnxruntime that wrote it
         minimum.append(ort.__version__.rsplit(".", 1)[0])
     info["min_onnxruntime"] = _version_max(minimum)

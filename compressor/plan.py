@@ -225,7 +225,7 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
                                          where=where, hint=f"pip install {module}"))
         ctx = PlanContext(recipe=recipe, recipe_dir=recipe_dir, model_config=model_config, artifact_format=fmt,
                           task=recipe.model.task, labels=labels, data=data,
-                          source_path=source.path)
+                          source_path=source.path, earlier=tuple((s.name, s.config) for s in steps))
         try:
             cls().check(config, ctx)
             labels = cls().output_labels(config, ctx)

@@ -42,6 +42,12 @@ class PlanContext:
     data: "DataSource | None" = None
     #: Directory of the recipe's input model (its tokenizer and files; no weights are read).
     source_path: Path | None = None
+    #: (uses, validated config) of the steps before this one, in order: for checks that depend on the chain.
+    earlier: tuple[tuple[str, "StepConfig"], ...] = ()
+
+    def after(self, *names: str) -> str | None:
+        """The first earlier step whose `uses` is one of `names`, located as `steps[i] (name)`; else None."""
+        return next((f"steps[{i}] ({uses})" for i, (uses, _) in enumerate(self.earlier) if uses in names), None)
 
     def resolve(self, path: str | Path) -> Path:
         """A path from the recipe, relative to the recipe file's directory."""

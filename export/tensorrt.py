@@ -59,6 +59,13 @@ class ExportTensorrt(Step):
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
         """Refuse before any work where no engine can be built."""
         assert isinstance(config, ExportTensorrtConfig)
+        contrib = ctx.after("optimize-onnx") or next(
+            (f"steps[{i}] (quantize-onnx mode: {c.mode})" for i, (uses, c) in enumerate(ctx.earlier)
+             if uses == "quantize-onnx" and getattr(c, "mode", None) in ("dynamic", "int4")), None)
+        if contrib:
+            raise RecipeError(f"{contrib} writes onnxruntime-only operators, which TensorRT cannot parse",
+                              where="uses", hint="for TensorRT, quantize with mode: static (QDQ) and leave "
+                                                 "optimize-onnx out; TensorRT fuses the graph itself")
         problem = gpu_problem()
         if problem:
             raise RecipeError(f"export-tensorrt cannot run here: {problem}", where="uses",

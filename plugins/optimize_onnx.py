@@ -23,7 +23,8 @@ from compressor.hookspecs import hookimpl
 from compressor.step import PlanContext, Step, StepConfig, StepContext
 
 #: Hugging Face model types whose exported graphs onnxruntime's `bert` fusions understand.
-BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "distilbert", "mpnet")
+#: (They share BERT's modelling code; others, such as DistilBERT, may fuse with `model_type: bert` set by hand.)
+BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie")
 #: The fused operators counted in the step's report.
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu",
              "FastGelu", "Gelu", "LayerNormalization")
@@ -38,9 +39,9 @@ class OptimizeOnnxConfig(StepConfig):
     skip_layer_norm: bool = Field(default=True, description="Fuse residual Add + LayerNorm (SkipLayerNormalization).")
     bias_gelu: bool = Field(default=True, description="Fuse bias Add + GELU (BiasGelu).")
     embed_layer_norm: bool = Field(default=False, description="Fuse the embedding lookups and their LayerNorm "
-                                                              "(EmbedLayerNormalization). Off by default: the fused "
-                                                              "op keeps the embedding tables in float, so quantize-onnx "
-                                                              "could no longer shrink them; measured no faster.")
+                                                              "(EmbedLayerNormalization). Off by default: it measured "
+                                                              "no faster, and int4 embedding tables (quantize-onnx "
+                                                              "int4 with op_types [Gather]) need the plain lookups.")
     atol: float = Field(default=1e-3, gt=0, le=10, description="Largest allowed |logit difference| between the "
                                                                "fused and the unfused model.")
     parity_rows: int = Field(default=32, ge=1, le=10_000, description="Real rows used by the parity check.")
@@ -56,6 +57,14 @@ def optimizer_model_type(config: OptimizeOnnxConfig, hf_model_type: Any) -> str:
                       hint="set model_type to one of onnxruntime's optimizer model types (bert, bart, gpt2, vit, ...)")
 
 
+def attention_shape(model_config: dict[str, Any]) -> tuple[int, int]:
+    """(attention heads, hidden size) from a config.json, under the names the common architectures use."""
+    heads = next((model_config[k] for k in ("num_attention_heads", "n_head", "encoder_attention_heads")
+                  if isinstance(model_config.get(k), int)), 0)
+    hidden = next((model_config[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(model_config.get(k), int)), 0)
+    return heads, hidden
+
+
 class OptimizeOnnx(Step):
     """Fuse attention, LayerNorm and GELU subgraphs with onnxruntime's transformer optimizer."""
 
@@ -67,8 +76,15 @@ class OptimizeOnnx(Step):
     produces = "onnx"
 
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
-        """The model type must map to a known set of fusions."""
+        """The step must follow export-onnx on a float graph, and the model type must map to known fusions."""
         assert isinstance(config, OptimizeOnnxConfig)
+        changed = ctx.after("quantize-onnx", "convert-fp16")
+        if changed:
+            raise RecipeError(f"comes after {changed}: the fusions match float32 graphs", where="uses",
+                              hint="put optimize-onnx right after export-onnx")
+        fused = ctx.after("optimize-onnx")
+        if fused:
+            raise RecipeError(f"{fused} already fused this graph", where="uses", hint="keep one optimize-onnx step")
         model_type = optimizer_model_type(config, ctx.model_config.get("model_type"))
         if model_type == "bert":
             return  # what auto picks; importing the optimizer to list its types costs check 0.4 s
@@ -90,7 +106,8 @@ class OptimizeOnnx(Step):
         if artifact.info.get("quantized") or artifact.info.get("precision") == "fp16":
             raise StepError("the model is already quantized or fp16; the fusions match float graphs",
                             hint="put optimize-onnx right after export-onnx")
-        model_type = optimizer_model_type(config, json.loads((artifact.path / "config.json").read_text()).get("model_type"))
+        model_config = json.loads((artifact.path / "config.json").read_text())
+        model_type = optimizer_model_type(config, model_config.get("model_type"))
         options = FusionOptions(model_type)
         options.enable_attention = config.attention
         options.enable_skip_layer_norm = config.skip_layer_norm
@@ -100,10 +117,12 @@ class OptimizeOnnx(Step):
         logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
         before = Counter(n.op_type for n in onnx.load(str(artifact.model_file), load_external_data=False).graph.node)
         try:
-            # num_heads/hidden_size 0: read from the graph, which also covers pruned heads and widths.
+            # bert: num_heads/hidden_size 0 reads them from the graph, which also covers pruned heads and
+            # widths; the other optimizers need them from config.json.
             # opt_level 0: only the portable fusions; onnxruntime applies its hardware-specific ones at load.
-            optimized = optimize_model(str(artifact.model_file), model_type=model_type, num_heads=0, hidden_size=0,
-                                       optimization_options=options, opt_level=0, use_gpu=False)
+            heads, hidden = (0, 0) if model_type == "bert" else attention_shape(model_config)
+            optimized = optimize_model(str(artifact.model_file), model_type=model_type, num_heads=heads,
+                                       hidden_size=hidden, optimization_options=options, opt_level=0, use_gpu=False)
         except Exception as exc:
             raise StepError(f"the transformer optimizer failed: {type(exc).__name__}: {exc}",
                             hint="turn off the fusion it names (with.attention, ...) or drop optimize-onnx") from exc

@@ -83,7 +83,7 @@ class QuantizeOnnx(Step):
 
     name = "quantize-onnx"
     summary = "Quantize an ONNX model: dynamic int8, static QDQ int8 (calibrated), or int4 weight-only."
-    version = "3"
+    version = "4"  # 4: int4 embedding tables packed as uint8
     Config = QuantizeOnnxConfig
     accepts = ("onnx",)
     produces = "onnx"
@@ -100,8 +100,15 @@ class QuantizeOnnx(Step):
         return ("train",) if config.mode == "static" else ()
 
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
-        """int4 block sizes must be powers of two that divide the model's widths."""
+        """int4 block sizes must be powers of two that divide the model's widths; static QDQ cannot
+        follow optimize-onnx."""
         assert isinstance(config, QuantizeOnnxConfig)
+        fused = ctx.after("optimize-onnx")
+        if config.mode == "static" and fused:
+            raise RecipeError(f"static quantization cannot follow {fused}: onnxruntime's QDQ quantizer cannot type "
+                              "the fused operators' outputs and would leave their activations float",
+                              where="with.mode", hint="use mode: dynamic after optimize-onnx, or leave "
+                                                      "optimize-onnx out of a static (QDQ) chain")
         if config.mode != "int4":
             return
         if config.block_size & (config.block_size - 1):
@@ -181,6 +188,11 @@ def _static(artifact: Artifact, target: Path, config: QuantizeOnnxConfig, ctx: S
     if ctx.data is None or not ctx.data.has("train"):
         raise StepError("static quantization needs calibration data", hint="add data.train to the recipe")
     graph = onnx.load(str(artifact.model_file), load_external_data=False).graph
+    fused = sorted({n.op_type for n in graph.node if n.domain == "com.microsoft"})
+    if fused:  # check() refuses optimize-onnx before static; this catches fused graphs from elsewhere
+        raise StepError(f"static quantization cannot type the outputs of onnxruntime's fused operators "
+                        f"({', '.join(fused)}) and would leave their activations float",
+                        hint="quantize the unfused export, or use mode: dynamic")
     inputs = [i.name for i in graph.input]
     op_types = [t for t in (config.op_types or STATIC_OP_TYPES) if t not in config.exclude_op_types]
     tokenizer = load_tokenizer(artifact.path)
@@ -251,8 +263,10 @@ def pack_gather_tables(model: Any) -> int:
     tables = {t.name: t for t in model.graph.initializer}
     packed = 0
     for node in model.graph.node:
-        if node.op_type != "GatherBlockQuantized" or len(node.input) > 3 or node.input[0] not in tables:
+        if node.op_type != "GatherBlockQuantized" or node.input[0] not in tables or any(node.input[3:4]):
             continue  # a zero-point input means asymmetric blocks; keep onnxruntime's own layout
+        if sum(node.input[0] in other.input for other in model.graph.node) > 1:
+            continue  # another operator reads the same table in its int4 layout
         table = tables[node.input[0]]
         attrs = {a.name: a.i for a in node.attribute}
         if (table.data_type != TensorProto.INT4 or len(table.dims) != 2 or table.dims[1] % 2

@@ -206,7 +206,7 @@ def test_optimize_onnx_fuses_and_keeps_the_logits(trained):
     assert notes["nodes_after"] < notes["nodes_before"] / 2 and notes["parity_max_abs_diff"] < 1e-4
     ops = [n.op_type for n in _graph(record, 2).node]
     assert ops.count("Attention") == 2 and "Softmax" not in ops and "EmbedLayerNormalization" not in ops
-    assert record["artifacts"][3]["accuracy"] == record["artifacts"][2]["accuracy"]
+    assert record["artifacts"][3]["accuracy"] == pytest.approx(record["artifacts"][2]["accuracy"], abs=0.006)
 
 
 def test_optimized_graph_quantizes_to_qattention_and_packed_tables(trained):
@@ -225,6 +225,8 @@ def test_optimized_graph_quantizes_to_qattention_and_packed_tables(trained):
 
 
 def test_optimize_onnx_embed_layer_norm(trained):
+    """embed_layer_norm also fuses the three lookups and their LayerNorm; the logits stay close."""
     record = _with_step(trained, "optimize-embed", "  - uses: optimize-onnx\n    with: {embed_layer_norm: true}\n")
     assert record["steps"][2]["notes"]["fused"]["EmbedLayerNormalization"] == 1
-    assert record["artifacts"][3]["accuracy"] == record["artifacts"][2]["accuracy"]
+    assert record["steps"][2]["notes"]["parity_max_abs_diff"] < 1e-4
+    assert record["artifacts"][3]["accuracy"] == pytest.approx(record["artifacts"][2]["accuracy"], abs=0.006)

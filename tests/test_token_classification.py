@@ -1,5 +1,5 @@
 """Token classification: CoNLL-style entity F1, and a tiny NER model on real CoNLL-2003 rows
-through finetune → export-onnx → quantize-onnx."""
+through finetune → export-onnx → optimize-onnx → quantize-onnx."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_tiny_ner_pipeline(tmp_path, compressor_cache, tiny_token_model, conll_s
     from compressor.testing import run_recipe
 
     steps = ("  - uses: finetune\n    with: {epochs: 4, learning_rate: 3.0e-3, batch_size: 16}\n"
-             "  - uses: export-onnx\n  - uses: quantize-onnx\n")
+             "  - uses: export-onnx\n  - uses: optimize-onnx\n  - uses: quantize-onnx\n")
     text = recipe_text(tiny_token_model, conll_small["train"], conll_small["eval"], steps,
                        task="token-classification", data_format="conll")
     record = run_recipe(text, tmp_path)
@@ -50,5 +50,7 @@ def test_tiny_ner_pipeline(tmp_path, compressor_cache, tiny_token_model, conll_s
     assert rows["input"]["f1"] < 0.05  # an untrained head finds no entities
     assert rows["finetune"]["f1"] > 0.2
     assert rows["export-onnx"]["f1"] == pytest.approx(rows["finetune"]["f1"], abs=0.005)
+    assert rows["optimize-onnx"]["f1"] == pytest.approx(rows["export-onnx"]["f1"], abs=0.005)
     assert abs(rows["quantize-onnx"]["f1"] - rows["export-onnx"]["f1"]) < 0.05
     assert record["steps"][1]["notes"]["parity_max_abs_diff"] < 1e-4
+    assert record["steps"][2]["notes"]["fused"]["Attention"] == 2  # the same fusions on a token-tagging graph

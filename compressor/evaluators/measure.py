@@ -18,6 +18,14 @@ def model_bytes(artifact: Artifact) -> int:
                if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES) and "adapter" not in p.parts[-2:-1])
 
 
+#: Inputs of quantized operators that hold scales and zero points (not weights), by position.
+QUANT_METADATA_INPUTS = {"MatMulNBits": (2, 3), "GatherBlockQuantized": (2, 3), "MatMulInteger": (2, 3),
+                         "DynamicQuantizeMatMul": (2, 3), "MatMulIntegerToFloat": (2, 3, 4, 5),
+                         "QAttention": (3, 4, 6, 7), "DequantizeLinear": (1, 2), "QuantizeLinear": (1, 2)}
+#: How onnxruntime's quantizers name the scale and zero-point initializers they add.
+QUANT_METADATA_SUFFIXES = ("_scale", "_scales", "_zero_point", "_zero_points")
+
+
 def parameter_count(artifact: Artifact) -> int | None:
     """Number of weights, read from safetensors headers or ONNX initializers (no model is run)."""
     if artifact.format == "hf":
@@ -40,16 +48,15 @@ def parameter_count(artifact: Artifact) -> int | None:
         import numpy as np
 
         model = onnx.load(str(artifact.model_file), load_external_data=False)
-        # Blockwise 4-bit ops may store two weights per uint8 and carry per-block scales: count the
-        # weights, not the bytes or the scales. Other quantized graphs keep scales and zero points as
-        # tiny initializers; count only tensors of >1 element.
+        # Count weights, not bytes or quantization metadata: blockwise 4-bit ops may store two weights
+        # per uint8, and scales and zero points (per block, per channel) are not parameters.
         packed, metadata = {}, set()
         for node in model.graph.node:
             if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
                 bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
-                data = 1 if node.op_type == "MatMulNBits" else 0
-                packed[node.input[data]] = 8 // bits
-                metadata.update(name for name in node.input[2:4] if name)  # scales, zero points
+                packed[node.input[1 if node.op_type == "MatMulNBits" else 0]] = 8 // bits
+            metadata.update(node.input[k] for k in QUANT_METADATA_INPUTS.get(node.op_type, ()) if k < len(node.input))
+        metadata |= {t.name for t in model.graph.initializer if t.name.endswith(QUANT_METADATA_SUFFIXES)}
         total = 0
         for t in model.graph.initializer:
             n = int(np.prod(t.dims))
