@@ -23,9 +23,8 @@ def variants(run_dir: Path, work: Path) -> dict[str, Path]:
     """The four variants, built with onnxruntime's quantizers from the run's export and fused model."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    from compressor.plugins.quantize_onnx import pack_gather_tables, resolve_weight_type
+    from compressor.plugins.quantize_onnx import QuantizeOnnxConfig, blockwise_int4, pack_gather_tables, \
+        resolve_weight_type
 
     record = json.loads((run_dir / "record.json").read_text())
     paths = {s["uses"]: Path(s["path"]) / "model.onnx" for s in record["steps"]}
@@ -37,15 +36,15 @@ def variants(run_dir: Path, work: Path) -> dict[str, Path]:
         quantize_dynamic(str(source), str(int8), per_channel=True, op_types_to_quantize=op_types,
                          weight_type=QuantType.QInt8 if resolve_weight_type("auto") == "int8" else QuantType.QUInt8,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # as the recipe on this CPU
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(int8)), bits=4, block_size=32, is_symmetric=True,
-                                         op_types_to_quantize=("Gather",), quant_axes=(("MatMul", 0), ("Gather", 1)))
-        quantizer.process()
+        # the recipe's last step: int4 blocks of 32 on the embedding tables
+        int4 = blockwise_int4(onnx.load(str(int8)), QuantizeOnnxConfig(mode="int4", op_types=["Gather"]),
+                              ("Gather",)).model
         label = "fused" if fused else "unfused"
         out[f"{label}, int4-typed tables"] = work / f"{label}-int4.onnx"
-        onnx.save(quantizer.model.model, str(out[f"{label}, int4-typed tables"]))
-        pack_gather_tables(quantizer.model.model)
+        onnx.save(int4, str(out[f"{label}, int4-typed tables"]))
+        pack_gather_tables(int4)
         out[f"{label}, uint8-packed tables"] = work / f"{label}-uint8.onnx"
-        onnx.save(quantizer.model.model, str(out[f"{label}, uint8-packed tables"]))
+        onnx.save(int4, str(out[f"{label}, uint8-packed tables"]))
     return out
 
 

@@ -221,10 +221,22 @@ def _static(artifact: Artifact, target: Path, config: QuantizeOnnxConfig, ctx: S
     return "int8-static-qdq"
 
 
+def blockwise_int4(model: Any, config: QuantizeOnnxConfig, op_types: tuple[str, ...]) -> Any:
+    """onnxruntime's blockwise int4 quantizer on `model` (in place): MatMul weights become MatMulNBits and
+    Gather tables GatherBlockQuantized (int4 tensor type), blocked along the hidden axis. Returns its
+    ONNXModel; `.model` is the ModelProto."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size, is_symmetric=config.symmetric,
+                                     accuracy_level=config.accuracy_level, nodes_to_exclude=config.exclude_nodes,
+                                     op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
+    quantizer.process()
+    return quantizer.model
+
+
 def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepContext) -> str:
     import onnx
     from onnx import numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(source))
     weights = {t.name: t for t in model.graph.initializer}
@@ -239,13 +251,9 @@ def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepConte
     if unknown:
         raise StepError(f"int4 quantizes MatMul and Gather only, not {', '.join(sorted(unknown))}",
                         hint="set op_types to [MatMul], [Gather] or both")
-    # Gather (embedding tables) becomes GatherBlockQuantized, blocked along the hidden axis
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size, is_symmetric=config.symmetric,
-                                     accuracy_level=config.accuracy_level, nodes_to_exclude=config.exclude_nodes,
-                                     op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
-    quantizer.process()
-    packed = pack_gather_tables(quantizer.model.model)
-    quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+    quantized = blockwise_int4(model, config, op_types)
+    packed = pack_gather_tables(quantized.model)
+    quantized.save_model_to_file(str(target), use_external_data_format=False)
     ctx.report(block_size=config.block_size, symmetric=config.symmetric, accuracy_level=config.accuracy_level,
                op_types=list(op_types), packed_gather_tables=packed)
     return f"int4-block{config.block_size}"

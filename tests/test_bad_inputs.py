@@ -109,38 +109,25 @@ def _unsupported_architecture(w: World) -> None:
 
 
 # -- data ------------------------------------------------------------------------------------------
-def _empty_data(w: World) -> None:
-    w.train = w.tsv("empty.tsv", "")
-    w.steps = "  - uses: finetune\n"
+def _finetune_on(name: str, content: str | bytes) -> Callable[[World], None]:
+    """A finetune step reading this train file."""
+    def setup(w: World) -> None:
+        w.train, w.steps = w.tsv(name, content), "  - uses: finetune\n"
+    return setup
 
 
-def _header_only(w: World) -> None:
-    w.train = w.tsv("header.tsv", "sentence\tlabel\n")
-    w.steps = "  - uses: finetune\n"
-
-
-def _no_label_column(w: World) -> None:
-    w.train = w.tsv("nolabel.tsv", "sentence\tscore\na fine film\t1\n")
-    w.steps = "  - uses: finetune\n"
-
-
-def _non_utf8_train(w: World) -> None:
-    w.train = w.tsv("latin1.tsv", "sentence\tlabel\n".encode() + "caf\xe9 cr\xe8me\t1\n".encode("latin-1"))
-    w.steps = "  - uses: finetune\n"
+_empty_data = _finetune_on("empty.tsv", "")
+_header_only = _finetune_on("header.tsv", "sentence\tlabel\n")
+_no_label_column = _finetune_on("nolabel.tsv", "sentence\tscore\na fine film\t1\n")
+_non_utf8_train = _finetune_on("latin1.tsv", "sentence\tlabel\n".encode() + "caf\xe9 cr\xe8me\t1\n".encode("latin-1"))
 
 
 def _unknown_labels(w: World) -> None:
     w.eval = w.tsv("labels.tsv", "sentence\tlabel\na fine film\t1\nawful\t7\n")
 
 
-def _single_row(w: World) -> None:
-    w.train = w.tsv("one.tsv", "sentence\tlabel\na fine film\t1\n")
-    w.steps = "  - uses: finetune\n"
-
-
-def _ragged_row(w: World) -> None:
-    w.train = w.tsv("ragged.tsv", "sentence\tlabel\na fine film\t1\nbroken row without a label\n")
-    w.steps = "  - uses: finetune\n"
+_single_row = _finetune_on("one.tsv", "sentence\tlabel\na fine film\t1\n")
+_ragged_row = _finetune_on("ragged.tsv", "sentence\tlabel\na fine film\t1\nbroken row without a label\n")
 
 
 def _broken_jsonl(w: World) -> None:

@@ -165,9 +165,7 @@ def test_int4_tables_are_packed_uint8_with_identical_outputs(trained):
     import numpy as np
     import onnx
     import onnxruntime as ort
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    from compressor.plugins.quantize_onnx import pack_gather_tables
+    from compressor.plugins.quantize_onnx import QuantizeOnnxConfig, blockwise_int4, pack_gather_tables
 
     record = _with_step(trained, "int4-packed", "  - uses: quantize-onnx\n    with: {mode: int4, op_types: [Gather]}\n")
     graph = _graph(record, 2)
@@ -176,11 +174,8 @@ def test_int4_tables_are_packed_uint8_with_identical_outputs(trained):
     assert gathers and all(tables[n.input[0]].data_type == onnx.TensorProto.UINT8 for n in gathers)
     assert record["steps"][2]["notes"]["packed_gather_tables"] == len(gathers)
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(Path(record["steps"][1]["path"]) / "model.onnx")), bits=4,
-                                     block_size=32, is_symmetric=True, op_types_to_quantize=("Gather",),
-                                     quant_axes=(("MatMul", 0), ("Gather", 1)))
-    quantizer.process()
-    int4 = quantizer.model.model
+    int4 = blockwise_int4(onnx.load(str(Path(record["steps"][1]["path"]) / "model.onnx")),
+                          QuantizeOnnxConfig(mode="int4", op_types=["Gather"]), ("Gather",)).model
     assert any(t.data_type == onnx.TensorProto.INT4 for t in int4.graph.initializer)
     packed = onnx.ModelProto()
     packed.CopyFrom(int4)
