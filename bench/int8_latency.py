@@ -1,7 +1,7 @@
 """Batch-1 latency of int8 variants of one ONNX model, measured interleaved so that machine drift
 hits every variant alike: rounds of `--runs` calls per variant, in turn, `--rounds` times, over the
 same real SST-2 dev sentences. Prints each variant's median and its ratio to Optimum's int8.
-Asserts nothing; this is how quantize-onnx's dynamic defaults were chosen (see bench/RESULTS.md).
+Asserts nothing; the candidates are quantize-onnx mode: auto's (bench/NOTES.md).
 
     python bench/int8_latency.py runs/bench-int8/artifacts/02-export-onnx [--rounds 10 --runs 100]
 """
@@ -19,30 +19,35 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def variants(onnx_dir: Path, work: Path) -> dict[str, Path]:
-    """Optimum's documented path and onnxruntime's quantize_dynamic with the settings we compare."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def variants(onnx_dir: Path, work: Path, excluded: int = 2) -> dict[str, Path]:
+    """Optimum's documented path (its config for this CPU) and quantize-onnx mode: auto's candidates on
+    the fused model (optimize-onnx's output in the same run), the float-node ones from measured sensitivity."""
+    import argparse
 
     from compare import optimum_int8
+    from compressor.artifact import Artifact
+    from compressor.plugins.quantize_tune import Candidate, base_candidates, matmul_form, quantize_dynamic_file, \
+        rank_nodes
+    from compressor.data import DataSource
 
-    out = {"optimum avx2 dynamic": next(optimum_int8(onnx_dir, work / "optimum").glob("*.onnx"))}
-    source = str(onnx_dir / "model.onnx")
-    settings = {
-        "uint8, const-B MatMuls only (unfused)": dict(weight_type=QuantType.QUInt8),
-        "uint8, every MatMul (attention too)": dict(weight_type=QuantType.QUInt8,
-                                                    extra_options={"MatMulConstBOnly": False}),
-        "int8, every MatMul": dict(weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": False}),
-    }
+    optimum = optimum_int8(onnx_dir, work / "optimum")
+    out = {f"Optimum {(optimum / 'config.name').read_text()} dynamic (unfused)": next(optimum.glob("*.onnx"))}
     fused = optimize_output(onnx_dir)
-    if fused is not None:
-        for label, per_channel in (("per tensor (ours)", False), ("per channel", True)):
-            settings[f"fused (optimize-onnx), uint8, {label}"] = dict(
-                model=fused / "model.onnx", weight_type=QuantType.QUInt8, per_channel=per_channel,
-                extra_options={"DefaultTensorType": 1})  # onnx.TensorProto.FLOAT, for the contrib ops
-    for name, kwargs in settings.items():
+    if fused is None:
+        return out
+    source = matmul_form(fused / "model.onnx", work / "fused.onnx")
+    rows = DataSource("tsv", {"eval": Path(__file__).resolve().parents[2] / "shared/data/sst2/dev.tsv"},
+                      "sentence", "label").load("eval")[:32]
+    first = base_candidates()[0]
+    ranked = list(rank_nodes(Artifact.load(fused), source, first,
+                             argparse.Namespace(op_types=None, exclude_nodes=[]), rows, 2))
+    candidates = base_candidates() + [Candidate(f"{first.name}, {k} most sensitive in float", first.weight_type,
+                                                first.per_channel, first.reduce_range, tuple(ranked[:k]))
+                                      for k in range(1, excluded + 1)]
+    for candidate in candidates:
         target = work / f"{len(out)}.onnx"
-        quantize_dynamic(str(kwargs.pop("model", source)), str(target), **kwargs)
-        out[name] = target
+        quantize_dynamic_file(source, target, candidate, None, [])
+        out[f"fused, {candidate.name}"] = target
     return out
 
 
@@ -115,7 +120,7 @@ def main() -> None:
     feeds = dev_feeds(args.onnx_dir)
     models = variants(args.onnx_dir, Path(tempfile.mkdtemp(prefix="int8-latency-")))
     times = time_interleaved(models, feeds, args.rounds, args.runs, args.threads)
-    print_table(models, times, "optimum avx2 dynamic", "vs optimum")
+    print_table(models, times, next(iter(models)), "vs optimum")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,18 @@ from typing import Any
 FORMATS = ("hf", "onnx", "ort", "engine")
 TASKS = ("text-classification", "token-classification")
 META_FILE = "artifact.json"
+#: Every file of a tokenizer that a model directory may hold: copied whenever a step writes a new model.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
+#: The files that make a tokenizer loadable (one is enough); each is among TOKENIZER_FILES, so that what
+#: `check` accepts as a tokenizer is what every step carries along.
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                         "sentencepiece.bpe.model")
+#: The longest input (in tokens) an artifact is fed when the step that made it does not say otherwise.
+DEFAULT_MAX_LENGTH = 128
+#: info keys that describe what a model expects rather than how it was made: a derived artifact keeps them.
+INHERITED_INFO = ("max_length",)
 
 
 @dataclass
@@ -29,6 +41,12 @@ class Artifact:
     task: str
     labels: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_length(self) -> int:
+        """The longest input in tokens this model is fed (set by the step that trained it, e.g. finetune's
+        max_length); evaluators, calibration and bundles truncate to it."""
+        return int(self.info.get("max_length") or DEFAULT_MAX_LENGTH)
 
     @property
     def model_file(self) -> Path:
@@ -49,9 +67,11 @@ class Artifact:
         return cls(path=Path(path), **meta)
 
     def derive(self, path: Path, format: str | None = None, **info: Any) -> "Artifact":
-        """A new artifact at `path` with this one's task and labels (for a step's output)."""
+        """A new artifact at `path` with this one's task and labels (for a step's output); what the model
+        expects (INHERITED_INFO, e.g. max_length) carries over unless `info` sets it."""
+        kept = {k: self.info[k] for k in INHERITED_INFO if k in self.info}
         return Artifact(path=Path(path), format=format or self.format, task=self.task,
-                        labels=list(self.labels), info=dict(info))
+                        labels=list(self.labels), info={**kept, **info})
 
 
 def hash_dir(path: Path) -> str:

@@ -24,6 +24,17 @@ OPSET_MIN_ORT = {11: "1.6", 12: "1.7", 13: "1.8", 14: "1.10", 15: "1.11", 16: "1
 #: Contrib operators → first onnxruntime release that has them.
 OP_MIN_ORT = {"MatMulNBits": "1.17", "GatherBlockQuantized": "1.20", "DynamicQuantizeMatMul": "1.6",
               "MatMulInteger": "1.6", "QLinearMatMul": "1.6"}
+#: Operators whose arithmetic runs in onnxruntime's integer kernels, which differ between CPU classes.
+INTEGER_KERNEL_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "QLinearMatMul",
+                      "QLinearConv", "ConvInteger", "QuantizeLinear", "DequantizeLinear", "MatMulNBits",
+                      "DynamicQuantizeLSTM", "QEmbedLayerNormalization"}
+#: Largest golden-logit difference allowed where the device's int8 kernel class is the one the golden
+#: outputs were computed with (same kernels: only float rounding and thread partitioning differ).
+SAME_CLASS_TOLERANCE = 1e-3
+#: … and where it is another class. bench/cpu_classes.py ran the main job's int8 model with onnxruntime's
+#: real kernels of six classes (x86 AVX512-VNNI natively; AVX2, SSE4.1, ARM64 NEON, dot-product and
+#: i8mm under qemu) on the 872 SST-2 dev sentences: see bench/NOTES.md, "int8 across CPU classes".
+OTHER_CLASS_TOLERANCE = 0.25
 FALLBACK_GOLDEN = {"text-classification": ["a gripping , beautifully made film .",
                                            "the plot is thin and the jokes fall flat ."],
                    "token-classification": ["EU rejects German call to boycott British lamb .",
@@ -63,6 +74,7 @@ def describe_model(model_file: Path) -> dict[str, Any]:
         model = onnx.load(str(model_file), load_external_data=False)
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
         info["opset"] = opset
+        info["operators"] = sorted({n.op_type for n in model.graph.node})
         minimum.append(OPSET_MIN_ORT.get(opset, ort.__version__.rsplit(".", 1)[0]))
         minimum += [OP_MIN_ORT[n.op_type] for n in model.graph.node if n.op_type in OP_MIN_ORT]
         uint8_tables = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT8}
@@ -110,18 +122,31 @@ def write_bundle(artifact: Artifact, out: Path, record: dict[str, Any] | None = 
             metrics["latency"] = {k: final["latency"].get(k) for k in ("p50_ms", "p90_ms", "throughput",
                                                                       "throughput_batch")}
         environment = (record or {}).get("environment", {})
-        quantized = bool(artifact.info.get("quantized"))
+        integer = sorted({op for op in model.get("operators", []) if op in INTEGER_KERNEL_OPS})
+        from compressor.cpu import cpu_model, int8_kernel_class
+
+        search = next((s["notes"]["search"] for s in (record or {}).get("steps", [])
+                       if isinstance(s.get("notes", {}).get("search"), dict)), None)
         manifest: dict[str, Any] = {
             "schema_version": bundle_runtime.SCHEMA_VERSION, "task": artifact.task, "labels": artifact.labels,
             "model": model, "min_onnxruntime": model["min_onnxruntime"],
-            "tokenizer": {"file": "tokenizer.json", "max_length": 128, "pad_id": pad["id"] if pad else 0,
+            "tokenizer": {"file": "tokenizer.json", "max_length": artifact.max_length, "pad_id": pad["id"] if pad else 0,
                           "pad_token": pad["content"] if pad else "[PAD]"},
             "compressor": __version__, "recipe_hash": (record or {}).get("recipe_hash"),
             "metrics": metrics,
-            "measured_on": {"cpu": environment.get("cpu"), "threads": (record or {}).get("evaluation", {}).get("threads"),
+            "measured_on": {"cpu": environment.get("cpu"), "int8_kernels": environment.get("int8_kernels"),
+                            "threads": (record or {}).get("evaluation", {}).get("threads"),
                             "libraries": environment.get("libraries", {})},
-            # int8 kernels differ between CPUs (VNNI or not), so quantized models get a looser tolerance
-            "tolerance": 0.05 if quantized else 1e-3,
+            # the settings search (quantize-onnx mode: auto) chose the quantization on this CPU class
+            "tuned_on": search.get("cpu") if search else None,
+            # the golden logits below were computed here, with this CPU's kernels
+            "golden_on": {"cpu": cpu_model(), "int8_kernels": int8_kernel_class()},
+            "integer_operators": integer,
+            # on a CPU with the same int8 kernels the outputs repeat to float rounding; on another class
+            # integer kernels give other logits, by as much as bench/cpu_classes.py measured (see
+            # OTHER_CLASS_TOLERANCE); a float model's kernels differ by rounding only
+            "tolerance": SAME_CLASS_TOLERANCE,
+            "tolerance_other_class": OTHER_CLASS_TOLERANCE if integer else SAME_CLASS_TOLERANCE,
             "golden": [],
         }
         inputs = list(golden_inputs or FALLBACK_GOLDEN[artifact.task])[:4]

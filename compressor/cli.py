@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -207,6 +208,8 @@ def _print_plan(plan: Any) -> None:
                + (f", labels {plan.source.labels}" if plan.source.labels else ", no task head") + ")")
     if plan.data:
         click.echo(f"  data: {plan.data.format} " + ", ".join(f"{k}={v}" for k, v in plan.data.splits.items()))
+        if plan.data.has("tune"):
+            click.echo(f"  tuning rows: {plan.data.tuning_source()}")
     for s in plan.steps:
         click.echo(f"  {s.index}. {s.name:<14} {s.input_format} → {s.output_format}  "
                    f"{json.dumps(s.config.model_dump(mode='json', exclude_defaults=True))}")
@@ -254,17 +257,37 @@ def _print_sweep(sweep: Any) -> None:
 def run(ctx: click.Context, recipe: Path, out: Path | None, overrides: tuple[str, ...], no_cache: bool,
         jobs: int, executor: str, ray_address: str | None) -> None:
     """Run a recipe (or a sweep): every step, measured; writes record.json, the reports and the bundle."""
-    import logging
     import os
-    import warnings
-
-    from compressor.pipeline import run_plan
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    with quiet_libraries():
+        _run(ctx, recipe, out, overrides, no_cache, jobs, executor, ray_address)
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Library warnings (torch's tracer, transformers' deprecations) silenced while a run prints its own
+    progress; the warning filters and transformers' log level are restored afterwards, so a caller that
+    invokes the CLI in-process keeps its own."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+def _run(ctx: click.Context, recipe: Path, out: Path | None, overrides: tuple[str, ...], no_cache: bool,
+         jobs: int, executor: str, ray_address: str | None) -> None:
+    from compressor.pipeline import run_plan
+
     host = get_host(ctx)
     click.echo("plugins: " + ", ".join(f"{p.name} ({p.distribution} {p.version})" for p in host.plugins
                                        if not p.error), err=True)
@@ -395,8 +418,7 @@ def verify(ctx: click.Context, path: Path) -> None:
             result = bundle_runtime.verify(open_bundle(path, Path(work)))
         except bundle_runtime.BundleError as exc:
             raise InputError(str(exc), where=str(path), hint="rebuild the bundle, or copy it again") from None
-    click.echo(f"ok: {result['files']} files match their checksums, {result['golden']} golden outputs within "
-               f"tolerance (max difference {result['max_abs_diff']:.2g})")
+    click.echo(bundle_runtime.describe_verdict(result))
 
 
 @cli.command()

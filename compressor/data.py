@@ -115,26 +115,67 @@ def all_labels(rows: list[Example]) -> set[str]:
     return {l for r in rows for l in (r.label if isinstance(r.label, list) else [r.label])}
 
 
+#: The split that settings are chosen on: data.validation, or rows held out of data.train.
+TUNE = "tune"
+
+
 @dataclass
 class DataSource:
-    """The recipe's `data:` section bound to the recipe's directory."""
+    """The recipe's `data:` section bound to the recipe's directory.
+
+    Splits are `train`, `eval` and `validation` files; `tune` is where settings are chosen: the
+    validation file, or `holdout` seeded random rows of train, which `load("train")` then leaves out.
+    """
 
     format: str
     splits: dict[str, Path]
     text: str
     label: str
+    holdout: int | None = None
+    seed: int = 0
     _rows: dict[str, list[Example]] = field(default_factory=dict, repr=False, compare=False)
 
     def has(self, split: str) -> bool:
-        """Whether the recipe gives this split."""
+        """Whether the recipe gives this split (`tune`: a validation file or held-out train rows)."""
+        if split == TUNE:
+            return "validation" in self.splits or (bool(self.holdout) and "train" in self.splits)
         return split in self.splits
+
+    def tuning_source(self) -> str:
+        """Where the tuning rows come from, as the record and the report say it."""
+        if "validation" in self.splits:
+            return f"data.validation ({self.splits['validation'].name})"
+        return f"{self.holdout} rows held out of data.train (seed {self.seed}), used by no other step"
 
     def load(self, split: str) -> list[Example]:
         """All rows of a split, with clear errors for missing, empty or non-UTF-8 files. Each file
-        is read once per DataSource (check's label checks, then every step, share the rows)."""
+        is read once per DataSource (check's label checks, then every step, share the rows).
+        `train` leaves out the held-out rows; `tune` is validation, else the held-out rows."""
+        if split == TUNE and "validation" in self.splits:
+            split = "validation"
+        if split in ("train", TUNE) and self.holdout and "validation" not in self.splits:
+            train, held = self._split_holdout()
+            return list(train if split == "train" else held)
+        if split == TUNE:
+            raise InputError("no tuning rows: the recipe gives neither data.validation nor data.holdout",
+                             where="data", hint="add data.validation: PATH, or data.holdout: N to hold out N "
+                                                "train rows")
+        return list(self._raw(split))
+
+    def _raw(self, split: str) -> list[Example]:
         if split not in self._rows:
             self._rows[split] = self._read(split)
-        return list(self._rows[split])
+        return self._rows[split]
+
+    def _split_holdout(self) -> tuple[list[Example], list[Example]]:
+        import random
+
+        rows = self._raw("train")
+        if self.holdout and self.holdout >= len(rows):
+            raise InputError(f"data.holdout is {self.holdout} but data.train has only {len(rows)} rows",
+                             where="data.holdout", hint="hold out fewer rows, or give data.validation")
+        held = set(random.Random(self.seed).sample(range(len(rows)), self.holdout or 0))
+        return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held])
 
     def _read(self, split: str) -> list[Example]:
         where = f"data.{split}"
@@ -171,7 +212,8 @@ class DataSource:
 
     def digest(self) -> str:
         """sha256 over the data files' bytes and the column settings (part of cache keys)."""
-        h = hashlib.sha256(json.dumps([self.format, self.text, self.label]).encode())
+        h = hashlib.sha256(json.dumps([self.format, self.text, self.label]
+                                      + ([self.holdout, self.seed] if self.holdout else [])).encode())
         for split in sorted(self.splits):
             path = self.splits[split]
             h.update(split.encode())

@@ -7,11 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from compressor.artifact import Artifact
+from compressor.artifact import TOKENIZER_FILES, Artifact
 from compressor.errors import StepError
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json")
 
 
 def load_model(artifact: Artifact) -> Any:

@@ -34,6 +34,14 @@ def eval_settings(plan: Plan) -> EvalSettings:
                         max_rows=ev.max_rows)
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def external_inputs(value: Any, recipe_dir: Path) -> list[str]:
     """Content hashes of the files and directories a step's config names (a teacher, an adapter):
     part of the cache key, so that changing such an input reruns the step."""
@@ -100,6 +108,10 @@ class Runner:
         self.settings = eval_settings(plan)
         self.data_hash = plan.data.digest() if plan.data else None
         self._eval_rows: list[Any] | None = None
+        self.environment = environment()
+        #: threads for the steps' work (recipe `threads:`), apart from the measurement threads; a thread
+        #: count can change a trained model's floats, so it keys the cache
+        self.step_threads = plan.recipe.threads or available_cpus()
 
     # -- evaluation ---------------------------------------------------------------------------
     def eval_rows(self) -> list[Any]:
@@ -126,9 +138,13 @@ class Runner:
         if not self.eval_rows():
             m["skipped"] = "no eval data"
             return m
+        # a measurement belongs to the machine and runtime that made it: with a shared cache (Ray nodes),
+        # one CPU's latency or one int8 kernel class's accuracy must not be reported for another
+        env = self.environment
         key = make_key(artifact_hash, self.settings.__dict__, self.data_hash, artifact.task, artifact.labels,
                        f"{type(evaluator).__module__}.{type(evaluator).__qualname__}",
-                       getattr(evaluator, "version", "1"), __version__)
+                       getattr(evaluator, "version", "1"), __version__, env["cpu"], env["int8_kernels"],
+                       env["cpu_count"], env["libraries"])
         cached = self.cache.get_metrics(key)
         if cached is None:
             self.log(f"  measuring {artifact.path.name} ({artifact.format}) on {len(self.eval_rows())} rows")
@@ -147,6 +163,16 @@ class Runner:
         m["metric"] = evaluator.metric
         return m
 
+    def step_versions(self, step: str) -> dict[str, str]:
+        """What a step's output may depend on besides its inputs: compressor's version, the version of the
+        distribution that provides the step, and of every library that shapes results (torch,
+        transformers, optimum, onnxruntime, peft, torch-pruning, …). Part of its cache key, so that an
+        upgrade reruns the step rather than handing back what the old version made."""
+        provider = self.host.step_provider.get(step)
+        plugin = next((p for p in self.host.plugins if p.name == provider), None)
+        return {"compressor": __version__, "plugin": f"{plugin.distribution} {plugin.version}" if plugin else "",
+                **self.environment["libraries"]}
+
     # -- steps --------------------------------------------------------------------------------
     def run_step(self, planned: PlannedStep, artifact: Artifact, input_hash: str,
                  history: list[tuple[str, Artifact]] | None = None,
@@ -156,7 +182,8 @@ class Runner:
         key = make_key(key_basis or input_hash, cls.name, cls.version, config.model_dump(mode="json"),
                        cls().cache_extra(config),
                        self.data_hash if cls().data_splits(config) else None, self.plan.recipe.seed,
-                       external_inputs(config.model_dump(mode="json"), self.plan.recipe_dir))
+                       external_inputs(config.model_dump(mode="json"), self.plan.recipe_dir),
+                       self.step_versions(planned.name), self.step_threads)
         entry = self.cache.lookup(key)
         cached = entry is not None
         if entry is None:
@@ -165,8 +192,8 @@ class Runner:
             self.log(f"▶ {planned.label}")
             tmp = self.cache.temp_dir(key)
             ctx = StepContext(out_dir=tmp, data=self.plan.data, source=self.plan.source, seed=self.plan.recipe.seed,
-                              threads=self.settings.threads, recipe_dir=self.plan.recipe_dir,
-                              history=list(history or []))
+                              threads=self.step_threads, recipe_dir=self.plan.recipe_dir,
+                              history=list(history or []), recipe=self.plan.recipe, log=self.log)
             t0 = time.perf_counter()
             before = self._listing()
             try:
@@ -263,8 +290,8 @@ class Runner:
             "schema": RECORD_SCHEMA, "compressor": __version__, "name": plan.recipe.name,
             "recipe_path": str(plan.recipe_path), "recipe": plan.recipe.model_dump(mode="json", by_alias=True),
             "recipe_hash": plan.recipe.digest(), "seed": plan.recipe.seed, "data_hash": self.data_hash,
-            "started": started.isoformat(), "environment": environment(),
-            "evaluation": self.settings.__dict__,
+            "started": started.isoformat(), "environment": self.environment,
+            "evaluation": self.settings.__dict__, "step_threads": self.step_threads,
             "plugins": [p.__dict__ for p in self.host.plugins], "steps": [], "artifacts": artifacts,
             "status": "running",
         }

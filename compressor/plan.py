@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +17,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from compressor.artifact import Artifact
-from compressor.data import DataSource, label_ids
+from compressor.artifact import TOKENIZER_VOCAB_FILES, Artifact
+from compressor.data import TUNE, DataSource, label_ids
 from compressor.errors import CompressorError, InputError, PluginLoadError, RecipeError, RecipeErrors
 from compressor.host import Host
 from compressor.recipe import Recipe, format_loc, load_raw, parse_recipe, validation_errors
 from compressor.step import PlanContext, Step, StepConfig
 
 HEAD_SUFFIX = {"text-classification": "ForSequenceClassification", "token-classification": "ForTokenClassification"}
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 @dataclass
@@ -75,7 +75,43 @@ def resolve_model_path(spec: str, recipe_dir: Path) -> Path:
             raise InputError(f"no installed Python package {module!r}", where="model.path",
                              hint=f"pip install the package that provides {module!r}")
         return Path(list(found.submodule_search_locations)[0]) / sub
-    return (recipe_dir / Path(spec).expanduser()).resolve()
+    local = (recipe_dir / Path(spec).expanduser()).resolve()
+    if not local.exists() and HUB_ID.fullmatch(spec):
+        return resolve_hub_id(spec, local)
+    return local
+
+
+#: `org/name` or `org/name@revision`, as on the Hugging Face Hub (a path that exists locally wins).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]{1,128})?")
+
+
+def resolve_hub_id(spec: str, local: Path) -> Path:
+    """A Hub id resolved the way transformers resolves it: huggingface_hub's snapshot_download, which reads
+    its own cache (HF_HOME / HF_HUB_CACHE) and honours HF_HUB_OFFLINE. Only the files compressor reads are
+    fetched (config, safetensors weights, tokenizer), never pickles."""
+    repo, _, revision = spec.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        raise InputError(f"{spec!r} is not a local directory, and huggingface_hub is not installed to resolve it "
+                         "as a Hub id", where="model.path", hint="pip install huggingface_hub") from None
+    try:
+        return Path(snapshot_download(repo, revision=revision or None,
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except LocalEntryNotFoundError:
+        raise InputError(f"model directory {local} does not exist, and {spec!r} is not in the Hugging Face cache "
+                         "(HF_HUB_OFFLINE is set, or the Hub cannot be reached)", where="model.path",
+                         hint="fix the path (relative to the recipe), or download the model first "
+                              "(huggingface-cli download ORG/NAME)") from None
+    except RepositoryNotFoundError:
+        raise InputError(f"model directory {local} does not exist, and {spec!r} is not a model on the Hub",
+                         where="model.path", hint="fix the path (relative to the recipe), or check the Hub id"
+                         ) from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise InputError(f"{spec!r} could not be resolved as a Hub id: {str(exc).splitlines()[0][:200]}",
+                         where="model.path", hint="give a local directory, or check the id and the network"
+                         ) from None
 
 
 def check_safetensors(file: Path, where: str) -> None:
@@ -130,7 +166,7 @@ def inspect_model(path: Path, task: str, labels: list[str] | None) -> tuple[Arti
     if fmt == "hf":
         for weights in sorted(path.glob("*.safetensors")):
             check_safetensors(weights, where)
-    if not any((path / n).is_file() for n in TOKENIZER_FILES):
+    if not any((path / n).is_file() for n in TOKENIZER_VOCAB_FILES):
         raise InputError(f"{path} has no tokenizer (tokenizer.json or vocab.txt)", where=where,
                          hint="save the tokenizer beside the model with tokenizer.save_pretrained(DIR)")
     architectures = config.get("architectures") or []
@@ -181,8 +217,13 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
     data: DataSource | None = None
     if recipe.data:
         splits = {s: (recipe_dir / Path(p).expanduser()).resolve()
-                  for s, p in (("train", recipe.data.train), ("eval", recipe.data.eval)) if p}
-        data = DataSource(recipe.data.format, splits, recipe.data.text, recipe.data.label)
+                  for s, p in (("train", recipe.data.train), ("eval", recipe.data.eval),
+                               ("validation", recipe.data.validation)) if p}
+        data = DataSource(recipe.data.format, splits, recipe.data.text, recipe.data.label,
+                          holdout=recipe.data.holdout, seed=recipe.seed)
+        if recipe.data.holdout and not recipe.data.train:
+            errors.append(RecipeError("data.holdout holds rows out of data.train, which the recipe does not give",
+                                      where="data.holdout", hint="add data.train, or give data.validation"))
         for split, p in splits.items():
             if not p.exists():
                 errors.append(InputError(f"{p} does not exist", where=f"data.{split}",
@@ -216,7 +257,11 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
             errors.append(RecipeError(f"needs {article} {wanted} model but the previous step gives {fmt}",
                                       where=where, hint=hint))
         for split in cls().data_splits(config):
-            if data is None or not data.has(split):
+            if (data is None or not data.has(split)) and split == TUNE:
+                errors.append(RecipeError("needs tuning rows to choose its settings on, and the recipe gives none",
+                                          where=where, hint="add data.validation: PATH, or data.holdout: N to hold "
+                                                            "N train rows out of every other step"))
+            elif data is None or not data.has(split):
                 errors.append(RecipeError(f"needs {split} data and the recipe gives none", where=where,
                                           hint=f"add data.{split}: PATH to the recipe"))
         for module in cls.requires:
@@ -228,6 +273,7 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
                           source_path=source.path, earlier=tuple((s.name, s.config) for s in steps))
         try:
             cls().check(config, ctx)
+            config = cls().resolve_config(config, ctx)
             labels = cls().output_labels(config, ctx)
         except CompressorError as exc:
             exc.where = f"{where}.{exc.where}" if exc.where else where

@@ -39,6 +39,11 @@ class DataSpec(_Strict):
     format: Literal["tsv", "csv", "jsonl", "conll", "datasets"] = Field(description="File format.")
     train: str | None = Field(default=None, description="Training rows (fine-tuning, distillation, calibration).")
     eval: str | None = Field(default=None, description="Evaluation rows (metrics after every step).")
+    validation: str | None = Field(default=None, description="Tuning rows: settings are chosen on them (quantize-onnx "
+                                                             "mode: auto), never on the eval rows.")
+    holdout: int | None = Field(default=None, ge=1, le=1_000_000,
+                                description="Without data.validation: hold this many seeded random train rows out "
+                                            "as the tuning rows; no step trains or calibrates on them.")
     text: str = Field(default="sentence", description="Column (or key) holding the text or the words.")
     label: str = Field(default="label", description="Column (or key) holding the label or the tags.")
 
@@ -98,6 +103,10 @@ class Recipe(_Strict):
     guard: GuardSpec = Field(default_factory=GuardSpec)
     bundle: BundleSpec = Field(default_factory=BundleSpec)
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed for every random choice.")
+    threads: int | None = Field(default=None, ge=1, le=1024,
+                                description="Threads for the steps' work (training, calibration, searches); "
+                                            "default: every CPU this process may use. Latency is measured with "
+                                            "evaluate.latency.threads, a separate setting.")
     matrix: dict[str, list[Any]] | None = Field(
         default=None, description="A sweep: names mapped to lists of values; `${{ matrix.NAME }}` anywhere in the "
                                   "recipe takes each value in turn, and every combination runs as a variant.")

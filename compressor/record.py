@@ -12,14 +12,10 @@ LIBRARIES = ("torch", "transformers", "tokenizers", "optimum", "optimum-onnx", "
 
 
 def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, else platform.processor()."""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU model (compressor.cpu.cpu_model)."""
+    from compressor.cpu import cpu_model
+
+    return cpu_model()
 
 
 def environment() -> dict[str, Any]:
@@ -32,5 +28,7 @@ def environment() -> dict[str, Any]:
             pass
     import os
 
+    from compressor.cpu import int8_kernel_class
+
     return {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu_name(),
-            "cpu_count": os.cpu_count(), "libraries": versions}
+            "int8_kernels": int8_kernel_class(), "cpu_count": os.cpu_count(), "libraries": versions}

@@ -85,18 +85,53 @@ def render_markdown(record: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         lines += [f"- FAILED: {f}" for f in g.get("unmeasured", [])]
     lines += ["", "## Steps", "", "| step | seconds | cached | notes |", "|---|---:|---|---|"]
     for s in record["steps"]:
-        notes_ = ", ".join(f"{k}={fmt_note(v)}" for k, v in s["notes"].items())
+        notes_ = ", ".join(f"{k}={fmt_note(v)}" for k, v in s["notes"].items() if k != "search")
         lines.append(f"| {s['index']}: {s['uses']} | {s['seconds']:.1f} | {'yes' if s['cached'] else 'no'} | {notes_} |")
+    for s in record["steps"]:
+        if isinstance(s["notes"].get("search"), dict):
+            lines += ["", *search_markdown(s)]
     lines += ["", "## Reproducibility", "",
               f"- recipe: `{record['recipe_path']}` (sha256 `{record['recipe_hash'][:16]}…`)",
               f"- data sha256: `{(record['data_hash'] or '–')[:16]}…` · seed: {record['seed']}",
-              f"- measured on: {env['cpu']} ({env['cpu_count']} CPUs), {ev.get('threads')} threads, "
+              f"- measured on: {env['cpu']} ({env['cpu_count']} CPUs, int8 kernels "
+              f"{env.get('int8_kernels', 'not recorded')}), {ev.get('threads')} threads "
+              f"(steps ran with {record.get('step_threads', ev.get('threads'))}), "
               f"{ev.get('runs')} timed runs after {ev.get('warmup')} warm-up runs; latency is the model call "
               f"on real eval rows (tokenization excluded)",
               f"- python {env['python']}; " + ", ".join(f"{k} {v}" for k, v in env["libraries"].items())]
     if record.get("error"):
         lines += ["", "## Error", "", "```", record["error"], "```"]
     return "\n".join(lines) + "\n"
+
+
+def search_markdown(step: dict[str, Any]) -> list[str]:
+    """A step's settings search (quantize-onnx mode: auto): every candidate, the one chosen and why."""
+    found = step["notes"]["search"]
+    metric = found.get("metric", "metric")
+    cpu = found.get("cpu") or {}
+    lines = [f"## Settings search: steps[{step['index']}] ({step['uses']})", "",
+             f"Measured on {cpu.get('model', 'this CPU')} (int8 kernels: {cpu.get('int8_kernels', '?')}), on "
+             f"{found['tuning_rows']} tuning rows from {found['tuning_source']}; the eval rows were not used. "
+             f"Input {metric} on them: {found['reference']:.4f}; budget: a drop of at most {found['budget']:.4f}. "
+             f"Search time: {found['seconds']:.1f} s.", "",
+             f"| candidate | weights | per channel | reduce_range | left in float | {metric} | Δ | size (MB) "
+             f"| p50 ms (b1) | within budget |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---|"]
+    for c in found["candidates"]:
+        chosen = " **(chosen)**" if c["name"] == found["chosen"] else ""
+        lines.append(f"| {c['name']}{chosen} | {c['weight_type']} | {'yes' if c['per_channel'] else 'no'} | "
+                     f"{'yes' if c['reduce_range'] else 'no'} | {len(c['excluded']) or '–'} | {c['metric']:.4f} | "
+                     f"{c['change']:+.4f} | {c['size_bytes'] / 1e6:.2f} | {fmt_value(c.get('p50_ms'), '.2f')} | "
+                     f"{'yes' if c['within_budget'] else 'no'} |")
+    lines += ["", f"Chosen: **{found['chosen']}** — {found['reason']}."]
+    excluded = next((c["excluded"] for c in found["candidates"] if c["name"] == found["chosen"]), [])
+    if excluded:
+        lines.append(f"Left in float: {', '.join(f'`{n}`' for n in excluded)}.")
+    if found.get("sensitivity"):
+        top = list(found["sensitivity"].items())[:8]
+        lines.append("Most sensitive nodes (output noise-to-signal per channel, each node quantized alone): "
+                     + ", ".join(f"`{n}` {v:.3g}" for n, v in top) + ".")
+    return lines
 
 
 def write_reports(record: dict[str, Any], run_dir: Path) -> None:

@@ -190,6 +190,36 @@ def _guard(record: dict[str, Any]) -> str:
     return f"<p>Guard: {verdict}</p><ul>{''.join(items)}</ul>{where}"
 
 
+def _searches(record: dict[str, Any]) -> str:
+    """Each settings search (quantize-onnx mode: auto): its candidates as a table, the chosen one marked."""
+    parts = []
+    for step in record["steps"]:
+        found = (step.get("notes") or {}).get("search")
+        if not isinstance(found, dict):
+            continue
+        metric = html.escape(found.get("metric", "metric"))
+        cpu = found.get("cpu") or {}
+        rows = []
+        for c in found["candidates"]:
+            cls = " class='selected'" if c["name"] == found["chosen"] else ""
+            verdict = "<span class='ok'>yes</span>" if c["within_budget"] else "<span class='bad'>no</span>"
+            rows.append(f"<tr{cls}><td>{'★ ' if cls else ''}</td><td>{html.escape(c['name'])}</td>"
+                        f"<td>{_fmt(c['metric'], '.4f')}</td><td>{_fmt(c['change'], '+.4f')}</td>"
+                        f"<td>{_fmt(c['size_bytes'] / 1e6, '.2f')}</td><td>{_fmt(c.get('p50_ms'), '.2f')}</td>"
+                        f"<td>{len(c['excluded']) or '–'}</td><td>{verdict}</td></tr>")
+        parts.append(
+            f"<h3>Settings search: steps[{step['index']}] ({html.escape(step['uses'])})</h3>"
+            f"<p>Measured on {html.escape(str(cpu.get('model', 'this CPU')))} (int8 kernels "
+            f"<code>{html.escape(str(cpu.get('int8_kernels', '?')))}</code>) on {found['tuning_rows']} tuning rows "
+            f"from {html.escape(found['tuning_source'])}, not on the eval rows. Input {metric}: "
+            f"{found['reference']:.4f}; budget: a drop of at most {found['budget']:.4f}; "
+            f"{found['seconds']:.1f} s.</p>"
+            f"<table><tr><th></th><th>candidate</th><th>{metric}</th><th>Δ</th><th>size MB</th><th>p50 ms</th>"
+            f"<th>left in float</th><th>within budget</th></tr>{''.join(rows)}</table>"
+            f"<p>Chosen: <b>{html.escape(found['chosen'])}</b> — {html.escape(found['reason'])}.</p>")
+    return "".join(parts)
+
+
 def _repro(record: dict[str, Any]) -> str:
     env = record["environment"]
     ev = record.get("evaluation", {})
@@ -200,7 +230,9 @@ def _repro(record: dict[str, Any]) -> str:
     return (f"<ul><li>recipe <code>{html.escape(record['recipe_path'])}</code>, sha256 "
             f"<code>{record['recipe_hash'][:16]}…</code>{' · variant ' + html.escape(record['variant']) if record.get('variant') else ''}</li>"
             f"<li>data sha256 <code>{(record.get('data_hash') or '–')[:16]}…</code> · seed {record['seed']}</li>"
-            f"<li>measured on {html.escape(env['cpu'])} ({env['cpu_count']} CPUs), {ev.get('threads')} threads, "
+            f"<li>measured on {html.escape(env['cpu'])} ({env['cpu_count']} CPUs, int8 kernels "
+            f"{html.escape(str(env.get('int8_kernels', 'not recorded')))}), {ev.get('threads')} threads "
+            f"(steps ran with {record.get('step_threads', ev.get('threads'))}), "
             f"{ev.get('runs')} timed runs after {ev.get('warmup')} warm-up runs</li>"
             f"<li>compressor {html.escape(record['compressor'])}, python {env['python']}; {html.escape(libs)}</li></ul>"
             f"<table><tr><th>step</th><th>seconds</th><th>cached</th><th>deterministic</th><th>output sha256</th></tr>"
@@ -260,7 +292,7 @@ def write_html_report(runs: list[dict[str, Any]], out_dir: Path, title: str | No
         mine = {p["index"] for p in size_front if p["run"] == name}
         heading = f"<h2>{html.escape(name)}</h2>" if len(runs) > 1 else "<h2>Artifacts</h2>"
         parts += [heading, _table(record, mine), "<h3>Step attribution</h3>", _img(attribution, "step attribution"),
-                  "<h3>Guard</h3>", _guard(record), "<h3>Reproducibility</h3>", _repro(record)]
+                  _searches(record), "<h3>Guard</h3>", _guard(record), "<h3>Reproducibility</h3>", _repro(record)]
         if record.get("error"):
             parts.append(f"<h3>Error</h3><pre>{html.escape(record['error'])}</pre>")
     parts.append("<p class='muted'>Rows on the accuracy-vs-size Pareto front are shaded; "

@@ -10,7 +10,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -67,6 +67,10 @@ class StepContext:
     notes: dict[str, Any] = field(default_factory=dict)
     #: (step name, artifact) of the input and of every step so far, oldest first.
     history: list[tuple[str, "Artifact"]] = field(default_factory=list)
+    #: The checked recipe (its evaluate: and guard: settings), when the step runs inside a recipe.
+    recipe: "Recipe | None" = None
+    #: Writes one line to the run's log (stderr for the CLI).
+    log: Callable[[str], None] = field(default=lambda line: None, repr=False)
 
     def resolve(self, path: str | Path) -> Path:
         """A path from the recipe, relative to the recipe file's directory."""
@@ -118,6 +122,11 @@ class Step:
 
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
         """Plan-time checks that need the recipe or the model's config (raise RecipeError)."""
+
+    def resolve_config(self, config: StepConfig, ctx: PlanContext) -> StepConfig:
+        """The config with defaults that depend on the recipe filled in (after `check`); what runs, what
+        keys the cache and what the record shows. Default: the config unchanged."""
+        return config
 
     def output_labels(self, config: StepConfig, ctx: PlanContext) -> list[str]:
         """Labels of the artifact this step writes (default: those of its input)."""

@@ -24,7 +24,7 @@ from compressor.cache import write_json_atomic
 from compressor.errors import CompressorError, GuardFailed, InputError, RecipeError, RecipeErrors
 from compressor.host import Host
 from compressor.plan import Plan, build_plan
-from compressor.recipe import format_loc, load_raw
+from compressor.recipe import BundleSpec, format_loc, load_raw
 
 MATRIX_REF = re.compile(r"\$\{\{\s*matrix\.([^\s}]*)\s*\}\}")
 MAX_VARIANTS = 256
@@ -163,6 +163,7 @@ def build_sweep(recipe_path: Path, host: Host, raw: dict[str, Any]) -> Sweep:
             continue
         plan.variant, plan.matrix_values = name, values
         variants.append(Variant(name, values, variant_raw, plan))
+    errors += _bundle_errors(raw.get("bundle"), raw, variants)
     if errors:
         raise RecipeErrors(errors)
     plan0 = variants[0].plan
@@ -171,7 +172,32 @@ def build_sweep(recipe_path: Path, host: Host, raw: dict[str, Any]) -> Sweep:
                           hint="remove evaluate.latency: null, or select smallest")
     if select == "most_accurate" and (plan0.data is None or not plan0.data.has("eval")):
         raise RecipeError("select: most_accurate needs data.eval", where="select")
-    return Sweep(recipe_path, str(raw.get("name", "sweep")), variants, select, raw.get("bundle") or {})
+    bundle = BundleSpec.model_validate(raw.get("bundle") or {})
+    return Sweep(recipe_path, str(raw.get("name", "sweep")), variants, select, bundle.model_dump())
+
+
+def _bundle_errors(bundle: Any, raw: dict[str, Any], variants: list[Variant]) -> list[CompressorError]:
+    """A sweep's `bundle:` is checked as a plain recipe's is: valid settings, and a last step every variant
+    ends in that a bundle can be made from (the selected variant is not known until the sweep has run)."""
+    from pydantic import ValidationError
+
+    from compressor.recipe import validation_errors
+
+    if bundle is None:
+        return []
+    try:
+        spec = BundleSpec.model_validate(bundle)
+    except ValidationError as exc:
+        return validation_errors(exc, raw, ("bundle",))
+    errors: list[CompressorError] = []
+    for v in variants:
+        last = v.plan.steps[-1].output_format if v.plan.steps else v.plan.source.format
+        if spec.formats and last not in ("onnx", "ort"):
+            errors.append(RecipeError(f"a bundle needs an onnx or ort model but variant {v.name}'s last step gives "
+                                      f"{last}", where="bundle.formats",
+                                      hint="end the steps with export-onnx, or remove bundle"))
+            break
+    return errors
 
 
 def run_variant(recipe_path: str, raw: dict[str, Any], name: str, values: dict[str, Any], run_dir: str,

@@ -131,7 +131,8 @@ def train(model: Any, tokenizer: Any, rows: list[Example], task: str, label_map:
     return {"epoch_loss": history, "steps": total}
 
 
-def evaluate_in_memory(model: Any, tokenizer: Any, rows: list[Example], task: str, labels: list[str]) -> float:
+def evaluate_in_memory(model: Any, tokenizer: Any, rows: list[Example], task: str, labels: list[str],
+                       max_length: int) -> float:
     """Accuracy (text) or entity F1 (tokens) of an in-memory PyTorch model on `rows`."""
     import numpy as np
     import torch
@@ -144,7 +145,7 @@ def evaluate_in_memory(model: Any, tokenizer: Any, rows: list[Example], task: st
     with torch.inference_mode():
         for i in range(0, len(rows), 64):
             chunk = rows[i : i + 64]
-            enc = tokenizer([r.text for r in chunk], padding=True, truncation=True, max_length=128,
+            enc = tokenizer([r.text for r in chunk], padding=True, truncation=True, max_length=max_length,
                             is_split_into_words=split, return_tensors="pt")
             logits = model(**enc).logits.numpy()
             if split:

@@ -15,7 +15,7 @@ from compressor.artifact import Artifact
 from compressor.errors import RecipeError, StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import PlanContext, Step, StepConfig, StepContext
-from compressor.data import all_labels
+from compressor.data import TUNE, all_labels
 from compressor.training import TrainConfig, sample_rows
 
 
@@ -30,8 +30,9 @@ class DistillConfig(TrainConfig):
     hidden_weight: float = Field(default=0.0, ge=0, le=1000, description="Weight of the hidden-state MSE term.")
     layer_map: list[int] | None = Field(default=None, description="Teacher layer (1-based) matched by each student "
                                                                   "layer; default: evenly spaced, last to last.")
-    select_best: bool = Field(default=True, description="With epochs > 1 and eval data: keep the epoch with the "
-                                                        "best eval metric.")
+    select_best: bool = Field(default=True, description="With epochs > 1: keep the epoch with the best metric on the "
+                                                        "tuning rows (data.validation or data.holdout), never "
+                                                        "data.eval.")
 
 
 def default_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
@@ -44,11 +45,16 @@ class Distill(Step):
 
     name = "distill"
     summary = "Knowledge distillation from the fine-tuned teacher: softened-logit KL, hard labels, hidden MSE."
-    version = "1"
+    version = "2"  # 2: the best epoch is chosen on the tuning rows, not on data.eval
     Config = DistillConfig
     accepts = ("hf",)
     produces = "hf"
     needs_data = ("train",)
+
+    def data_splits(self, config: StepConfig) -> tuple[str, ...]:
+        """Train rows; with epochs > 1 and select_best, the tuning rows too."""
+        assert isinstance(config, DistillConfig)
+        return ("train", TUNE) if config.select_best and config.epochs > 1 else ("train",)
 
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
         """A teacher given as a directory must exist and have the student's labels."""
@@ -98,14 +104,17 @@ class Distill(Step):
         label_map = label_ids(artifact.labels, all_labels(rows))
         loss_fn = make_loss(teacher, artifact.task, config, mapping, projection)
         tokenizer = load_tokenizer(artifact.path)
-        eval_rows = ctx.data.load("eval") if ctx.data.has("eval") else []
+        # the epoch is chosen on the tuning rows (data.validation or held-out train rows), never on data.eval,
+        # whose figures the report quotes
+        tune_rows = ctx.data.load(TUNE) if ctx.data.has(TUNE) else []
         best: dict[str, Any] = {"score": None, "epoch": None, "state": None}
         scores: list[float] = []
 
         def on_epoch_end(epoch: int) -> None:
-            if not (config.select_best and config.epochs > 1 and eval_rows):
+            if not (config.select_best and config.epochs > 1 and tune_rows):
                 return
-            score = evaluate_in_memory(student, tokenizer, eval_rows, artifact.task, artifact.labels)
+            score = evaluate_in_memory(student, tokenizer, tune_rows, artifact.task, artifact.labels,
+                                       config.max_length)
             scores.append(score)
             if best["score"] is None or score > best["score"]:
                 best.update(score=score, epoch=epoch + 1, state=copy.deepcopy(student.state_dict()))
@@ -118,7 +127,7 @@ class Distill(Step):
             student.load_state_dict(best["state"])
         ctx.report(teacher=str(teacher_art.path), train_rows=len(rows), layer_map=mapping,
                    epoch_loss=history["epoch_loss"], epoch_scores=scores, kept_epoch=best["epoch"] or config.epochs)
-        return save_model(student, artifact, ctx.out_dir)
+        return save_model(student, artifact, ctx.out_dir, max_length=config.max_length)
 
 
 def _vocab_file(path: Path) -> str | None:

@@ -89,7 +89,7 @@ class Finetune(Step):
                         params=trainable,
                         description=f"finetune ({config.method})")
         ctx.report(epoch_loss=history["epoch_loss"], optimizer_steps=history["steps"])
-        info: dict[str, Any] = {"method": config.method}
+        info: dict[str, Any] = {"method": config.method, "max_length": config.max_length}
         if config.method == "lora":
             model.save_pretrained(str(ctx.out_dir / "adapter"))
             if config.merge:

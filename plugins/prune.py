@@ -175,7 +175,7 @@ def _accumulate_gradients(model: Any, artifact: Artifact, config: PruneConfig, c
     model.zero_grad(set_to_none=True)
     model.eval()  # no dropout: scores of the model as it is
     for i in range(0, len(rows), config.batch_size):
-        batch = collate(tokenizer, rows[i : i + config.batch_size], artifact.task, mapping, 128)
+        batch = collate(tokenizer, rows[i : i + config.batch_size], artifact.task, mapping, artifact.max_length)
         model(**batch).loss.backward()
 
 

@@ -8,18 +8,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from pydantic import Field
 
 from compressor.artifact import Artifact, copy_companions
+from compressor.data import TUNE
 from compressor.errors import RecipeError, StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import PlanContext, Step, StepConfig, StepContext
 
-VNNI_FLAGS = ("avx512_vnni", "avx512vnni", "avx_vnni", "amx_int8")
 #: Ops kept in float by static quantization: normalisation, activations and softmax lose accuracy in int8.
 FRAGILE_OPS = ["LayerNormalization", "SkipLayerNormalization", "Gelu", "FastGelu", "BiasGelu", "Softmax", "Erf",
                "Tanh", "Pow", "Sqrt", "ReduceMean", "Div", "Sub", "Where", "Cast", "Expand"]
@@ -30,34 +31,35 @@ FRAGILE_OPS = ["LayerNormalization", "SkipLayerNormalization", "Gelu", "FastGelu
 STATIC_OP_TYPES = ["MatMul", "Gather"]
 
 
-def cpu_has_vnni() -> bool:
-    """Whether this x86 CPU has VNNI (int8 dot products without the AVX2 saturation issue)."""
-    try:
-        flags = open("/proc/cpuinfo", encoding="utf-8").read()
-    except OSError:
-        return True  # not Linux x86: keep onnxruntime's defaults
-    return any(f" {flag}" in flags for flag in VNNI_FLAGS) or "avx2" not in flags
-
-
-def resolve_weight_type(setting: str) -> str:
-    """`auto` → uint8 without VNNI, int8 with it (dynamic mode)."""
-    if setting != "auto":
-        return setting
-    return "int8" if cpu_has_vnni() else "uint8"
-
-
 class QuantizeOnnxConfig(StepConfig):
     """Settings of `quantize-onnx`."""
 
-    mode: Literal["dynamic", "static", "int4"] = Field(
-        default="dynamic", description="dynamic: int8 weights, activations quantized at run time; static: QDQ int8 "
-                                       "calibrated on train rows; int4: weight-only blockwise int4 MatMuls.")
+    mode: Literal["auto", "dynamic", "static", "int4"] = Field(
+        default="dynamic", description="auto: dynamic int8 whose settings are chosen by measuring candidates on the "
+                                       "tuning rows of this CPU (fastest first, within max_accuracy_drop); dynamic: "
+                                       "int8 weights, activations quantized at run time; static: QDQ int8 calibrated "
+                                       "on train rows; int4: weight-only blockwise int4 MatMuls.")
     per_channel: bool = Field(default=False, description="One scale per output channel (dynamic, static).")
-    reduce_range: bool | None = Field(default=None, description="7-bit weights. Default: on for int8 weights on "
-                                                                "x86 CPUs without VNNI, which saturate otherwise.")
-    weight_type: Literal["auto", "int8", "uint8"] = Field(
-        default="auto", description="dynamic: storage type of the weights. auto: uint8 on x86 CPUs without VNNI "
-                                    "(onnxruntime's U8S8 saturation caveat), else int8.")
+    reduce_range: bool = Field(default=False, description="7-bit weights (dynamic, static): avoids the 16-bit "
+                                                          "saturation of x86 int8 kernels without VNNI, at a cost in "
+                                                          "precision. mode: auto measures whether it helps.")
+    weight_type: Literal["int8", "uint8"] = Field(
+        default="int8", description="dynamic: storage type of the weights. int8 runs the fastest kernels, but on x86 "
+                                    "CPUs without VNNI they saturate (onnxruntime's U8S8 caveat); mode: auto "
+                                    "measures which to use.")
+    max_accuracy_drop: float | None = Field(
+        default=None, ge=0, le=1, description="auto: largest allowed drop of the task metric on the tuning rows, "
+                                              "against this step's input. Default: the recipe's "
+                                              "guard.max_accuracy_drop.")
+    relative_drop: bool = Field(default=False, description="auto: read max_accuracy_drop as a fraction of the "
+                                                           "input's metric (default: the guard's `relative`).")
+    tuning_rows: int = Field(default=5000, ge=16, le=1_000_000, description="auto: at most this many tuning rows "
+                                                                            "(a seeded sample of data.validation or "
+                                                                            "of the held-out train rows). Fewer rows, "
+                                                                            "more noise: on SST-2, 1,000 rows leave "
+                                                                            "about ±0.4 points on a measured drop.")
+    max_excluded: int = Field(default=4, ge=0, le=64, description="auto: at most this many of the most sensitive "
+                                                                  "nodes (measured) left in float, as a last resort.")
     op_types: list[str] | None = Field(default=None, description="Operator types to quantize (default: dynamic — "
                                                                   "all it supports; static — MatMul and Gather, the "
                                                                   "weight-heavy ops; int4 — MatMul, and Gather "
@@ -89,20 +91,38 @@ class QuantizeOnnx(Step):
     produces = "onnx"
 
     def cache_extra(self, config: StepConfig) -> Any:
-        """`auto` settings resolve from this CPU, so the resolved values key the cache."""
+        """mode: auto measures on this CPU: its int8 kernel class and onnxruntime's version key the cache,
+        so a cache shared between machines never hands one CPU's choice to another."""
         assert isinstance(config, QuantizeOnnxConfig)
-        weight_type, reduce_range = resolved_settings(config)
-        return {"weight_type": weight_type, "reduce_range": reduce_range}
+        if config.mode != "auto":
+            return None
+        from importlib.metadata import version
+
+        from compressor.cpu import int8_kernel_class
+
+        return {"int8_kernels": int8_kernel_class(), "onnxruntime": version("onnxruntime")
+                if _installed("onnxruntime") else version("onnxruntime-gpu")}
 
     def data_splits(self, config: StepConfig) -> tuple[str, ...]:
-        """Static quantization reads train rows for calibration."""
+        """Static quantization reads train rows for calibration; auto reads the tuning rows."""
         assert isinstance(config, QuantizeOnnxConfig)
-        return ("train",) if config.mode == "static" else ()
+        return {"static": ("train",), "auto": (TUNE,)}.get(config.mode, ())
+
+    def resolve_config(self, config: StepConfig, ctx: PlanContext) -> StepConfig:
+        """mode: auto takes its budget from the recipe's guard unless it sets its own."""
+        assert isinstance(config, QuantizeOnnxConfig)
+        if config.mode == "auto" and config.max_accuracy_drop is None:
+            return config.model_copy(update={"max_accuracy_drop": ctx.recipe.guard.max_accuracy_drop,
+                                             "relative_drop": ctx.recipe.guard.relative})
+        return config
 
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
         """int4 block sizes must be powers of two that divide the model's widths; static QDQ cannot
         follow optimize-onnx."""
         assert isinstance(config, QuantizeOnnxConfig)
+        if config.mode == "auto" and config.max_accuracy_drop is None and ctx.recipe.guard.max_accuracy_drop is None:
+            raise RecipeError("mode: auto needs an accuracy budget to search within", where="with.max_accuracy_drop",
+                              hint="set with.max_accuracy_drop, or guard.max_accuracy_drop for the whole recipe")
         fused = ctx.after("optimize-onnx")
         if config.mode == "static" and fused:
             raise RecipeError(f"static quantization cannot follow {fused}: onnxruntime's QDQ quantizer cannot type "
@@ -111,6 +131,13 @@ class QuantizeOnnx(Step):
                                                       "optimize-onnx out of a static (QDQ) chain")
         if config.mode != "int4":
             return
+        tables = "Gather" in (config.op_types or ())
+        for i, (uses, earlier) in enumerate(ctx.earlier):
+            if (tables and uses == self.name and isinstance(earlier, QuantizeOnnxConfig) and earlier.mode != "int4"
+                    and (earlier.op_types is None or "Gather" in earlier.op_types)):
+                raise RecipeError(f"the embedding tables are already int8 after steps[{i}] ({uses}), which "
+                                  "quantizes Gather", where="with.op_types",
+                                  hint=f"give steps[{i}] op_types without Gather, e.g. [MatMul, Attention]")
         if config.block_size & (config.block_size - 1):
             raise RecipeError(f"block_size {config.block_size} is not a power of two", where="with.block_size")
         for key in ("hidden_size", "intermediate_size"):
@@ -124,14 +151,9 @@ class QuantizeOnnx(Step):
         assert isinstance(config, QuantizeOnnxConfig)
         copy_companions(artifact, ctx.out_dir)
         target = ctx.out_dir / "model.onnx"
-        logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns on the root logger about pre-processing
         try:
-            if config.mode == "dynamic":
-                label = _dynamic(artifact.model_file, target, config, ctx)
-            elif config.mode == "static":
-                label = _static(artifact, target, config, ctx)
-            else:
-                label = _int4(artifact.model_file, target, config, ctx)
+            with quiet_root_logger():
+                label = _quantize(artifact, target, config, ctx)
         except StepError:
             raise
         except Exception as exc:
@@ -141,26 +163,53 @@ class QuantizeOnnx(Step):
                                **{k: v for k, v in artifact.info.items() if k in ("opset",)})
 
 
-def resolved_settings(config: QuantizeOnnxConfig) -> tuple[str, bool]:
-    """(weight type, reduce_range) after `auto`/default resolution on this CPU; static QDQ weights are int8."""
-    weight_type = "int8" if config.mode == "static" else resolve_weight_type(config.weight_type)
-    if config.reduce_range is not None:
-        return weight_type, config.reduce_range
-    return weight_type, weight_type == "int8" and not cpu_has_vnni()
+def _quantize(artifact: Artifact, target: Path, config: QuantizeOnnxConfig, ctx: StepContext) -> str:
+    """Quantize by mode into `target`; returns the artifact's `quantized` label."""
+    if config.mode == "auto":
+        from compressor.plugins.quantize_tune import search
+
+        ctx.report(search=search(artifact, config, ctx))
+        return "int8-dynamic-tuned"
+    if config.mode == "dynamic":
+        return _dynamic(artifact.model_file, target, config, ctx)
+    if config.mode == "static":
+        return _static(artifact, target, config, ctx)
+    return _int4(artifact.model_file, target, config, ctx)
+
+
+@contextlib.contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """onnxruntime's quantizers warn through the root logger (about pre-processing), which would also give
+    the root logger a handler for good: for the duration of the call only, the root logger gets a
+    NullHandler and level ERROR; the caller's logging is restored afterwards."""
+    root = logging.getLogger()
+    level, handler = root.level, logging.NullHandler()
+    root.addHandler(handler)
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def _installed(name: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(name)
+    except PackageNotFoundError:
+        return False
+    return True
 
 
 def _dynamic(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepContext) -> str:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from compressor.plugins.quantize_tune import Candidate, quantize_dynamic_file
 
-    weight_type, reduce_range = resolved_settings(config)
-    ctx.report(weight_type=weight_type, reduce_range=reduce_range)
-    # DefaultTensorType: ONNX shape inference does not type the outputs of onnxruntime's contrib ops
-    # (Attention, SkipLayerNormalization from optimize-onnx); they are float.
-    quantize_dynamic(str(source), str(target), per_channel=config.per_channel, reduce_range=reduce_range,
-                     op_types_to_quantize=config.op_types, nodes_to_exclude=config.exclude_nodes,
-                     weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
-                     extra_options={"DefaultTensorType": 1})  # onnx.TensorProto.FLOAT
-    return f"{weight_type}-dynamic"
+    ctx.report(weight_type=config.weight_type, reduce_range=config.reduce_range, per_channel=config.per_channel)
+    candidate = Candidate("dynamic", config.weight_type, config.per_channel, config.reduce_range)
+    quantize_dynamic_file(source, target, candidate, config.op_types, config.exclude_nodes)
+    return f"{config.weight_type}-dynamic"
 
 
 class _Rows:
@@ -201,15 +250,15 @@ def _static(artifact: Artifact, target: Path, config: QuantizeOnnxConfig, ctx: S
     # MinMax reads each row unpadded; the histogram calibrators need one shape, so pad to the longest row.
     length = None
     if config.calibration != "minmax":
-        length = max(len(tokenizer([r.text], truncation=True, max_length=128, is_split_into_words=split)["input_ids"][0])
+        length = max(len(tokenizer([r.text], truncation=True, max_length=artifact.max_length, is_split_into_words=split)["input_ids"][0])
                      for r in rows)
     feeds = []
     for row in rows:
-        enc = tokenizer([row.text], truncation=True, max_length=length or 128, is_split_into_words=split,
+        enc = tokenizer([row.text], truncation=True, max_length=length or artifact.max_length, is_split_into_words=split,
                         padding="max_length" if length else False, return_tensors="np")
         feeds.append({k: enc[k].astype(np.int64) for k in inputs if k in enc})
     reader = type("Reader", (_Rows, CalibrationDataReader), {})(feeds)
-    _, reduce_range = resolved_settings(config)
+    reduce_range = config.reduce_range
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[config.calibration]
     ctx.report(calibration=config.calibration, calibration_rows=len(feeds), reduce_range=reduce_range,

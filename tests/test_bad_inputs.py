@@ -336,36 +336,26 @@ def test_a_step_that_raises_mid_run(world: World, cli_run, compressor_cache, mon
     assert_nothing_half_written(compressor_cache, run_dir)
 
 
-def test_a_full_disk(world: World, cli_run, compressor_cache, monkeypatch):
-    """ENOSPC while a step saves: exit 4 with what happened and what to do, nothing half-written.
-    A real 1 MB tmpfs is used where this machine allows mounting one; else the write error is injected."""
-    import errno
+def test_a_full_disk(world: World, cli_run, monkeypatch):
+    """ENOSPC while a step saves: exit 4 with what happened and what to do, nothing half-written. The disk
+    really fills: the cache lives on a 600 kB tmpfs (skipped where this machine cannot mount one)."""
     import subprocess
 
     mount = world.tmp / "small-disk"
     mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)],
-                             capture_output=True).returncode == 0
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
     try:
-        if mounted:
-            monkeypatch.setenv("COMPRESSOR_CACHE_DIR", str(mount / "cache"))
-            cache = mount / "cache"
-        else:
-            import safetensors.torch
-
-            def no_space(*args, **kwargs):
-                raise OSError(errno.ENOSPC, "No space left on device")
-
-            monkeypatch.setattr(safetensors.torch, "save_file", no_space)
-            cache = compressor_cache
+        monkeypatch.setenv("COMPRESSOR_CACHE_DIR", str(mount / "cache"))
         world.steps = "  - uses: prune\n    with: {ratio: 0.25}\n  - uses: prune\n    with: {ratio: 0.25}\n" \
                       "  - uses: export-onnx\n"
         code, _, err = cli_run("run", str(world.recipe()), "--out", str(world.tmp / "run"))
         assert_clean_failure(code, err, 4, ["No space left on device", "free"])
-        assert_nothing_half_written(cache, world.tmp / "run")
+        assert_nothing_half_written(mount / "cache", world.tmp / "run")
     finally:
-        if mounted:
-            subprocess.run(["umount", str(mount)], capture_output=True)
+        subprocess.run(["umount", str(mount)], capture_output=True)
 
 
 def test_plugin_problems_exit_3_naming_the_plugin(tmp_path, tiny_text_model, sst2_small):

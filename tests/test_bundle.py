@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,8 +24,8 @@ def text_run(tmp_path_factory, tiny_text_model, sst2_small):
     from compressor.testing import run_recipe
 
     tmp = tmp_path_factory.mktemp("bundle-text")
-    os.environ["COMPRESSOR_CACHE_DIR"] = str(tmp / "cache")
-    record = run_recipe(recipe_text(tiny_text_model, sst2_small["train"], sst2_small["eval"], STEPS) + BUNDLE, tmp)
+    record = run_recipe(recipe_text(tiny_text_model, sst2_small["train"], sst2_small["eval"], STEPS) + BUNDLE, tmp,
+                        cache=tmp / "cache")
     return tmp / "run", record
 
 
@@ -89,6 +88,39 @@ def test_tampered_bundle_is_refused(text_run, cli_run, tmp_path, tamper, words):
     assert all(w in text for w in words), text
     result = subprocess.run([sys.executable, str(bundle / "predict.py"), "--verify"], capture_output=True, text=True)
     assert result.returncode == 1 and all(w in result.stderr for w in words), result.stderr
+
+
+def test_verify_on_another_cpu_class_says_so_and_applies_the_measured_tolerance(text_run, cli_run, tmp_path):
+    """An int8 bundle records the int8 kernel class its golden outputs, metrics and settings come from.
+    On a device of another class (here COMPRESSOR_CPU_CLASS, as under an emulator) verify says so and
+    allows the difference measured between classes; beyond it, it refuses and says why."""
+    from compressor.bundle import OTHER_CLASS_TOLERANCE, SAME_CLASS_TOLERANCE
+    from compressor.cpu import int8_kernel_class
+
+    bundle = _copy(text_run[0] / "bundle", tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    here = int8_kernel_class()
+    assert manifest["golden_on"]["int8_kernels"] == here and manifest["measured_on"]["int8_kernels"] == here
+    assert "MatMulInteger" in manifest["integer_operators"]
+    assert (manifest["tolerance"], manifest["tolerance_other_class"]) == (SAME_CLASS_TOLERANCE, OTHER_CLASS_TOLERANCE)
+    other = {"COMPRESSOR_CPU_CLASS": "arm64-dotprod" if here != "arm64-dotprod" else "x86-avx2"}
+    code, text = _verify(cli_run, bundle)
+    assert code == 0 and "note:" not in text and f"tolerance {SAME_CLASS_TOLERANCE:g}" in text
+    code, out, err = cli_run("verify", str(bundle), env=other)
+    assert code == 0 and other["COMPRESSOR_CPU_CLASS"] in out and f"tolerance {OTHER_CLASS_TOLERANCE:g}" in out
+    # a golden output off by more than the same-class tolerance but less than the other-class one
+    _shift_golden(bundle, (SAME_CLASS_TOLERANCE + OTHER_CLASS_TOLERANCE) / 2)
+    assert _verify(cli_run, bundle)[0] == 2
+    assert cli_run("verify", str(bundle), env=other)[0] == 0
+    _shift_golden(bundle, OTHER_CLASS_TOLERANCE)
+    code, out, err = cli_run("verify", str(bundle), env=other)
+    assert code == 2 and "unmeasured" in err and here in err, err
+
+
+def _shift_golden(bundle: Path, by: float) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["golden"][0]["logits"] = [v + by for v in manifest["golden"][0]["logits"]]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _edit_manifest(bundle: Path, **changes) -> None:
@@ -168,17 +200,34 @@ def test_fused_packed_model_bundles_for_onnx_and_ort(tmp_path, compressor_cache,
 
 
 def test_token_classification_bundle(tmp_path, compressor_cache, tiny_token_model, conll_small, cli_run):
+    """A trained NER model's bundle finds the entities the evaluator found: the bundle's entities, scored
+    against the gold tags, give the entity F1 the record reports for the same artifact."""
     from compressor import bundle_runtime
+    from compressor.data import DataSource
+    from compressor.evaluators.token_classification import entity_spans
     from compressor.testing import run_recipe
 
-    run_recipe(recipe_text(tiny_token_model, None, conll_small["eval"], STEPS, task="token-classification",
-                                    data_format="conll") + "bundle: {formats: [onnx]}\n", tmp_path)
+    steps = "  - uses: finetune\n    with: {epochs: 4, learning_rate: 3.0e-3, batch_size: 16}\n" + STEPS
+    record = run_recipe(recipe_text(tiny_token_model, conll_small["train"], conll_small["eval"], steps,
+                                    task="token-classification", data_format="conll") + "bundle: {formats: [onnx]}\n",
+                        tmp_path)
     bundle = tmp_path / "run" / "bundle"
-    code, out, err = cli_run("predict", str(bundle), "EU rejects German call to boycott British lamb .")
+    assert record["artifacts"][-1]["f1"] > 0.2  # the model finds entities, so the comparison below means something
+    rows = DataSource("conll", {"eval": conll_small["eval"]}, "tokens", "ner_tags").load("eval")
+    predictor = bundle_runtime.Predictor(bundle)
+    tp = n_pred = n_gold = 0
+    for i in range(0, len(rows), 32):  # the evaluator's batches, so that dynamic int8 sees the same padding
+        chunk = rows[i:i + 32]
+        for row, found in zip(chunk, predictor.predict([r.text for r in chunk])):
+            predicted = {(e["start"], e["end"], e["type"]) for e in found}
+            gold = entity_spans(row.label)
+            tp, n_pred, n_gold = tp + len(predicted & gold), n_pred + len(predicted), n_gold + len(gold)
+    f1 = 2 * tp / (n_pred + n_gold)
+    assert f1 == pytest.approx(record["artifacts"][-1]["f1"], abs=1e-9)
+    code, out, err = cli_run("predict", str(bundle), " ".join(rows[0].text))
     assert code == 0, err
-    prediction = json.loads(out.splitlines()[0])["prediction"]
-    assert isinstance(prediction, list)
-    assert all(e["type"] in ("PER", "ORG", "LOC", "MISC") and 0 <= e["start"] < e["end"] <= 9 for e in prediction)
+    words = rows[0].text
+    assert json.loads(out.splitlines()[0])["prediction"] == predictor.predict([words])[0]
     assert bundle_runtime.verify(bundle)["golden"] == 4
 
 

@@ -45,3 +45,20 @@ def test_readme_plugin_example_registers(tmp_path):
     host = build_host(entry_points=[])
     register_plugin(host, plugin, "readme")
     assert host.steps["copy"].summary == "Copy the model unchanged."
+
+
+def test_readme_cli_table_lists_every_command():
+    from compressor.cli import cli
+
+    readme = (DOCS.parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## The CLI"):readme.index("## Steps")]
+    missing = [name for name in cli.commands if f"| `compressor {name}" not in table]
+    assert not missing, f"README's CLI table lacks {missing}"
+
+
+def test_readme_layout_paths_exist():
+    """Every source path the README points a reader at exists in the source tree."""
+    readme = (DOCS.parent.parent / "README.md").read_text(encoding="utf-8")
+    root = DOCS.parent.parent
+    for path in re.findall(r"`((?:compressor|plugins|export|bench|tests|recipes|examples|docs)/[\w./-]*)`", readme):
+        assert (root / path.rstrip("/")).exists() or "*" in path, f"README points at {path}, which does not exist"

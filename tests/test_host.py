@@ -255,9 +255,10 @@ def test_a_step_that_writes_outside_its_directory_is_caught(tmp_path, compressor
 
     host = build_host(entry_points=[])
     register_plugin(host, _misbehaving("outside"), "naughty-outside")
-    run_dir_writer = _misbehaving("outside")
-    assert run_dir_writer is not None
     with pytest.raises(StepError) as info:
         run_recipe(recipe_text(tiny_text_model, sst2_small["train"], sst2_small["eval"], "  - uses: bad-outside\n"),
                    tmp_path / "r", host=host)
+    # the message names the stray file (beside the cache's artifacts) and the plugin that wrote it
     assert "wrote outside its output directory" in info.value.message
+    assert str(compressor_cache / "stray.txt") in info.value.message
+    assert "naughty-outside" in (info.value.where or "")

@@ -21,16 +21,13 @@ STEPS = ("  - uses: finetune\n    with: {epochs: 3, learning_rate: 2.0e-3, batch
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_encoder, sst2_small):
     """One real run of the tiny recipe, shared by the tests of this module."""
-    import os
-
     from compressor.testing import run_recipe
 
     tmp = tmp_path_factory.mktemp("run")
-    os.environ["COMPRESSOR_CACHE_DIR"] = str(tmp / "cache")
     before = hash_dir(tiny_encoder)
     text = recipe_text(tiny_encoder, sst2_small["train"], sst2_small["eval"], STEPS,
                        labels=", labels: [negative, positive]") + "bundle: {formats: [onnx]}\n"
-    record = run_recipe(text, tmp)
+    record = run_recipe(text, tmp, cache=tmp / "cache")
     return {"record": record, "dir": tmp / "run", "tmp": tmp, "text": text, "before": before,
             "model": tiny_encoder}
 
@@ -106,7 +103,7 @@ def test_second_run_comes_from_the_cache(tiny_run):
 
     tmp = tiny_run["tmp"] / "again"
     tmp.mkdir()
-    record = run_recipe(tiny_run["text"], tmp)
+    record = run_recipe(tiny_run["text"], tmp, cache=tiny_run["tmp"] / "cache")
     first = tiny_run["record"]
     assert [s["cached"] for s in record["steps"]] == [True, True, True]
     assert [s["output_hash"] for s in record["steps"]] == [s["output_hash"] for s in first["steps"]]
@@ -118,6 +115,7 @@ def test_changed_config_reruns_only_from_that_step(tiny_run):
 
     tmp = tiny_run["tmp"] / "changed"
     tmp.mkdir()
-    record = run_recipe(tiny_run["text"], tmp, overrides=["steps.2.with.per_channel=true"])
+    record = run_recipe(tiny_run["text"], tmp, overrides=["steps.2.with.per_channel=true"],
+                        cache=tiny_run["tmp"] / "cache")
     assert [s["cached"] for s in record["steps"]] == [True, True, False]
     assert record["steps"][2]["output_hash"] != tiny_run["record"]["steps"][2]["output_hash"]

@@ -7,36 +7,23 @@ from pathlib import Path
 
 import pytest
 
-from conftest import recipe_text
-
-FLOAT_STEPS = ("  - uses: finetune\n    with: {epochs: 3, learning_rate: 2.0e-3}\n  - uses: export-onnx\n")
+from conftest import FLOAT_STEPS, recipe_text
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_encoder, sst2_small):
-    """A fine-tuned tiny classifier exported to ONNX, and the cache that holds it."""
-    import os
-
-    from compressor.testing import run_recipe
-
-    tmp = tmp_path_factory.mktemp("quant")
-    os.environ["COMPRESSOR_CACHE_DIR"] = str(tmp / "cache")
-    record = run_recipe(recipe_text(tiny_encoder, sst2_small["train"], sst2_small["eval"], FLOAT_STEPS,
-                                    labels=", labels: [negative, positive]"), tmp)
-    return {"tmp": tmp, "record": record, "model": tiny_encoder, "data": sst2_small}
+def trained(trained_tiny):
+    """A fine-tuned tiny classifier exported to ONNX, and the cache that holds it (conftest)."""
+    return trained_tiny
 
 
 def _with_step(trained, name: str, step: str) -> dict:
-    import os
-
     from compressor.testing import run_recipe
 
-    os.environ["COMPRESSOR_CACHE_DIR"] = str(trained["tmp"] / "cache")  # reuse finetune + export
     tmp = trained["tmp"] / name
     tmp.mkdir()
     text = recipe_text(trained["model"], trained["data"]["train"], trained["data"]["eval"], FLOAT_STEPS + step,
                        labels=", labels: [negative, positive]")
-    record = run_recipe(text, tmp)
+    record = run_recipe(text, tmp, cache=trained["tmp"] / "cache")  # reuses finetune + export
     assert [s["cached"] for s in record["steps"][:2]] == [True, True]
     return record
 
@@ -68,7 +55,18 @@ def test_static_graph_is_qdq_and_keeps_fragile_ops_float(trained):
     for node in graph.node:
         if node.op_type in ("LayerNormalization", "Softmax", "Erf"):
             assert all(produced_by.get(i) is None or produced_by[i].op_type != "DequantizeLinear" for i in node.input)
-    assert record["steps"][2]["notes"]["reduce_range"] in (True, False)
+    # full 8-bit weights unless reduce_range is asked for: the largest weight maps to ±127 (7 bits: ±63)
+    from onnx import TensorProto, numpy_helper
+
+    assert record["steps"][2]["notes"]["reduce_range"] is False
+    int8_weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == TensorProto.INT8
+                    and len(t.dims) == 2]
+    assert int8_weights and max(int(abs(w.astype(int)).max()) for w in int8_weights) == 127
+    narrow = _with_step(trained, "static-narrow", "  - uses: quantize-onnx\n    with: {mode: static, "
+                        "calibration_rows: 16, reduce_range: true}\n")
+    narrow_weights = [numpy_helper.to_array(t) for t in _graph(narrow, 2).initializer
+                      if t.data_type == TensorProto.INT8 and len(t.dims) == 2]
+    assert max(int(abs(w.astype(int)).max()) for w in narrow_weights) <= 64
 
 
 def test_int4_uses_matmulnbits(trained):
@@ -103,6 +101,8 @@ def test_int4_embeddings_and_int8_gather_after_int4(trained):
     ("  - uses: quantize-onnx\n    with: {mode: int4, block_size: 48}\n", ["block_size 48 is not a power of two"]),
     ("  - uses: quantize-onnx\n    with: {mode: int4, block_size: 64}\n", ["does not divide the model's hidden_size 32"]),
     ("  - uses: quantize-onnx\n    with: {mode: int8}\n", ["steps[2] (quantize-onnx).with.mode"]),
+    ("  - uses: quantize-onnx\n  - uses: quantize-onnx\n    with: {mode: int4, op_types: [Gather]}\n",
+     ["steps[3] (quantize-onnx).with.op_types", "already int8 after steps[2]"]),
 ])
 def test_bad_quantization_settings(tmp_path, cli_run, tiny_encoder, sst2_small, step, words):
     path = tmp_path / "r.yaml"
@@ -121,8 +121,6 @@ def test_static_without_calibration_data(tmp_path, cli_run, tiny_text_model, sst
 
 
 def test_quantize_torch_roundtrip_equals_torch_ao(trained):
-    import os
-
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -131,12 +129,11 @@ def test_quantize_torch_roundtrip_equals_torch_ao(trained):
     from compressor.plugins.quantize_torch import quantize_dynamic
     from compressor.testing import run_recipe
 
-    os.environ["COMPRESSOR_CACHE_DIR"] = str(trained["tmp"] / "cache")
     tmp = trained["tmp"] / "torch-int8"
     tmp.mkdir()
     steps = "  - uses: finetune\n    with: {epochs: 3, learning_rate: 2.0e-3}\n  - uses: quantize-torch\n"
     record = run_recipe(recipe_text(trained["model"], trained["data"]["train"], trained["data"]["eval"], steps,
-                                    labels=", labels: [negative, positive]"), tmp)
+                                    labels=", labels: [negative, positive]"), tmp, cache=trained["tmp"] / "cache")
     assert record["steps"][0]["cached"] is True
     float_row, int8_row = record["artifacts"][1], record["artifacts"][2]
     assert abs(int8_row["accuracy"] - float_row["accuracy"]) <= 0.03

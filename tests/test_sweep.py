@@ -53,15 +53,14 @@ def test_pareto_front():
 @pytest.fixture(scope="module")
 def sweep_run(tmp_path_factory, tiny_text_model, sst2_small):
     """One 2×2 sweep, run with the local executor, with a size budget only the dynamic variants meet."""
-    import os
-
     from click.testing import CliRunner
 
     from compressor.cli import cli
 
+    from compressor.testing import cache_dir
+
     tmp = tmp_path_factory.mktemp("sweep")
-    os.environ["COMPRESSOR_CACHE_DIR"] = str(tmp / "cache")
-    try:
+    with cache_dir(tmp / "cache"):
         # a budget between the dynamic (QOperator) and static (QDQ) int8 sizes of the 25%-pruned model
         probe = _sweep(tmp, tiny_text_model, sst2_small)
         result = CliRunner().invoke(cli, ["run", str(probe), "--out", str(tmp / "probe")])
@@ -71,8 +70,6 @@ def sweep_run(tmp_path_factory, tiny_text_model, sst2_small):
         limit = (max(sizes[k] for k in sizes if "dynamic" in k) + min(sizes[k] for k in sizes if "static" in k)) / 2e6
         recipe = _sweep(tmp, tiny_text_model, sst2_small, limit=limit)
         result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp / "run")])
-    finally:
-        del os.environ["COMPRESSOR_CACHE_DIR"]
     return tmp, result, sizes, limit
 
 

@@ -13,9 +13,6 @@ import numpy as np
 from compressor.artifact import Artifact
 from compressor.errors import InputError
 
-MAX_LENGTH = 128
-
-
 class Runner:
     """A loaded model plus its tokenizer: `encode(texts)` then `__call__(batch)` → logits."""
 
@@ -29,7 +26,7 @@ class Runner:
     def encode(self, texts: list[Any]) -> Any:
         """Tokenize a batch (words lists for token classification), padded, as numpy."""
         split = self.artifact.task == "token-classification"
-        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=MAX_LENGTH,
+        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.artifact.max_length,
                               is_split_into_words=split, return_tensors="np")
 
     def __call__(self, batch: Any) -> np.ndarray:
@@ -112,6 +109,11 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
 
 def ort_session(model_file: Path, threads: int) -> Any:
     """An ONNX Runtime CPU session with full graph optimisations and a fixed thread count."""
+    return ort_session_from(str(model_file), threads)
+
+
+def ort_session_from(model: str | bytes, threads: int) -> Any:
+    """ort_session for a model file path or serialized model bytes."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -119,4 +121,4 @@ def ort_session(model_file: Path, threads: int) -> Any:
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
