@@ -210,11 +210,18 @@ class DataSource:
         """Every label (or tag) that occurs in a split."""
         return all_labels(self.load(split))
 
-    def digest(self) -> str:
-        """sha256 over the data files' bytes and the column settings (part of cache keys)."""
-        h = hashlib.sha256(json.dumps([self.format, self.text, self.label]
-                                      + ([self.holdout, self.seed] if self.holdout else [])).encode())
-        for split in sorted(self.splits):
+    def digest(self, splits: tuple[str, ...] | list[str] | None = None) -> str:
+        """sha256 over the data files' bytes and the column settings (part of cache keys). With `splits`,
+        only what those splits read: a step that trains is not rerun when the eval file changes."""
+        files_of = {s: [s] for s in self.splits}
+        if self.holdout and "validation" not in self.splits:  # held-out rows shape both train and tune
+            files_of.update(train=["train"], tune=["train"])
+        elif "validation" in self.splits:
+            files_of["tune"] = ["validation"]
+        wanted = sorted({f for s in (self.splits if splits is None else splits) for f in files_of.get(s, [])})
+        held = [self.holdout, self.seed] if self.holdout and set(wanted) & {"train"} else []
+        h = hashlib.sha256(json.dumps([self.format, self.text, self.label] + held).encode())
+        for split in wanted:
             path = self.splits[split]
             h.update(split.encode())
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]

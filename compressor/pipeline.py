@@ -107,6 +107,7 @@ class Runner:
         self.run_dir = Path(run_dir).resolve()
         self.settings = eval_settings(plan)
         self.data_hash = plan.data.digest() if plan.data else None
+        self._digests: dict[tuple[str, ...], str] = {}
         self._eval_rows: list[Any] | None = None
         self.environment = environment()
         #: threads for the steps' work (recipe `threads:`), apart from the measurement threads; a thread
@@ -117,7 +118,8 @@ class Runner:
     def eval_rows(self) -> list[Any]:
         """The evaluation rows (first max_rows), read once."""
         if self._eval_rows is None:
-            rows = self.plan.data.load("eval") if self.plan.data and self.plan.data.has("eval") else []
+            split = self.plan.recipe.evaluate.split
+            rows = self.plan.data.load(split) if self.plan.data and self.plan.data.has(split) else []
             self._eval_rows = rows[: self.settings.max_rows] if self.settings.max_rows else rows
         return self._eval_rows
 
@@ -141,7 +143,9 @@ class Runner:
         # a measurement belongs to the machine and runtime that made it: with a shared cache (Ray nodes),
         # one CPU's latency or one int8 kernel class's accuracy must not be reported for another
         env = self.environment
-        key = make_key(artifact_hash, self.settings.__dict__, self.data_hash, artifact.task, artifact.labels,
+        split = self.plan.recipe.evaluate.split
+        key = make_key(artifact_hash, self.settings.__dict__, split, self._data_digest((split,)), artifact.task,
+                       artifact.labels,
                        f"{type(evaluator).__module__}.{type(evaluator).__qualname__}",
                        getattr(evaluator, "version", "1"), __version__, env["cpu"], env["int8_kernels"],
                        env["cpu_count"], env["libraries"])
@@ -163,6 +167,15 @@ class Runner:
         m["metric"] = evaluator.metric
         return m
 
+    def _data_digest(self, splits: tuple[str, ...]) -> str | None:
+        """The digest of the data splits a step reads (none: None), computed once per set of splits."""
+        if not splits or self.plan.data is None:
+            return None
+        key = tuple(sorted(splits))
+        if key not in self._digests:
+            self._digests[key] = self.plan.data.digest(key)
+        return self._digests[key]
+
     def step_versions(self, step: str) -> dict[str, str]:
         """What a step's output may depend on besides its inputs: compressor's version, the version of the
         distribution that provides the step, and of every library that shapes results (torch,
@@ -181,7 +194,7 @@ class Runner:
         cls, config = planned.cls, planned.config
         key = make_key(key_basis or input_hash, cls.name, cls.version, config.model_dump(mode="json"),
                        cls().cache_extra(config),
-                       self.data_hash if cls().data_splits(config) else None, self.plan.recipe.seed,
+                       self._data_digest(cls().data_splits(config)), self.plan.recipe.seed,
                        external_inputs(config.model_dump(mode="json"), self.plan.recipe_dir),
                        self.step_versions(planned.name), self.step_threads)
         entry = self.cache.lookup(key)

@@ -285,7 +285,11 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
         errors.append(RecipeError(f"a bundle needs an onnx or ort model but the last step gives {fmt}",
                                   where="bundle.formats", hint="end the steps with export-onnx, or remove bundle"))
     guard = recipe.guard
-    if guard.max_accuracy_drop is not None and (data is None or not data.has("eval")):
+    split = recipe.evaluate.split
+    if split == "tune" and (data is None or not data.has(split)):
+        errors.append(RecipeError("evaluate.split is tune, and the recipe gives no tuning rows",
+                                  where="evaluate.split", hint="add data.validation: PATH or data.holdout: N"))
+    elif guard.max_accuracy_drop is not None and (data is None or not data.has(split)):
         errors.append(RecipeError("max_accuracy_drop needs an accuracy, and without data.eval no evaluator "
                                   "produces one", where="guard.max_accuracy_drop",
                                   hint="add data.eval, or remove the accuracy budget"))
@@ -300,8 +304,11 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
         n = len(data.load("train"))
         if n < 8:
             warnings.append(f"data.train has only {n} row{'s' if n > 1 else ''}: too few to train or calibrate on")
-    if data is None or not data.has("eval"):
+    if data is None or not data.has(split):
         warnings.append("the recipe has no data.eval: artifacts get size and latency but no accuracy")
+    elif split == "tune":
+        warnings.append("evaluate.split is tune: the metrics are on the tuning rows, for choosing settings; "
+                        "quote figures from a run on data.eval")
     if errors:
         raise RecipeErrors(errors)
     return Plan(recipe=recipe, recipe_path=recipe_path, source=source, data=data, steps=steps, warnings=warnings)

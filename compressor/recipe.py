@@ -69,6 +69,9 @@ class EvaluateSpec(_Strict):
     """What is measured and when."""
 
     each_step: bool = Field(default=True, description="Evaluate every artifact, not only the last.")
+    split: Literal["eval", "tune"] = Field(default="eval", description="The rows the task metric is measured on: "
+                                           "eval (what reports quote), or tune (the tuning rows, for experiments "
+                                           "that choose a setting, so that the choice is not made on eval).")
     max_rows: int | None = Field(default=None, ge=1, description="Evaluate on the first N eval rows only.")
     latency: LatencySpec | None = Field(default_factory=LatencySpec, description="Latency settings; null to skip.")
 

@@ -170,7 +170,7 @@ def build_sweep(recipe_path: Path, host: Host, raw: dict[str, Any]) -> Sweep:
     if select == "fastest" and plan0.recipe.evaluate.latency is None:
         raise RecipeError("select: fastest needs latency measurements", where="select",
                           hint="remove evaluate.latency: null, or select smallest")
-    if select == "most_accurate" and (plan0.data is None or not plan0.data.has("eval")):
+    if select == "most_accurate" and (plan0.data is None or not plan0.data.has(plan0.recipe.evaluate.split)):
         raise RecipeError("select: most_accurate needs data.eval", where="select")
     bundle = BundleSpec.model_validate(raw.get("bundle") or {})
     return Sweep(recipe_path, str(raw.get("name", "sweep")), variants, select, bundle.model_dump())

@@ -1,5 +1,6 @@
 """`quantize-onnx` (`onnx` → `onnx`) with onnxruntime's quantizers:
 
+- `auto`: dynamic int8 with the settings measured best on this CPU (quantize_tune.py);
 - `dynamic`: int8 weights, activations quantized on the fly;
 - `static`: QDQ int8 with activation ranges calibrated on the recipe's train rows (MinMax,
   Entropy or Percentile), leaving the numerically fragile transformer ops in float;
@@ -85,7 +86,7 @@ class QuantizeOnnx(Step):
 
     name = "quantize-onnx"
     summary = "Quantize an ONNX model: dynamic int8, static QDQ int8 (calibrated), or int4 weight-only."
-    version = "4"  # 4: int4 embedding tables packed as uint8
+    version = "5"  # 4: int4 embedding tables packed as uint8; 5: mode auto, dynamic weights int8 unless set
     Config = QuantizeOnnxConfig
     accepts = ("onnx",)
     produces = "onnx"
@@ -117,8 +118,8 @@ class QuantizeOnnx(Step):
         return config
 
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
-        """int4 block sizes must be powers of two that divide the model's widths; static QDQ cannot
-        follow optimize-onnx."""
+        """mode: auto needs a budget; static QDQ cannot follow optimize-onnx; int4 block sizes must be powers of
+        two that divide the model's widths, and int4 tables cannot follow an int8 step that took them."""
         assert isinstance(config, QuantizeOnnxConfig)
         if config.mode == "auto" and config.max_accuracy_drop is None and ctx.recipe.guard.max_accuracy_drop is None:
             raise RecipeError("mode: auto needs an accuracy budget to search within", where="with.max_accuracy_drop",

@@ -162,3 +162,29 @@ def test_every_tokenizer_file_check_accepts_is_carried_by_steps(tmp_path):
     (src / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
     copy_tokenizer(src, dst)
     assert (dst / "tokenizer.model").read_bytes() == b"sentencepiece model bytes"
+
+
+def test_a_step_reruns_only_when_the_data_it_reads_changes(tmp_path, compressor_cache, tiny_encoder, sst2_small):
+    """finetune reads train: another eval file leaves it cached; other train rows, or other held-out rows,
+    rerun it. `evaluate.split: tune` measures on the tuning rows instead of eval."""
+    from compressor.testing import run_recipe, write_tsv_slice
+
+    steps = "  - uses: finetune\n    with: {max_train_rows: 64, max_length: 16}\n" + EXPORT
+    labels = ", labels: [negative, positive]"
+    first = run_recipe(recipe_text(tiny_encoder, sst2_small["train"], sst2_small["eval"], steps, labels=labels),
+                       tmp_path / "first")
+    other_eval = write_tsv_slice(sst2_small["eval"], tmp_path / "other-eval.tsv", 50)
+    record = run_recipe(recipe_text(tiny_encoder, sst2_small["train"], other_eval, steps, labels=labels),
+                        tmp_path / "other-eval")
+    assert [s["cached"] for s in record["steps"]] == [True, True] and record["artifacts"][1]["rows"] == 50
+    other_train = write_tsv_slice(sst2_small["train"], tmp_path / "other-train.tsv", 500)
+    record = run_recipe(recipe_text(tiny_encoder, other_train, sst2_small["eval"], steps, labels=labels),
+                        tmp_path / "other-train")
+    assert record["steps"][0]["cached"] is False
+    held = recipe_text(tiny_encoder, sst2_small["train"], sst2_small["eval"], steps, labels=labels,
+                       data_extra="  holdout: 120\n")
+    record = run_recipe(held, tmp_path / "held")
+    assert record["steps"][0]["cached"] is False and record["steps"][0]["output_hash"] != first["steps"][0]["output_hash"]
+    record = run_recipe(held.replace("evaluate: {", "evaluate: {split: tune, "), tmp_path / "tune")
+    assert [s["cached"] for s in record["steps"]] == [True, True]
+    assert record["artifacts"][1]["rows"] == 120 and record["evaluation"] is not None
