@@ -74,7 +74,7 @@ def _feeds(model_dir: Path, rows: list[Any], target: Path, batch: int = 32) -> P
     return target
 
 
-def logits(run_dir: Path, classes: list[str], work: Path) -> None:
+def logits(run_dir: Path, classes: list[str], work: Path, models: list[str]) -> None:
     """Dev accuracy, agreement with this machine and largest logit difference, per class."""
     import numpy as np
 
@@ -90,6 +90,8 @@ def logits(run_dir: Path, classes: list[str], work: Path) -> None:
     reference: dict[str, Any] = {}
     for cls in ["native"] + [c for c in classes if c != "native"]:
         for label, model_dir in (("int8", final), ("float", floating)):
+            if label not in models:
+                continue
             out = work / f"{cls}-{label}.npz"
             env = {**os.environ, "PY": sys.executable}
             subprocess.run(["bash", str(RUN_AS), cls, __file__, "_worker", str(model_dir / "model.onnx"), str(feeds),
@@ -165,6 +167,7 @@ def main() -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--classes", default="avx2,sse41,arm64,arm64-dotprod,arm64-i8mm")
     p.add_argument("--work", type=Path, default=Path("/tmp/cpu-classes"))
+    p.add_argument("--models", default="int8,float", help="int8 (the final model), float (before quantization)")
     p = sub.add_parser("search")
     p.add_argument("recipe", type=Path)
     p.add_argument("--cpu-class", default="avx2", help="an x86 class run_as.sh emulates (avx2, sse41)")
@@ -172,7 +175,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "logits":
         args.work.mkdir(parents=True, exist_ok=True)
-        logits(args.run_dir, [c for c in args.classes.split(",") if c], args.work)
+        logits(args.run_dir, [c for c in args.classes.split(",") if c], args.work, args.models.split(","))
     else:
         out = args.out or Path("runs") / f"{args.recipe.stem}-{args.cpu_class}"
         out.mkdir(parents=True, exist_ok=True)
