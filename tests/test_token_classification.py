@@ -42,10 +42,16 @@ def test_tiny_ner_pipeline(tmp_path, compressor_cache, tiny_token_model, conll_s
     from compressor.testing import run_recipe
 
     steps = ("  - uses: finetune\n    with: {epochs: 4, learning_rate: 3.0e-3, batch_size: 16}\n"
-             "  - uses: export-onnx\n  - uses: optimize-onnx\n  - uses: quantize-onnx\n")
+             "  - uses: export-onnx\n  - uses: optimize-onnx\n"
+             "  - uses: quantize-onnx\n    with: {mode: auto, max_accuracy_drop: 0.05}\n")
     text = recipe_text(tiny_token_model, conll_small["train"], conll_small["eval"], steps,
-                       task="token-classification", data_format="conll")
+                       task="token-classification", data_format="conll", data_extra="  holdout: 100\n")
     record = run_recipe(text, tmp_path)
+    # the int8 search scores entity F1 on the 100 held-out sentences, and stops at the first within budget
+    found = record["steps"][3]["notes"]["search"]
+    assert found["metric"] == "f1" and found["tuning_rows"] == 100 and found["budget"] == 0.05
+    chosen = next(c for c in found["candidates"] if c["name"] == found["chosen"])
+    assert chosen["within_budget"] and chosen["change"] >= -0.05 and found["candidates"][-1] == chosen
     rows = {a["name"]: a for a in record["artifacts"]}
     assert rows["input"]["f1"] < 0.05  # an untrained head finds no entities
     assert rows["finetune"]["f1"] > 0.2
