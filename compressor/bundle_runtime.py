@@ -76,6 +76,10 @@ def int8_kernel_class() -> str:
     return machine or "unknown"
 
 
+#: Classes whose uint8 × int8 kernels saturate pairs of products at 16 bits (vpmaddubsw).
+SATURATING_CLASSES = {"x86-avx2", "x86-avx512"}
+
+
 class BundleError(Exception):
     """A bundle that is incomplete, altered, or does not give its expected outputs."""
 
@@ -234,10 +238,13 @@ def verify(root: Path) -> dict[str, Any]:
         diff = float(np.abs(got - expected).max())
         worst = max(worst, diff)
         if diff > tolerance:
+            saturating = ({here, golden_on} & SATURATING_CLASSES) and not {here, golden_on} <= SATURATING_CLASSES
             where = (f" on this CPU's {here} int8 kernels, beyond what was measured between CPU classes; the golden "
-                     f"outputs were computed with {golden_on} kernels, so this model's accuracy on {here} CPUs "
-                     f"is unmeasured: run the recipe on such a CPU (quantize-onnx mode: auto measures there)"
-                     if other else "")
+                     f"outputs were computed with {golden_on} kernels"
+                     + (" (x86 CPUs without VNNI sum pairs of uint8 × int8 products in 16 bits, which saturates)"
+                        if saturating else "")
+                     + f", so this model's accuracy on {here} CPUs is unmeasured: run the recipe on such a CPU "
+                       "(quantize-onnx mode: auto measures its settings there)" if other else "")
             raise BundleError(f"golden[{i}]: outputs differ from the expected by {diff:.3g} (tolerance {tolerance})"
                               f" for input {case['input']!r}{where}")
     return {"files": len(manifest["files"]), "golden": len(manifest["golden"]), "max_abs_diff": worst,
