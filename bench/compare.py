@@ -113,7 +113,8 @@ def main() -> None:
     from compressor.data import DataSource
     from compressor.evaluators.base import EvalSettings
     from compressor.evaluators.measure import model_bytes
-    from compressor.evaluators.text_classification import TextClassificationEvaluator
+    from compressor.evaluators.logits import LogitsEvaluator
+    from compressor.tasks.text_classification import TextClassification
     from compressor.record import cpu_name, environment
 
     records = {name: run_recipe(name) for name in RECIPES}
@@ -122,7 +123,7 @@ def main() -> None:
     rows = DataSource("tsv", {"eval": REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"}, "sentence",
                       "label").load("eval")
     settings = EvalSettings(threads=args.threads, batch_sizes=(1, 32), runs=args.runs, warmup=20, latency=False)
-    evaluator = TextClassificationEvaluator()
+    evaluator = LogitsEvaluator(TextClassification())
     work = Path(tempfile.mkdtemp(prefix="compressor-bench-"))
 
     rows_out: list[dict[str, Any]] = []

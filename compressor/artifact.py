@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 FORMATS = ("hf", "onnx", "ort", "engine")
-TASKS = ("text-classification", "token-classification")
 META_FILE = "artifact.json"
 #: Every file of a tokenizer that a model directory may hold: copied whenever a step writes a new model.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

@@ -35,10 +35,6 @@ SAME_CLASS_TOLERANCE = 1e-3
 #: real kernels of six classes (x86 AVX512-VNNI natively; AVX2, SSE4.1, ARM64 NEON, dot-product and
 #: i8mm under qemu) on the 872 SST-2 dev sentences: see bench/NOTES.md, "int8 across CPU classes".
 OTHER_CLASS_TOLERANCE = 0.25
-FALLBACK_GOLDEN = {"text-classification": ["a gripping , beautifully made film .",
-                                           "the plot is thin and the jokes fall flat ."],
-                   "token-classification": ["EU rejects German call to boycott British lamb .",
-                                            "Peter Blackburn reports from Brussels ."]}
 DEVICE_README = """# {name}
 
 A {task} model made by compressor {version}. It needs Python 3, numpy, onnxruntime (>= {min_ort})
@@ -127,8 +123,13 @@ def write_bundle(artifact: Artifact, out: Path, record: dict[str, Any] | None = 
 
         search = next((s["notes"]["search"] for s in (record or {}).get("steps", [])
                        if isinstance(s.get("notes", {}).get("search"), dict)), None)
+        from compressor.tasks import task_for
+
+        task = task_for(artifact.task)
         manifest: dict[str, Any] = {
             "schema_version": bundle_runtime.SCHEMA_VERSION, "task": artifact.task, "labels": artifact.labels,
+            # what the device-side runtime reads instead of the task's name: the rows' shape and the answer
+            "input": "words" if task.word_level else "text", "output": task.bundle_output,
             "model": model, "min_onnxruntime": model["min_onnxruntime"],
             "tokenizer": {"file": "tokenizer.json", "max_length": artifact.max_length, "pad_id": pad["id"] if pad else 0,
                           "pad_token": pad["content"] if pad else "[PAD]"},
@@ -149,7 +150,7 @@ def write_bundle(artifact: Artifact, out: Path, record: dict[str, Any] | None = 
             "tolerance_other_class": OTHER_CLASS_TOLERANCE if integer else SAME_CLASS_TOLERANCE,
             "golden": [],
         }
-        inputs = list(golden_inputs or FALLBACK_GOLDEN[artifact.task])[:4]
+        inputs = list(golden_inputs or task.golden_inputs)[:4]
         write_json_atomic(tmp / bundle_runtime.MANIFEST, {**manifest, "files": {}})
         predictor = bundle_runtime.Predictor(tmp, {**manifest, "files": {}})
         manifest["golden"] = [{"input": text, "logits": predictor.logits([text])[0].tolist()} for text in inputs]

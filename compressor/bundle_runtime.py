@@ -18,10 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+#: 2: `input` (text | words) and `output` (label | entities) say how to feed and read the model, so that
+#: this reader needs no list of task names
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 REQUIRED_KEYS = {"schema_version": int, "task": str, "labels": list, "model": dict, "tokenizer": dict,
-                 "files": dict, "golden": list, "min_onnxruntime": str}
+                 "files": dict, "golden": list, "min_onnxruntime": str, "input": str, "output": str}
 
 
 #: Overrides the detected int8 kernel class: for an emulator, whose /proc/cpuinfo describes the host.
@@ -155,7 +157,7 @@ class Predictor:
         self.tokenizer = Tokenizer.from_file(str(self.root / spec["file"]))
         self.tokenizer.enable_truncation(spec.get("max_length", 128))
         self.tokenizer.enable_padding(pad_id=spec.get("pad_id", 0), pad_token=spec.get("pad_token", "[PAD]"))
-        self.words = self.manifest["task"] == "token-classification"
+        self.words = self.manifest["input"] == "words"
 
     def encode(self, texts: list[Any]) -> tuple[dict[str, Any], list[Any]]:
         """Feeds for the session, and the encodings (for word alignment)."""
@@ -185,7 +187,7 @@ class Predictor:
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         labels = self.manifest["labels"]
-        if not self.words:
+        if self.manifest["output"] == "label":
             return [{"label": labels[int(p.argmax())], "score": float(p.max())} for p in probs]
         out = []
         for b, (text, enc) in enumerate(zip(texts, encodings)):

@@ -120,7 +120,7 @@ def cli(debug: bool, disable_plugin: tuple[str, ...]) -> None:
 @click.pass_context
 @handle_errors
 def plugins(ctx: click.Context, as_json: bool) -> None:
-    """List plugins, their versions and their steps."""
+    """List plugins, their versions, their steps and tasks."""
     host = get_host(ctx)
     rows = [p.__dict__ for p in host.plugins]
     if as_json:
@@ -128,7 +128,8 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(f"compressor {__version__} · plugin API {PLUGIN_API_VERSION}")
     for p in host.plugins:
-        state = f"FAILED: {p.error}" if p.error else ", ".join(p.steps) or "(no steps)"
+        provides = p.steps + [f"task {t}" for t in p.tasks]
+        state = f"FAILED: {p.error}" if p.error else ", ".join(provides) or "(no steps)"
         click.echo(f"  {p.name:<20} {p.distribution} {p.version:<10} {state}")
 
 

@@ -15,15 +15,18 @@ from typing import Any
 
 from compressor.errors import InputError
 
-DATA_FORMATS = ("tsv", "csv", "jsonl", "conll", "datasets")
+DATA_FORMATS = ("tsv", "csv", "jsonl", "conll", "datasets", "text")
 
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled row: a sentence and its label, or words and their tags."""
+    """One row: a sentence and its label, words and their tags, or a prompt and its completion (for a
+    language model; `label` None for plain text). `chat`: wrap the prompt in the chat template (None:
+    when the tokenizer has one)."""
 
     text: Any
     label: Any
+    chat: bool | None = None
 
 
 def _read_delimited(path: Path, delimiter: str, text: str, label: str, where: str) -> list[Example]:
@@ -64,6 +67,12 @@ def _read_jsonl(path: Path, text: str, label: str, where: str) -> list[Example]:
             value = obj[label]
             rows.append(Example(obj[text], [str(v) for v in value] if isinstance(value, list) else str(value)))
     return rows
+
+
+def _read_text(path: Path) -> list[Example]:
+    """Plain text: one row per non-blank line (a paragraph), no label."""
+    with open(path, encoding="utf-8") as fh:
+        return [Example(line.strip(), None) for line in fh if line.strip()]
 
 
 def _read_conll(path: Path, where: str) -> list[Example]:
@@ -133,6 +142,11 @@ class DataSource:
     label: str
     holdout: int | None = None
     seed: int = 0
+    #: an instruction template with `{text}` (a row's text becomes the prompt), the completion of each
+    #: label, and whether prompts go into the chat template: how a labelled file reads as prompts and answers
+    prompt: str | None = None
+    completions: dict[str, str] | None = None
+    chat_template: bool | None = None
     _rows: dict[str, list[Example]] = field(default_factory=dict, repr=False, compare=False)
 
     def has(self, split: str) -> bool:
@@ -195,6 +209,8 @@ class DataSource:
                 rows = _read_conll(path, where)
             elif self.format == "jsonl":
                 rows = _read_jsonl(path, self.text, self.label, where)
+            elif self.format == "text":
+                rows = _read_text(path)
             else:
                 rows = _read_delimited(path, "\t" if self.format == "tsv" else ",", self.text, self.label, where)
         except UnicodeDecodeError as exc:
@@ -204,7 +220,23 @@ class DataSource:
             raise InputError(f"{path} could not be parsed: {exc}", where=where) from None
         if not rows:
             raise InputError(f"{path} holds no rows", where=where, hint="point to a file with labelled rows")
-        return rows
+        return self._as_prompts(rows, path, where) if self.prompt or self.completions or self.chat_template \
+            is not None else rows
+
+    def _as_prompts(self, rows: list[Example], path: Path, where: str) -> list[Example]:
+        """Rows as prompts and completions: data.prompt's template, data.completions' answers."""
+        out = []
+        for number, row in enumerate(rows, 1):
+            text = self.prompt.replace("{text}", str(row.text)) if self.prompt else row.text
+            label = row.label
+            if self.completions is not None and label is not None:
+                if str(label) not in self.completions:
+                    raise InputError(f"row {number} of {path} has label {label!r}, which data.completions does not "
+                                     f"name ({', '.join(map(repr, self.completions))})", where=where,
+                                     hint="add the label to data.completions")
+                label = self.completions[str(label)]
+            out.append(Example(text, label, self.chat_template))
+        return out
 
     def label_set(self, split: str) -> set[str]:
         """Every label (or tag) that occurs in a split."""
@@ -220,7 +252,10 @@ class DataSource:
             files_of["tune"] = ["validation"]
         wanted = sorted({f for s in (self.splits if splits is None else splits) for f in files_of.get(s, [])})
         held = [self.holdout, self.seed] if self.holdout and set(wanted) & {"train"} else []
-        h = hashlib.sha256(json.dumps([self.format, self.text, self.label] + held).encode())
+        h = hashlib.sha256(json.dumps([self.format, self.text, self.label] + held
+                                      + ([self.prompt, self.completions, self.chat_template]
+                                         if self.prompt or self.completions or self.chat_template is not None
+                                         else [])).encode())
         for split in wanted:
             path = self.splits[split]
             h.update(split.encode())

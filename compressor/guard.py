@@ -20,6 +20,12 @@ def _value(artifact: dict[str, Any], key: str) -> float | None:
     return artifact.get(key)
 
 
+def worsening(artifact: dict[str, Any], reference: float, value: float) -> float:
+    """How much worse `value` is than `reference` for this artifact's metric (its record says which way is
+    better: accuracy up, perplexity down); negative when it improved."""
+    return reference - value if artifact.get("higher_is_better", True) else value - reference
+
+
 def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]]) -> dict[str, Any]:
     """Compare the last artifact with the budgets; returns {passed, failures, checks}."""
     final = artifacts[-1]
@@ -34,15 +40,17 @@ def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]]) -> dict[str, 
             unmeasured.append("max_accuracy_drop is set but no accuracy was measured (is data.eval given?)")
         else:
             ref = _value(base, "metric")
-            drop = ref - value
-            allowed = guard.max_accuracy_drop * (ref if guard.relative else 1.0)
+            drop = worsening(final, ref, value)
+            allowed = guard.max_accuracy_drop * (abs(ref) if guard.relative else 1.0)
             checks.append({"check": "max_accuracy_drop", "metric": final["metric"], "baseline": base["name"],
                            "reference": ref,
                            "value": value, "drop": drop, "allowed": allowed, "passed": drop <= allowed + 1e-12})
             crossed = next((a["index"] for a in artifacts if a["index"] > base["index"]
-                            and _value(a, "metric") is not None and ref - _value(a, "metric") > allowed + 1e-12), None)
+                            and _value(a, "metric") is not None and worsening(a, ref, _value(a, "metric")) > allowed + 1e-12),
+                           None)
             if drop > allowed + 1e-12:
-                failures.append(f"{final['metric']} dropped by {drop:.4f} from {base['name']} ({ref:.4f} → "
+                failures.append(f"{final['metric']} {'dropped' if final.get('higher_is_better', True) else 'rose'} "
+                                f"by {drop:.4f} from {base['name']} ({ref:.4f} → "
                                 f"{value:.4f}); the budget is {allowed:.4f}")
     if guard.max_size_mb is not None:
         size_mb = final["size_bytes"] / 1e6

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from compressor.artifact import Artifact
     from compressor.evaluators.base import Evaluator
     from compressor.step import Step
+    from compressor.tasks.base import Task
 
 PROJECT = "compressor"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -33,6 +34,16 @@ def register_evaluators(register: Callable[["Evaluator"], None]) -> None:
     `formats` and `evaluate(artifact, rows, settings)`.
 
     A later registration for the same (task, format) replaces an earlier one.
+    """
+
+
+@hookspec
+def register_tasks(register: Callable[["Task"], None]) -> None:
+    """Contribute tasks: call `register(task)` with an instance of a compressor.tasks.Task subclass.
+
+    A task says how its models are loaded (Auto class), adapted (PEFT task type), exported, fed,
+    trained and scored (metrics with a direction), and what a bundle of it answers. A task name
+    already registered by another plugin is refused with both providers named.
     """
 
 

@@ -1,5 +1,5 @@
 """The plugin host: builds the pluggy manager, loads built-in and third-party plugins,
-and keeps the registries of steps and evaluators.
+and keeps the registries of steps, tasks and evaluators.
 
 Built-in plugins go through exactly the same `_load_one` path as entry-point plugins.
 """
@@ -23,7 +23,7 @@ DISABLE_ENV = "COMPRESSOR_DISABLE_PLUGINS"
 
 #: Built-in plugins: (plugin name, module).
 BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
-    ("evaluators", "compressor.evaluators.plugin"),
+    ("tasks", "compressor.tasks.plugin"),
     ("finetune", "compressor.plugins.finetune"),
     ("export-onnx", "compressor.export.onnx"),
     ("optimize-onnx", "compressor.plugins.optimize_onnx"),
@@ -47,6 +47,7 @@ class PluginInfo:
     distribution: str
     version: str
     steps: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
     error: str | None = None
 
 
@@ -58,6 +59,8 @@ class Host:
     steps: dict[str, type[Step]] = field(default_factory=dict)
     step_provider: dict[str, str] = field(default_factory=dict)
     evaluators: dict[tuple[str, str], Any] = field(default_factory=dict)
+    tasks: dict[str, Any] = field(default_factory=dict)
+    task_provider: dict[str, str] = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
 
     @property
@@ -68,6 +71,20 @@ class Host:
     def evaluator_for(self, task: str, fmt: str) -> Any | None:
         """The evaluator registered for this task and artifact format, if any."""
         return self.evaluators.get((task, fmt))
+
+    def task(self, name: str) -> Any:
+        """The registered task called `name`; a RecipeError naming the known tasks otherwise."""
+        if name in self.tasks:
+            return self.tasks[name]
+        import difflib
+
+        from compressor.errors import RecipeError
+
+        close = difflib.get_close_matches(name, list(self.tasks), n=2, cutoff=0.5)
+        known = ", ".join(sorted(self.tasks)) or "none (is the built-in 'tasks' plugin disabled?)"
+        raise RecipeError(f"unknown task {name!r}", where="model.task",
+                          hint=("did you mean " + " or ".join(map(repr, close)) + "? " if close else "")
+                          + f"registered tasks: {known}; a plugin adds one with the register_tasks hook")
 
 
 def disabled_plugins(extra: tuple[str, ...] | list[str] = ()) -> set[str]:
@@ -132,6 +149,21 @@ def _load_one(host: Host, name: str, dist: str, version: str, load: Any) -> None
         host.step_provider[cls.name] = name
         info.steps.append(cls.name)
 
+    def register_task(task: Any) -> None:
+        from compressor.tasks.base import Task
+
+        if not isinstance(task, Task) or not isinstance(getattr(task, "name", None), str):
+            raise PluginLoadError(f"registered {task!r}, which is not a compressor.tasks.Task instance",
+                                  where=f"plugin {name!r}", hint="subclass compressor.tasks.Task and register an instance")
+        if task.name in host.tasks:
+            raise PluginLoadError(
+                f"task {task.name!r} is registered twice: by {_who(host, host.task_provider[task.name])} "
+                f"and by {_who(host, name)}; the second is refused",
+                where=f"plugin {name!r}", hint=f"disable one of them with --disable-plugin {name}")
+        host.tasks[task.name] = task
+        host.task_provider[task.name] = name
+        info.tasks.append(task.name)
+
     def register_evaluator(evaluator: Any) -> None:
         for fmt in evaluator.formats:
             host.evaluators[(evaluator.task, fmt)] = evaluator
@@ -140,6 +172,9 @@ def _load_one(host: Host, name: str, dist: str, version: str, load: Any) -> None
         for impl in host.pm.hook.register_steps.get_hookimpls():
             if impl.plugin_name == name:
                 impl.function(register=register_step)
+        for impl in host.pm.hook.register_tasks.get_hookimpls():
+            if impl.plugin_name == name:
+                impl.function(register=register_task)
         for impl in host.pm.hook.register_evaluators.get_hookimpls():
             if impl.plugin_name == name:
                 impl.function(register=register_evaluator)
@@ -150,6 +185,10 @@ def _load_one(host: Host, name: str, dist: str, version: str, load: Any) -> None
             host.steps.pop(step, None)
             host.step_provider.pop(step, None)
         info.steps = []
+        for task_name in info.tasks:
+            host.tasks.pop(task_name, None)
+            host.task_provider.pop(task_name, None)
+        info.tasks = []
         info.error = exc.message if isinstance(exc, PluginLoadError) else f"{type(exc).__name__} while registering: {exc}"
 
 

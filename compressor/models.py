@@ -43,12 +43,19 @@ def save_model(model: Any, src: Artifact, out_dir: Path, **info: Any) -> Artifac
 
 
 def example_inputs(model: Any, task: str, batch: int = 2, length: int = 16) -> dict[str, Any]:
-    """Deterministic dummy inputs for tracing and MAC counting."""
+    """Deterministic dummy inputs for tracing and MAC counting: the task's inputs that this model's
+    forward takes (LLaMA and DistilBERT take no token_type_ids)."""
+    import inspect
+
     import torch
+
+    from compressor.tasks import task_for
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(5, max(6, model.config.vocab_size), (batch, length), generator=generator)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    values = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    accepted = inspect.signature(model.forward).parameters
+    return {k: values[k] for k in task_for(task).model_inputs if k in values and k in accepted}
 
 
 def count_macs_and_params(model: Any, task: str, length: int = 128) -> tuple[int, int]:

@@ -31,7 +31,15 @@ def eval_settings(plan: Plan) -> EvalSettings:
     lat = ev.latency
     return EvalSettings(threads=lat.threads if lat else 2, batch_sizes=tuple(lat.batch_sizes) if lat else (1,),
                         runs=lat.runs if lat else 0, warmup=lat.warmup if lat else 0, latency=lat is not None,
-                        max_rows=ev.max_rows)
+                        max_rows=ev.max_rows, task=dict(plan.eval_task))
+
+
+def _file_digests(task_settings: dict[str, Any]) -> dict[str, str]:
+    """sha256 of the files the task's evaluator reads (e.g. a perplexity corpus): a changed file is re-measured."""
+    import hashlib
+
+    return {k: hashlib.sha256(Path(v).read_bytes()).hexdigest() for k, v in sorted(task_settings.items())
+            if k.endswith("_file") and v and Path(v).is_file()}
 
 
 def available_cpus() -> int:
@@ -134,7 +142,7 @@ class Runner:
         if evaluator is None:
             m["skipped"] = f"no evaluator for {artifact.task} on {artifact.format}"
             return m
-        if not artifact.labels or not artifact.info.get("has_head", True):
+        if self.host.task(artifact.task).needs_labels and (not artifact.labels or not artifact.info.get("has_head", True)):
             m["skipped"] = "the model has no task head yet"
             return m
         if not self.eval_rows():
@@ -148,7 +156,7 @@ class Runner:
                        artifact.labels,
                        f"{type(evaluator).__module__}.{type(evaluator).__qualname__}",
                        getattr(evaluator, "version", "1"), __version__, env["cpu"], env["int8_kernels"],
-                       env["cpu_count"], env["libraries"])
+                       env["cpu_count"], env["libraries"], _file_digests(self.settings.task))
         cached = self.cache.get_metrics(key)
         if cached is None:
             self.log(f"  measuring {artifact.path.name} ({artifact.format}) on {len(self.eval_rows())} rows")
@@ -165,6 +173,8 @@ class Runner:
             self.cache.put_metrics(key, cached)
         m.update(cached)
         m["metric"] = evaluator.metric
+        # which way is better travels with the value: guards, sweeps and reports compare by it
+        m["higher_is_better"] = self.host.task(artifact.task).metric_named(evaluator.metric).higher_is_better
         return m
 
     def _data_digest(self, splits: tuple[str, ...]) -> str | None:

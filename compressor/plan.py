@@ -10,6 +10,7 @@ import difflib
 import importlib.util
 import json
 import re
+import sys
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,6 @@ from compressor.errors import CompressorError, InputError, PluginLoadError, Reci
 from compressor.host import Host
 from compressor.recipe import Recipe, format_loc, load_raw, parse_recipe, validation_errors
 from compressor.step import PlanContext, Step, StepConfig
-
-HEAD_SUFFIX = {"text-classification": "ForSequenceClassification", "token-classification": "ForTokenClassification"}
-
 
 @dataclass
 class PlannedStep:
@@ -54,6 +52,8 @@ class Plan:
     data: DataSource | None
     steps: list[PlannedStep]
     warnings: list[str] = field(default_factory=list)
+    #: evaluate.task validated by the task's EvalConfig, paths made absolute (what its evaluator reads)
+    eval_task: dict[str, Any] = field(default_factory=dict)
     variant: str | None = None
     matrix_values: dict[str, Any] | None = None
 
@@ -170,7 +170,9 @@ def inspect_model(path: Path, task: str, labels: list[str] | None) -> tuple[Arti
         raise InputError(f"{path} has no tokenizer (tokenizer.json or vocab.txt)", where=where,
                          hint="save the tokenizer beside the model with tokenizer.save_pretrained(DIR)")
     architectures = config.get("architectures") or []
-    has_head = any(a.endswith(HEAD_SUFFIX[task]) for a in architectures)
+    from compressor.tasks import task_for
+
+    has_head = task_for(task).has_head(architectures)
     if has_head:
         id2label = config.get("id2label") or {}
         model_labels = [id2label[k] for k in sorted(id2label, key=int)] if id2label else []
@@ -220,7 +222,8 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
                   for s, p in (("train", recipe.data.train), ("eval", recipe.data.eval),
                                ("validation", recipe.data.validation)) if p}
         data = DataSource(recipe.data.format, splits, recipe.data.text, recipe.data.label,
-                          holdout=recipe.data.holdout, seed=recipe.seed)
+                          holdout=recipe.data.holdout, seed=recipe.seed, prompt=recipe.data.prompt,
+                          completions=recipe.data.completions, chat_template=recipe.data.chat_template)
         if recipe.data.holdout and not recipe.data.train:
             errors.append(RecipeError("data.holdout holds rows out of data.train, which the recipe does not give",
                                       where="data.holdout", hint="add data.train, or give data.validation"))
@@ -229,8 +232,14 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
                 errors.append(InputError(f"{p} does not exist", where=f"data.{split}",
                                          hint="fix the path (paths are relative to the recipe file)"))
 
-    source, model_config = inspect_model(resolve_model_path(recipe.model.path, recipe_dir), recipe.model.task,
-                                         recipe.model.labels)
+    host.task(recipe.model.task)  # an unknown task: one message naming the registered ones
+    model_path = resolve_model_path(recipe.model.path, recipe_dir)
+    if model_path.suffix == ".gguf" and model_path.is_file():
+        from compressor.cache import cache_root
+        from compressor.gguf_model import convert_gguf
+
+        model_path = convert_gguf(model_path, cache_root(), log=lambda s: print(s, file=sys.stderr))
+    source, model_config = inspect_model(model_path, recipe.model.task, recipe.model.labels)
     fmt, labels = source.format, list(source.labels)
     steps: list[PlannedStep] = []
     for i, spec in enumerate(recipe.steps):
@@ -296,9 +305,22 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
     if guard.max_latency_ms is not None and recipe.evaluate.latency is None:
         errors.append(RecipeError("max_latency_ms needs latency, which evaluate.latency: null turns off",
                                   where="guard.max_latency_ms", hint="remove `latency: null` from evaluate"))
+    task = host.task(recipe.model.task)
+    eval_task = _check_eval_task(task, recipe, recipe_dir, errors)
+    if data is not None and recipe.data.chat_template and not _has_chat_template(source.path):
+        errors.append(InputError(f"data.chat_template is true, and the model's tokenizer in {source.path} has no "
+                                 "chat template", where="data.chat_template",
+                                 hint="remove chat_template (prompts are then fed as plain text), or use a model "
+                                      "whose tokenizer_config.json has one"))
     warnings: list[str] = []
-    if not errors and data is not None:
+    if not errors and data is not None and task.needs_labels:
         errors.extend(_check_data_labels(data, labels, steps))
+    elif not errors and data is not None:
+        for split in data.splits:  # a row without its prompt or completion key fails here, not at run time
+            try:
+                data.load(split)
+            except CompressorError as exc:
+                errors.append(exc)
     if not errors and data is not None and data.has("train") and any("train" in p.cls().data_splits(p.config)
                                                                       for p in steps):
         n = len(data.load("train"))
@@ -311,7 +333,47 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
                         "quote figures from a run on data.eval")
     if errors:
         raise RecipeErrors(errors)
-    return Plan(recipe=recipe, recipe_path=recipe_path, source=source, data=data, steps=steps, warnings=warnings)
+    return Plan(recipe=recipe, recipe_path=recipe_path, source=source, data=data, steps=steps, warnings=warnings,
+                eval_task=eval_task)
+
+
+def _has_chat_template(path: Path) -> bool:
+    """Whether a model directory's tokenizer carries a chat template."""
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    config = path / "tokenizer_config.json"
+    try:
+        return bool(config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    except ValueError:
+        return False
+
+
+def _check_eval_task(task: Any, recipe: Recipe, recipe_dir: Path, errors: list[CompressorError]) -> dict[str, Any]:
+    """evaluate.task against the task's EvalConfig; its `*_file` paths made absolute and checked."""
+    given = recipe.evaluate.task
+    schema = getattr(task, "EvalConfig", None)
+    if schema is None:
+        if given:
+            errors.append(RecipeError(f"task {task.name!r} takes no evaluate.task settings", where="evaluate.task",
+                                      hint="remove evaluate.task"))
+        return {}
+    try:
+        config = schema.model_validate(given).model_dump()
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            errors.append(RecipeError(err["msg"], where=f"evaluate.task.{loc}" if loc else "evaluate.task"))
+        return {}
+    for key, value in list(config.items()):
+        if key.endswith("_file") and value:
+            path = (recipe_dir / Path(value).expanduser()).resolve()
+            if not path.is_file():
+                errors.append(InputError(f"{path} does not exist", where=f"evaluate.task.{key}",
+                                         hint="fix the path (relative to the recipe file)"))
+            config[key] = str(path)
+    if recipe.data is not None:
+        config["chat_template"] = recipe.data.chat_template
+    return config
 
 
 def _check_data_labels(data: DataSource, labels: list[str], steps: list[PlannedStep]) -> list[CompressorError]:

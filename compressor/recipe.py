@@ -16,9 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from compressor.errors import CompressorError, InputError, RecipeError, RecipeErrors
 
-Task = Literal["text-classification", "token-classification"]
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -28,7 +25,8 @@ class ModelSpec(_Strict):
 
     path: str = Field(description="Directory of a transformers save_pretrained model, relative to the recipe; "
                                   "`pkg:MODULE/SUBDIR` names a directory inside an installed Python package.")
-    task: Task = Field(description="What the model does.")
+    task: str = Field(min_length=1, description="What the model does: a registered task "
+                                                "(`compressor plugins` lists them), e.g. text-classification.")
     labels: list[str] | None = Field(default=None, min_length=1,
                                      description="Label names, when the model has no task head yet (finetune adds one).")
 
@@ -36,7 +34,8 @@ class ModelSpec(_Strict):
 class DataSpec(_Strict):
     """Labelled data for training, calibration and evaluation."""
 
-    format: Literal["tsv", "csv", "jsonl", "conll", "datasets"] = Field(description="File format.")
+    format: Literal["tsv", "csv", "jsonl", "conll", "datasets", "text"] = Field(
+        description="File format (text: plain text, one row per non-blank line, no labels).")
     train: str | None = Field(default=None, description="Training rows (fine-tuning, distillation, calibration).")
     eval: str | None = Field(default=None, description="Evaluation rows (metrics after every step).")
     validation: str | None = Field(default=None, description="Tuning rows: settings are chosen on them (quantize-onnx "
@@ -45,7 +44,14 @@ class DataSpec(_Strict):
                                 description="Without data.validation: hold this many seeded random train rows out "
                                             "as the tuning rows; no step trains or calibrates on them.")
     text: str = Field(default="sentence", description="Column (or key) holding the text or the words.")
-    label: str = Field(default="label", description="Column (or key) holding the label or the tags.")
+    label: str = Field(default="label", description="Column (or key) holding the label or the tags (for a "
+                                                    "language model: the completion).")
+    prompt: str | None = Field(default=None, description="Language models: an instruction template with {text}; "
+                                                        "each row's text becomes a prompt.")
+    completions: dict[str, str] | None = Field(default=None, description="Language models: the answer for each "
+                                                                         "label, e.g. {'0': negative, '1': positive}.")
+    chat_template: bool | None = Field(default=None, description="Language models: wrap prompts in the "
+                                       "tokenizer's chat template (default: when it has one; true: it must).")
 
 
 class StepSpec(_Strict):
@@ -74,6 +80,8 @@ class EvaluateSpec(_Strict):
                                            "that choose a setting, so that the choice is not made on eval).")
     max_rows: int | None = Field(default=None, ge=1, description="Evaluate on the first N eval rows only.")
     latency: LatencySpec | None = Field(default_factory=LatencySpec, description="Latency settings; null to skip.")
+    task: dict[str, Any] = Field(default_factory=dict, description="Settings of the task's own evaluator (for "
+                                 "text-generation: perplexity_file, perplexity_tokens, window, ...; see README).")
 
 
 class GuardSpec(_Strict):

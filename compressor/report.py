@@ -21,7 +21,7 @@ def report_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
         p50 = _value(a, "p50_ms")
         row = {
             "index": a["index"], "artifact": a["name"], "format": a["format"], "metric_name": a.get("metric"),
-            "metric": metric,
+            "metric": metric, "higher_is_better": a.get("higher_is_better", True),
             "metric_change": metric - _value(base_metric, "metric") if metric is not None and base_metric else None,
             "size_mb": a["size_bytes"] / 1e6,
             "x_smaller": base_size["size_bytes"] / a["size_bytes"] if base_size and a["size_bytes"] else None,

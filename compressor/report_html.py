@@ -16,7 +16,8 @@ from compressor.report import fmt_value, report_rows
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats: lower or equal cost and higher or equal quality,
-    better in at least one (cost is size or latency, quality is accuracy)."""
+    better in at least one (cost is size or latency, quality is the metric turned so that higher is
+    better: see `quality`)."""
     front = []
     for i, (cost, quality) in enumerate(points):
         dominated = any((c <= cost and q >= quality) and (c < cost or q > quality)
@@ -24,6 +25,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: points[i][0])
+
+
+def quality(point: dict[str, Any]) -> float:
+    """A point's metric, negated where lower is better (perplexity), so that higher is always better."""
+    return point["metric"] if point.get("higher_is_better", True) else -point["metric"]
 
 
 def collect_points(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -56,6 +62,7 @@ def collect_points(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             points.append({"label": label, "run": "reference" if several and row["index"] == first else run,
                            "index": row["index"],
                            "metric": row["metric"], "metric_name": row["metric_name"], "size_mb": row["size_mb"],
+                           "higher_is_better": row["higher_is_better"],
                            "p50_ms": row["p50_ms"], "final": row["index"] == last})
     return points
 
@@ -70,7 +77,7 @@ def _scatter(points: list[dict[str, Any]], x_key: str, x_label: str, path: Path,
     if not usable:
         return None
     xy = [(p[x_key], p["metric"]) for p in usable]
-    front = pareto_front(xy)
+    front = pareto_front([(p[x_key], quality(p)) for p in usable])
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
     runs = sorted({p["run"] for p in usable})
     colours = plt.get_cmap("tab10")
@@ -124,7 +131,8 @@ def _attribution(record: dict[str, Any], path: Path) -> Path | None:
     left.barh(ys, d_size, color=["#2ca02c" if v <= 0 else "#d62728" for v in d_size])
     left.set_yticks(ys, steps, fontsize=8)
     left.set_xlabel("size change (MB)")
-    right.barh(ys, d_metric, color=["#2ca02c" if v >= 0 else "#d62728" for v in d_metric])
+    better = [v if r["higher_is_better"] else -v for v, r in zip(d_metric, rows[1:])]
+    right.barh(ys, d_metric, color=["#2ca02c" if v >= 0 else "#d62728" for v in better])
     right.set_xlabel(f"{rows[-1]['metric_name'] or 'metric'} change (points)")
     for ax in (left, right):
         ax.axvline(0, color="#444", linewidth=0.8)
@@ -272,11 +280,13 @@ def write_html_report(runs: list[dict[str, Any]], out_dir: Path, title: str | No
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     points = collect_points(runs)
+    # the task's metric names the plots (accuracy, f1, perplexity); the file names stay fixed
+    what = next((p["metric_name"] for p in points if p["metric_name"]), "metric").capitalize()
     size_png = _scatter(points, "size_mb", "size on disk (MB)", out_dir / "accuracy_vs_size.png",
-                        "Accuracy against size (Pareto front circled)")
+                        f"{what} against size (Pareto front circled)")
     lat_png = _scatter(points, "p50_ms", "p50 latency at batch 1 (ms)", out_dir / "accuracy_vs_latency.png",
-                       "Accuracy against latency (Pareto front circled)")
-    size_front = [points[i] for i in pareto_front([(p["size_mb"], p["metric"]) for p in points])]
+                       f"{what} against latency (Pareto front circled)")
+    size_front = [points[i] for i in pareto_front([(p["size_mb"], quality(p)) for p in points])]
     title = title or (runs[0]["name"] if len(runs) == 1 else f"{len(runs)} runs")
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
@@ -284,8 +294,8 @@ def write_html_report(runs: list[dict[str, Any]], out_dir: Path, title: str | No
         parts.append(_cards(runs[0]))
     else:
         parts.append(_overview(runs, selected))
-    parts += ["<h2>Accuracy against size</h2>", _img(size_png, "accuracy against size"),
-              "<h2>Accuracy against latency</h2>", _img(lat_png, "accuracy against latency")]
+    parts += [f"<h2>{what} against size</h2>", _img(size_png, f"{what.lower()} against size"),
+              f"<h2>{what} against latency</h2>", _img(lat_png, f"{what.lower()} against latency")]
     for k, record in enumerate(runs):
         name = record.get("variant") or record["name"]
         attribution = _attribution(record, out_dir / (f"steps_{k}.png" if len(runs) > 1 else "steps.png"))

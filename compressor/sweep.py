@@ -31,7 +31,9 @@ MAX_VARIANTS = 256
 SELECT_KEYS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "smallest": lambda a: a["size_bytes"],
     "fastest": lambda a: (a.get("latency") or {}).get("p50_ms") or float("inf"),
-    "most_accurate": lambda a: -(a.get(a["metric"]) if a.get("metric") else float("-inf")),
+    # the best metric first, whichever way it is better (accuracy up, perplexity down)
+    "most_accurate": lambda a: ((-1 if a.get("higher_is_better", True) else 1) * a[a["metric"]]
+                                if a.get("metric") and a.get(a["metric"]) is not None else float("inf")),
 }
 
 

@@ -102,8 +102,9 @@ def build_tiny_model(out_dir: Path, task: str, labels: list[str] | None, words: 
     With `labels` the model gets a task head; without, it is a bare encoder (like MiniLM).
     """
     import torch
-    from transformers import (BertConfig, BertModel, BertForSequenceClassification,
-                              BertForTokenClassification)
+    from transformers import BertConfig, BertModel
+
+    from compressor.tasks import task_for
 
     tok = build_tokenizer(words, out_dir, lowercase)
     settings = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -113,8 +114,7 @@ def build_tiny_model(out_dir: Path, task: str, labels: list[str] | None, words: 
     if labels:
         cfg = BertConfig(**settings, num_labels=len(labels), id2label=dict(enumerate(labels)),
                          label2id={l: i for i, l in enumerate(labels)})
-        cls = BertForSequenceClassification if task == "text-classification" else BertForTokenClassification
-        model = cls(cfg)
+        model = task_for(task).model_class().from_config(cfg)
     else:
         model = BertModel(BertConfig(**settings))
     model.save_pretrained(str(out_dir), safe_serialization=True)

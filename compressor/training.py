@@ -57,26 +57,10 @@ class TrainSettings:
 
 
 def collate(tokenizer: Any, rows: list[Example], task: str, label_map: dict[str, int], max_length: int) -> dict:
-    """Tokenize a batch as torch tensors with `labels`; token tags go on each word's first sub-token."""
-    import torch
+    """Tokenize a batch as torch tensors with `labels`, the way the task collates it."""
+    from compressor.tasks import task_for
 
-    if task == "token-classification":
-        enc = tokenizer([r.text for r in rows], is_split_into_words=True, padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt")
-        labels = torch.full(enc["input_ids"].shape, -100, dtype=torch.long)
-        for b, row in enumerate(rows):
-            previous = None
-            for t, w in enumerate(enc.word_ids(b)):
-                if w is not None and w != previous:
-                    labels[b, t] = label_map[row.label[w]]
-                previous = w
-    else:
-        enc = tokenizer([r.text for r in rows], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        labels = torch.tensor([label_map[r.label] for r in rows], dtype=torch.long)
-    batch = dict(enc)
-    batch["labels"] = labels
-    return batch
+    return task_for(task).collate(tokenizer, rows, label_map, max_length)
 
 
 def train(model: Any, tokenizer: Any, rows: list[Example], task: str, label_map: dict[str, int],
@@ -133,31 +117,18 @@ def train(model: Any, tokenizer: Any, rows: list[Example], task: str, label_map:
 
 def evaluate_in_memory(model: Any, tokenizer: Any, rows: list[Example], task: str, labels: list[str],
                        max_length: int) -> float:
-    """Accuracy (text) or entity F1 (tokens) of an in-memory PyTorch model on `rows`."""
-    import numpy as np
+    """The task's primary metric (accuracy, entity F1, ...) of an in-memory PyTorch model on `rows`."""
     import torch
 
-    from compressor.data import label_ids
+    from compressor.tasks import task_for
 
+    spec = task_for(task)
     model.eval()
-    split = task == "token-classification"
     predictions: list[Any] = []
     with torch.inference_mode():
         for i in range(0, len(rows), 64):
-            chunk = rows[i : i + 64]
-            enc = tokenizer([r.text for r in chunk], padding=True, truncation=True, max_length=max_length,
-                            is_split_into_words=split, return_tensors="pt")
-            logits = model(**enc).logits.numpy()
-            if split:
-                from compressor.evaluators.token_classification import word_predictions
-
-                predictions += word_predictions(enc, logits, labels, [len(r.text) for r in chunk])
-            else:
-                predictions += logits.argmax(-1).tolist()
+            texts = [r.text for r in rows[i : i + 64]]
+            enc = spec.encode(tokenizer, texts, max_length, tensors="pt")
+            predictions += spec.predictions(enc, model(**enc).logits.numpy(), labels, texts)
     model.train()
-    if split:
-        from compressor.evaluators.token_classification import entity_f1
-
-        return entity_f1([r.label for r in rows], predictions)["f1"]
-    mapping = label_ids(labels, {r.label for r in rows})
-    return float(np.mean([p == mapping[r.label] for p, r in zip(predictions, rows)]))
+    return spec.score(rows, predictions, labels)[spec.metric.name]

@@ -85,14 +85,17 @@ class ExportOnnx(Step):
         # a model in a plugin's own layout (say, low-rank Linears) cannot be re-read by optimum from
         # its directory, so it is exported from the module the plugin's loader rebuilt
         custom = load_plugin_model(artifact.path, artifact.task)
+        from compressor.tasks import task_for
+
+        export_task = task_for(artifact.task).export_task
         try:
             if custom is None:
-                main_export(str(artifact.path), output=str(ctx.out_dir), task=artifact.task, opset=config.opset,
+                main_export(str(artifact.path), output=str(ctx.out_dir), task=export_task, opset=config.opset,
                             do_validation=False, local_files_only=True, library_name="transformers")
             else:
                 from optimum.exporters.onnx import onnx_export_from_model
 
-                onnx_export_from_model(custom.eval(), output=str(ctx.out_dir), task=artifact.task,
+                onnx_export_from_model(custom.eval(), output=str(ctx.out_dir), task=export_task,
                                        opset=config.opset, do_validation=False)
                 copy_tokenizer(artifact.path, ctx.out_dir)
         except Exception as exc:  # the exporter raises many kinds; all mean the same to the user

@@ -80,6 +80,7 @@ class Distill(Step):
         from compressor.data import label_ids
         from compressor.evaluators.runtime import load_tokenizer
         from compressor.models import load_model, save_model
+        from compressor.tasks import task_for
         from compressor.training import evaluate_in_memory, train
 
         ctx.seed_everything()
@@ -116,7 +117,7 @@ class Distill(Step):
             score = evaluate_in_memory(student, tokenizer, tune_rows, artifact.task, artifact.labels,
                                        config.max_length)
             scores.append(score)
-            if best["score"] is None or score > best["score"]:
+            if best["score"] is None or task_for(artifact.task).metric.gain(best["score"], score) > 0:
                 best.update(score=score, epoch=epoch + 1, state=copy.deepcopy(student.state_dict()))
 
         params = [p for p in student.parameters() if p.requires_grad]
@@ -172,7 +173,10 @@ def make_loss(teacher: Any, task: str, config: DistillConfig, mapping: list[int]
     import torch
     import torch.nn.functional as F
 
+    from compressor.tasks import task_for
+
     t = config.temperature
+    spec = task_for(task)
 
     def loss(student: Any, batch: dict) -> Any:
         labels = batch["labels"]
@@ -182,9 +186,7 @@ def make_loss(teacher: Any, task: str, config: DistillConfig, mapping: list[int]
         with torch.no_grad():
             ref = teacher(**inputs, output_hidden_states=hidden)
         s_logits, t_logits = out.logits, ref.logits
-        if task == "token-classification":
-            keep = labels != -100
-            s_logits, t_logits, labels = s_logits[keep], t_logits[keep], labels[keep]
+        s_logits, t_logits, labels = spec.distill_targets(s_logits, t_logits, labels)
         kd = F.kl_div(F.log_softmax(s_logits / t, -1), F.softmax(t_logits / t, -1), reduction="batchmean") * t * t
         total = config.alpha * kd + (1 - config.alpha) * F.cross_entropy(s_logits, labels)
         if hidden:

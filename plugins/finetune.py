@@ -108,12 +108,11 @@ class Finetune(Step):
 def _load_with_head(artifact: Artifact, labels: list[str], AutoConfig: Any) -> Any:
     """Load the model with a task head sized for `labels` (a new head if it had none)."""
     from compressor.evaluators.runtime import load_torch_model
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from compressor.tasks import task_for
 
     if artifact.info.get("has_head", True) and artifact.labels:
         return load_torch_model(artifact.path, artifact.task)
-    cls = (AutoModelForSequenceClassification if artifact.task == "text-classification"
-           else AutoModelForTokenClassification)
+    cls = task_for(artifact.task).model_class()
     config = AutoConfig.from_pretrained(str(artifact.path), num_labels=len(labels),
                                         id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
     try:
@@ -148,7 +147,9 @@ def _select_parameters(model: Any, config: FinetuneConfig) -> tuple[list[Any], s
 def _wrap_lora(model: Any, task: str, config: FinetuneConfig) -> Any:
     from peft import LoraConfig, TaskType, get_peft_model
 
-    lora = LoraConfig(task_type=TaskType.SEQ_CLS if task == "text-classification" else TaskType.TOKEN_CLS,
+    from compressor.tasks import task_for
+
+    lora = LoraConfig(task_type=TaskType[task_for(task).peft_task_type],
                       r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=config.lora_target_modules)
     return get_peft_model(model, lora)

@@ -246,17 +246,19 @@ def _static(artifact: Artifact, target: Path, config: QuantizeOnnxConfig, ctx: S
     inputs = [i.name for i in graph.input]
     op_types = [t for t in (config.op_types or STATIC_OP_TYPES) if t not in config.exclude_op_types]
     tokenizer = load_tokenizer(artifact.path)
-    split = artifact.task == "token-classification"
+    from compressor.tasks import task_for
+
+    spec = task_for(artifact.task)
     rows = sample_rows(ctx.data.load("train"), config.calibration_rows, ctx.seed)
     # MinMax reads each row unpadded; the histogram calibrators need one shape, so pad to the longest row.
     length = None
     if config.calibration != "minmax":
-        length = max(len(tokenizer([r.text], truncation=True, max_length=artifact.max_length, is_split_into_words=split)["input_ids"][0])
+        length = max(len(spec.encode(tokenizer, [r.text], artifact.max_length, tensors=None, padding=False)["input_ids"][0])
                      for r in rows)
     feeds = []
     for row in rows:
-        enc = tokenizer([row.text], truncation=True, max_length=length or artifact.max_length, is_split_into_words=split,
-                        padding="max_length" if length else False, return_tensors="np")
+        enc = spec.encode(tokenizer, [row.text], length or artifact.max_length,
+                          padding="max_length" if length else False)
         feeds.append({k: enc[k].astype(np.int64) for k in inputs if k in enc})
     reader = type("Reader", (_Rows, CalibrationDataReader), {})(feeds)
     reduce_range = config.reduce_range

@@ -84,9 +84,11 @@ def load_torch_int8(path: Any, task: str, skip: list[str]) -> Any:
     """Rebuild a `quantize-torch` model: float skeleton from config, quantize, then load the stored tensors."""
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from transformers import AutoConfig
 
-    cls = AutoModelForSequenceClassification if task == "text-classification" else AutoModelForTokenClassification
+    from compressor.tasks import task_for
+
+    cls = task_for(task).model_class()
     model = quantize_dynamic(cls.from_config(AutoConfig.from_pretrained(str(path))), skip)
     tensors = load_file(str(path / INT8_FILE))
     for name, module in model.named_modules():

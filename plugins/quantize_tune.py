@@ -251,7 +251,7 @@ def search(artifact: Artifact, config: Any, ctx: Any) -> dict[str, Any]:
     latency_threads = ctx.recipe.evaluate.latency.threads if ctx.recipe and ctx.recipe.evaluate.latency else 2
     settings = EvalSettings(threads=latency_threads, batch_sizes=(1,), runs=50, warmup=10, latency=True)
     metric = evaluator.metric
-    higher_is_better = getattr(evaluator, "higher_is_better", True)
+    higher_is_better = current_host().task(artifact.task).metric_named(metric).higher_is_better
     budget = config.max_accuracy_drop
     work = Path(tempfile.mkdtemp(prefix=".search-", dir=ctx.out_dir))
     try:

@@ -70,7 +70,9 @@ class TrimVocab(Step):
             raise StepError("trim-vocab supports WordPiece tokenizers with a tokenizer.json")
         tokenizer = load_tokenizer(artifact.path)
         rows = ctx.data.load("train")[: config.max_rows] if config.max_rows else ctx.data.load("train")
-        split = artifact.task == "token-classification"
+        from compressor.tasks import task_for
+
+        split = task_for(artifact.task).word_level
         counts: collections.Counter[int] = collections.Counter()
         texts = [r.text for r in rows]
         for i in range(0, len(texts), 1024):
@@ -159,7 +161,9 @@ def _coverage(old_tokenizer: Any, ctx: StepContext, task: str, out_dir: Path) ->
 
     new_tokenizer = load_tokenizer(out_dir)
     texts = [r.text for r in ctx.data.load("eval")]
-    split = task == "token-classification"
+    from compressor.tasks import task_for
+
+    split = task_for(task).word_level
     old = old_tokenizer(texts, add_special_tokens=False, is_split_into_words=split)
     new = new_tokenizer(texts, add_special_tokens=False, is_split_into_words=split)
     same = sum(old.tokens(i) == new.tokens(i) for i in range(len(texts)))

@@ -204,7 +204,7 @@ def test_token_classification_bundle(tmp_path, compressor_cache, tiny_token_mode
     against the gold tags, give the entity F1 the record reports for the same artifact."""
     from compressor import bundle_runtime
     from compressor.data import DataSource
-    from compressor.evaluators.token_classification import entity_spans
+    from compressor.tasks.token_classification import entity_spans
     from compressor.testing import run_recipe
 
     steps = "  - uses: finetune\n    with: {epochs: 4, learning_rate: 3.0e-3, batch_size: 16}\n" + STEPS

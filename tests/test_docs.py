@@ -21,7 +21,7 @@ def test_every_hookspec_is_documented_with_its_signature():
     text = DOCS.read_text(encoding="utf-8")
     documented = dict(re.findall(r"^def (\w+)(\(.*\) -> .*)$", text, flags=re.M))
     specs = [getattr(hookspecs, n) for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "compressor_spec")]
-    assert {s.__name__ for s in specs} == {"register_steps", "register_evaluators", "register_commands",
+    assert {s.__name__ for s in specs} == {"register_steps", "register_evaluators", "register_tasks", "register_commands",
                                            "load_hf_model", "step_started", "step_finished", "run_finished"}
     for spec in specs:
         assert spec.__name__ in documented, f"{spec.__name__} is missing from docs/plugins.md"

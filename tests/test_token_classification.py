@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from compressor.evaluators.token_classification import entity_f1, entity_spans
+from compressor.tasks.token_classification import entity_f1, entity_spans
 from conftest import recipe_text
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from compressor.artifact import Artifact
@@ -19,6 +19,8 @@ class EvalSettings:
     warmup: int = 5
     latency: bool = True
     max_rows: int | None = None
+    #: the task's own evaluation settings (recipe evaluate.task, checked by the task's EvalConfig)
+    task: dict[str, Any] = field(default_factory=dict)
 
 
 class Evaluator(Protocol):

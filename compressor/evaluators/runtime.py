@@ -24,10 +24,10 @@ class Runner:
         self.input_names = input_names
 
     def encode(self, texts: list[Any]) -> Any:
-        """Tokenize a batch (words lists for token classification), padded, as numpy."""
-        split = self.artifact.task == "token-classification"
-        return self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.artifact.max_length,
-                              is_split_into_words=split, return_tensors="np")
+        """Tokenize a batch the way the artifact's task does (word lists for a word tagger), padded, as numpy."""
+        from compressor.tasks import task_for
+
+        return task_for(self.artifact.task).encode(self.tokenizer, texts, self.artifact.max_length)
 
     def __call__(self, batch: Any) -> np.ndarray:
         """Logits for one encoded batch."""
@@ -56,12 +56,11 @@ def load_plugin_model(path: Path, task: str) -> Any | None:
 
 def load_torch_model(path: Path, task: str, adapter: str | None = None) -> Any:
     """A transformers model from safetensors only (never a pickle), with an unmerged peft adapter if named."""
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from compressor.tasks import task_for
 
     model = load_plugin_model(path, task)
     if model is None:
-        cls = AutoModelForSequenceClassification if task == "text-classification" else AutoModelForTokenClassification
-        model = cls.from_pretrained(str(path), use_safetensors=True)
+        model = task_for(task).model_class().from_pretrained(str(path), use_safetensors=True)
     if adapter:
         from peft import PeftModel
 
@@ -82,7 +81,9 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
             model = load_torch_int8(artifact.path, artifact.task, artifact.info.get("skip_modules", []))
         else:
             model = load_torch_model(artifact.path, artifact.task, artifact.info.get("adapter"))
-        names = ["input_ids", "attention_mask", "token_type_ids"]
+        from compressor.tasks import task_for
+
+        names = list(task_for(artifact.task).model_inputs)
 
         def forward(batch: dict[str, np.ndarray]) -> np.ndarray:
             with torch.inference_mode():

@@ -1,0 +1,125 @@
+"""Greedy generation and perplexity over an ONNX causal LM with a KV cache: numpy and onnxruntime only.
+
+This file runs on edge devices (a generation bundle copies it beside predict.py) and inside
+compressor (the text-generation evaluator, export-onnx's parity check), so that what is measured
+is what ships. The model is the layout optimum's `text-generation-with-past` export writes:
+inputs `input_ids`, `attention_mask` (past + new), `position_ids` and `past_key_values.N.key/value`
+of shape (batch, kv_heads, past, head_dim); outputs `logits` and `present.N.key/value`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class OnnxCausalLM:
+    """A KV-cached causal LM in one onnxruntime session."""
+
+    def __init__(self, model: str | Path | bytes, threads: int = 0, session: Any = None):
+        import onnxruntime as ort
+
+        if session is None:
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+                options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                           providers=["CPUExecutionProvider"])
+        self.session = session
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.input_names = set(inputs)
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        if "input_ids" not in inputs or not self.past_names:
+            raise ValueError("the model has no input_ids or no past_key_values inputs: export it with a KV cache "
+                             "(text-generation-with-past)")
+        first = inputs[self.past_names[0]]
+        self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.kv_dtype = _DTYPES.get(first.type, np.float32)
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        self.output_names = ["logits", *self.present_names]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        """A cache with no positions yet."""
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype) for _ in self.past_names]
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
+        """Logits for `ids` (batch, new) after `past`; `mask` covers past and new positions."""
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
+        if "position_ids" in self.input_names:
+            positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1]:]
+            feeds["position_ids"] = positions.astype(np.int64)
+        feeds.update(zip(self.past_names, past))
+        out = self.session.run(self.output_names, feeds)
+        return out[0], out[1:]
+
+    def stream(self, prompt: list[int], max_new_tokens: int, stop: set[int]) -> Iterator[int]:
+        """Greedy tokens after `prompt`, one at a time, until a `stop` token (not yielded) or the limit."""
+        ids = np.asarray([prompt], np.int64)
+        mask = np.ones_like(ids)
+        logits, past = self.forward(ids, mask, self.empty_past(1))
+        for _ in range(max_new_tokens):
+            token = int(logits[0, -1].argmax())
+            if token in stop:
+                return
+            yield token
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+            logits, past = self.forward(np.asarray([[token]], np.int64), mask, past)
+
+    def greedy_batch(self, prompts: list[list[int]], max_new_tokens: int, stop: set[int], pad_id: int = 0
+                     ) -> list[list[int]]:
+        """Greedy completions of several prompts at once (left-padded), each cut at its first stop token."""
+        width = max(len(p) for p in prompts)
+        ids = np.asarray([[pad_id] * (width - len(p)) + list(p) for p in prompts], np.int64)
+        mask = np.asarray([[0] * (width - len(p)) + [1] * len(p) for p in prompts], np.int64)
+        logits, past = self.forward(ids, mask, self.empty_past(len(prompts)))
+        out: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for _ in range(max_new_tokens):
+            tokens = logits[:, -1].argmax(-1)
+            for b, token in enumerate(tokens.tolist()):
+                if not done[b]:
+                    if token in stop:
+                        done[b] = True
+                    else:
+                        out[b].append(token)
+            if all(done):
+                break
+            mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
+            logits, past = self.forward(tokens[:, None].astype(np.int64), mask, past)
+        return out
+
+    def window_nll(self, ids: list[int]) -> tuple[float, int]:
+        """Summed negative log-likelihood of ids[1:] given the ones before, and how many tokens that is."""
+        arr = np.asarray([ids], np.int64)
+        logits, _ = self.forward(arr, np.ones_like(arr), self.empty_past(1))
+        return nll_from_logits(logits[0, :-1], arr[0, 1:])
+
+    def timings(self, prompt: list[int], new_tokens: int) -> dict[str, float]:
+        """Time to first token for `prompt` and decode tokens/s over `new_tokens` (no stop token), batch 1."""
+        ids = np.asarray([prompt], np.int64)
+        mask = np.ones_like(ids)
+        t0 = time.perf_counter()
+        logits, past = self.forward(ids, mask, self.empty_past(1))
+        token = int(logits[0, -1].argmax())
+        ttft = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+            logits, past = self.forward(np.asarray([[token]], np.int64), mask, past)
+            token = int(logits[0, -1].argmax())
+        return {"ttft_ms": 1000 * ttft, "decode_tokens_per_s": new_tokens / (time.perf_counter() - t1)}
+
+
+def nll_from_logits(logits: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
+    """Summed -log p(target) under softmax(logits), in float64, and the number of targets."""
+    logits = logits.astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    log_z = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
+    return float((log_z - logits[np.arange(len(targets)), targets]).sum()), int(len(targets))

@@ -1,0 +1,94 @@
+"""The task contract: what compressor needs to know about one kind of model and its data.
+
+A task is registered by a plugin through the `register_tasks` hook, like steps and evaluators. Core
+code asks the task of an artifact (`task_for(artifact.task)`) instead of comparing task names: the
+Auto class to load, what a PEFT adapter and the ONNX exporter call it, how a batch is tokenized and
+collated, its metrics and which way each is better, and what a bundle verifies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric a task reports, and which way is better."""
+
+    name: str
+    higher_is_better: bool = True
+
+    def gain(self, before: float, after: float) -> float:
+        """How much better `after` is than `before` (negative: worse), whatever the direction."""
+        return after - before if self.higher_is_better else before - after
+
+
+class Task:
+    """Base class of a task. Subclasses set the class attributes and override what differs."""
+
+    #: The name recipes use in `model.task`.
+    name: ClassVar[str]
+    #: One line for `compressor plugins` and error messages.
+    summary: ClassVar[str] = ""
+    #: The transformers Auto class that loads a model with this task's head.
+    auto_class: ClassVar[str]
+    #: Architectures whose name ends with this carry the task's head (e.g. "ForSequenceClassification").
+    head_suffix: ClassVar[str]
+    #: peft's TaskType member for adapters on this task.
+    peft_task_type: ClassVar[str]
+    #: What optimum's ONNX exporter calls this task.
+    export_task: ClassVar[str]
+    #: The metrics the evaluator reports; the first is the one guards, sweeps and reports compare.
+    metrics: ClassVar[tuple[Metric, ...]]
+    #: Whether each data row carries a label (a class, or one tag per word).
+    needs_labels: ClassVar[bool] = True
+    #: Whether a row's text is a list of words (labels per word) rather than a string.
+    word_level: ClassVar[bool] = False
+    #: Inputs a model of this task may take, in the order they are fed.
+    model_inputs: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids")
+    #: Inputs a bundle computes golden outputs for when the recipe's data gives none.
+    golden_inputs: ClassVar[tuple[Any, ...]] = ()
+    #: How a bundle turns logits into an answer (bundle_runtime.Predictor reads it from the manifest).
+    bundle_output: ClassVar[str] = "label"
+
+    @property
+    def metric(self) -> Metric:
+        """The primary metric."""
+        return self.metrics[0]
+
+    def metric_named(self, name: str) -> Metric:
+        """The metric called `name` (an unknown name is taken as higher-is-better)."""
+        return next((m for m in self.metrics if m.name == name), Metric(name))
+
+    def has_head(self, architectures: list[str]) -> bool:
+        """Whether a config's `architectures` already carry this task's head."""
+        return any(a.endswith(self.head_suffix) for a in architectures)
+
+    def model_class(self) -> Any:
+        """The transformers Auto class (imported on first use)."""
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+    def encode(self, tokenizer: Any, texts: list[Any], max_length: int, tensors: str = "np",
+               padding: bool | str = True) -> Any:
+        """Tokenize a batch of row texts, truncated to `max_length`."""
+        return tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length,
+                         is_split_into_words=self.word_level, return_tensors=tensors)
+
+    def collate(self, tokenizer: Any, rows: list[Any], label_map: dict[str, int], max_length: int) -> dict:
+        """A training batch as torch tensors with `labels`."""
+        raise NotImplementedError
+
+    def predictions(self, encoded: Any, logits: Any, labels: list[str], texts: list[Any]) -> list[Any]:
+        """What the model predicts for each row of one batch, from its logits."""
+        raise NotImplementedError
+
+    def score(self, rows: list[Any], predictions: list[Any], labels: list[str]) -> dict[str, float]:
+        """The task's metrics for predictions of every row."""
+        raise NotImplementedError
+
+    def distill_targets(self, student_logits: Any, teacher_logits: Any, labels: Any) -> tuple[Any, Any, Any]:
+        """The (student, teacher, label) rows that distillation compares: one per sequence by default."""
+        return student_logits, teacher_logits, labels

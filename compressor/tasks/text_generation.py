@@ -1,0 +1,270 @@
+"""`text-generation`: decoder LLMs (Llama-family). Perplexity on a text corpus (lower is better), accuracy of
+greedy answers to instruction rows, time to first token, decode tokens/s and the process's peak RSS.
+
+Rows are `Example(prompt, completion)`: from jsonl (data.text / data.label keys), or from a labelled
+file read as an instruction task (data.prompt, a template with `{text}`, and data.completions, the
+answer for each label). A prompt is wrapped in the tokenizer's chat template when data.chat_template
+asks for it (or, by default, when the tokenizer has one).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from compressor.artifact import Artifact
+from compressor.tasks.base import Metric, Task
+
+IGNORE = -100
+
+
+class GenerationEvalConfig(BaseModel):
+    """`evaluate.task:` for text-generation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    perplexity_file: str | None = Field(default=None, description="Plain text whose perplexity is reported "
+                                        "(relative to the recipe), e.g. wikitext-2/test.txt.")
+    perplexity_tokens: int = Field(default=4096, ge=2, le=10_000_000, description="Score the file's first N tokens.")
+    window: int = Field(default=512, ge=2, le=32768, description="Tokens per window; windows do not overlap and "
+                                                                 "each starts without context.")
+    accuracy_rows: int | None = Field(default=200, ge=1, description="Greedy answers to the first N eval rows "
+                                      "(null: all), scored by exact match with the completion.")
+    max_new_tokens: int = Field(default=6, ge=1, le=4096, description="Longest greedy answer for accuracy.")
+    prompt_tokens: int = Field(default=128, ge=1, le=32768, description="Prompt length for time to first token.")
+    new_tokens: int = Field(default=128, ge=1, le=32768, description="Tokens timed for decode tokens/s.")
+    timing_runs: int = Field(default=3, ge=1, le=100, description="Timed generations (the best is reported).")
+
+
+def chat_wrap(tokenizer: Any, prompt: str, chat: bool | None) -> list[int]:
+    """Token ids of a prompt, in the chat template (a user turn, then the assistant's turn begins) when
+    `chat` is true, or when it is None and the tokenizer has a template."""
+    use = chat if chat is not None else bool(getattr(tokenizer, "chat_template", None))
+    if use:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def stop_ids(tokenizer: Any, config: dict[str, Any] | None = None) -> set[int]:
+    """Tokens that end an answer: the tokenizer's eos and the model's generation eos ids."""
+    found = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    eos = (config or {}).get("eos_token_id")
+    found |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return found
+
+
+def normalise(text: str) -> str:
+    """An answer as exact match compares it: lower case, no surrounding spaces or final punctuation."""
+    return text.strip().lower().rstrip(".!").strip()
+
+
+class TextGeneration(Task):
+    """A causal LM (LlamaForCausalLM and the like)."""
+
+    name = "text-generation"
+    summary = "decoder LLMs; perplexity (lower is better), instruction accuracy, TTFT and decode tokens/s"
+    auto_class = "AutoModelForCausalLM"
+    head_suffix = "ForCausalLM"
+    peft_task_type = "CAUSAL_LM"
+    export_task = "text-generation-with-past"
+    metrics = (Metric("perplexity", higher_is_better=False), Metric("accuracy"))
+    needs_labels = False
+    model_inputs = ("input_ids", "attention_mask")
+    golden_inputs = ("What is the capital of France?", "Name three colours.")
+    bundle_output = "generate"
+    EvalConfig: ClassVar[type[BaseModel]] = GenerationEvalConfig
+
+    def collate(self, tokenizer: Any, rows: list[Any], label_map: dict[str, int], max_length: int) -> dict:
+        """Prompt + completion + end of turn, right-padded; the loss covers the completion tokens only
+        (a row without a completion is plain text: every token counts)."""
+        import torch
+
+        eos = tokenizer.eos_token_id
+        seqs, labels = [], []
+        for row in rows:
+            if row.label is None:
+                ids = list(tokenizer(row.text)["input_ids"])[:max_length]
+                seqs.append(ids)
+                labels.append(list(ids))
+                continue
+            prompt = chat_wrap(tokenizer, row.text, row.chat)
+            answer = list(tokenizer(str(row.label), add_special_tokens=False)["input_ids"]) + ([eos] if eos is not None else [])
+            ids = (prompt + answer)[-max_length:]  # keep the answer when a prompt is too long
+            seqs.append(ids)
+            labels.append(([IGNORE] * len(prompt) + answer)[-max_length:])
+        width = max(len(s) for s in seqs)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+        return {"input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
+                "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+                "labels": torch.tensor([l + [IGNORE] * (width - len(l)) for l in labels])}
+
+    def score(self, rows: list[Any], predictions: list[Any], labels: list[str]) -> dict[str, float]:
+        """Exact-match accuracy of greedy answers against the completions."""
+        hits = sum(normalise(p) == normalise(str(r.label)) for p, r in zip(predictions, rows))
+        return {"accuracy": hits / max(1, len(rows))}
+
+    def distill_targets(self, student_logits: Any, teacher_logits: Any, labels: Any) -> tuple[Any, Any, Any]:
+        """One row per predicted token: position t predicts token t+1, where that token counts."""
+        s, t, y = student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:]
+        keep = y != IGNORE
+        return s[keep], t[keep], y[keep]
+
+
+class GenerationEvaluator:
+    """Perplexity, instruction accuracy and generation speed of a causal LM, on PyTorch or ONNX Runtime."""
+
+    task = TextGeneration.name
+    formats = ("hf", "onnx")
+    metric = "perplexity"
+    version = "1"
+
+    def evaluate(self, artifact: Artifact, rows: list[Any], settings: Any) -> dict[str, Any]:
+        """Every measurement the recipe's evaluate.task asks for."""
+        from compressor.evaluators.runtime import load_tokenizer
+
+        config = GenerationEvalConfig.model_validate(getattr(settings, "task", None) or {})
+        tokenizer = load_tokenizer(artifact.path)
+        model = _Model(artifact, settings.threads)
+        result: dict[str, Any] = {}
+        if config.perplexity_file:
+            result.update(perplexity(model, tokenizer, Path(config.perplexity_file), config.perplexity_tokens,
+                                     config.window))
+        answered = [r for r in rows if r.label is not None][: config.accuracy_rows]
+        if answered:
+            stop = stop_ids(tokenizer, _generation_config(artifact.path))
+            prompts = [chat_wrap(tokenizer, r.text, r.chat) for r in answered]
+            outputs = model.greedy(prompts, config.max_new_tokens, stop, tokenizer.pad_token_id or 0)
+            answers = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+            result.update(TextGeneration().score(answered, answers, []))
+            result["accuracy_rows"] = len(answered)
+            result["examples"] = [{"prompt": r.text[-120:], "expected": r.label, "answer": a}
+                                  for r, a in list(zip(answered, answers))[:3]]
+        if settings.latency:
+            prompt = _timing_prompt(tokenizer, config)
+            result["latency"] = timing(artifact, prompt, config.new_tokens, settings.threads, config.timing_runs)
+        result["rows"] = len(answered)
+        return result
+
+
+def _generation_config(path: Path) -> dict[str, Any]:
+    for name in ("generation_config.json", "config.json"):
+        file = Path(path) / name
+        if file.is_file():
+            return json.loads(file.read_text())
+    return {}
+
+
+def _timing_prompt(tokenizer: Any, config: GenerationEvalConfig) -> list[int]:
+    """A fixed prompt of exactly `prompt_tokens` tokens: repeated text, so that every artifact gets the same ids."""
+    ids = list(tokenizer("The history of the city begins with a small settlement on the river. " * 64,
+                         add_special_tokens=False)["input_ids"])
+    while len(ids) < config.prompt_tokens:
+        ids += ids
+    return ids[: config.prompt_tokens]
+
+
+def timing(artifact: Artifact, prompt: list[int], new_tokens: int, threads: int, runs: int) -> dict[str, Any]:
+    """generation_timing in a fresh process: speed, and the peak RSS of that model alone."""
+    cmd = [sys.executable, "-m", "compressor.evaluators.generation_timing", artifact.format, str(artifact.path),
+           "--prompt", ",".join(map(str, prompt)), "--new-tokens", str(new_tokens), "--threads", str(threads),
+           "--runs", str(runs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"timing {artifact.path.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def perplexity(model: "_Model", tokenizer: Any, file: Path, tokens: int, window: int) -> dict[str, Any]:
+    """exp(mean negative log-likelihood) over the file's first `tokens` tokens, in windows of `window`."""
+    import math
+
+    ids = list(tokenizer(file.read_text(encoding="utf-8")[: tokens * 12], add_special_tokens=False)["input_ids"])
+    ids = ids[:tokens]
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start : start + window]
+        if len(chunk) < 2:
+            break
+        nll, n = model.window_nll(chunk)
+        total, count = total + nll, count + n
+    return {"perplexity": math.exp(total / count), "perplexity_tokens": len(ids), "perplexity_window": window,
+            "perplexity_file": file.name}
+
+
+class _Model:
+    """The artifact loaded for scoring: PyTorch for `hf`, compressor.generation_runtime for `onnx`."""
+
+    def __init__(self, artifact: Artifact, threads: int):
+        self.format = artifact.format
+        if artifact.format == "hf":
+            import torch
+
+            from compressor.evaluators.runtime import load_torch_model
+
+            torch.set_num_threads(threads)
+            self.torch = load_torch_model(artifact.path, artifact.task, artifact.info.get("adapter"))
+        else:
+            from compressor.generation_runtime import OnnxCausalLM
+
+            self.onnx = OnnxCausalLM(artifact.model_file, threads=threads)
+
+    def window_nll(self, ids: list[int]) -> tuple[float, int]:
+        import numpy as np
+
+        from compressor.generation_runtime import nll_from_logits
+
+        if self.format != "hf":
+            return self.onnx.window_nll(ids)
+        import torch
+
+        with torch.inference_mode():
+            logits = self.torch(torch.tensor([ids])).logits[0, :-1].float().numpy()
+        return nll_from_logits(logits, np.asarray(ids[1:]))
+
+    def greedy(self, prompts: list[list[int]], max_new: int, stop: set[int], pad: int, batch: int = 16
+               ) -> list[list[int]]:
+        out: list[list[int]] = []
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i : i + batch]
+            if self.format != "hf":
+                out += self.onnx.greedy_batch(chunk, max_new, stop, pad)
+                continue
+            out += _torch_greedy(self.torch, chunk, max_new, stop, pad)
+        return out
+
+
+def _torch_greedy(model: Any, prompts: list[list[int]], max_new: int, stop: set[int], pad: int) -> list[list[int]]:
+    """The same left-padded greedy loop as generation_runtime's, on PyTorch with its KV cache."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    past = None
+    with torch.inference_mode():
+        for _ in range(max_new):
+            positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+            result = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                           use_cache=True)
+            past = result.past_key_values
+            tokens = result.logits[:, -1].argmax(-1)
+            for b, token in enumerate(tokens.tolist()):
+                if not done[b]:
+                    if token in stop:
+                        done[b] = True
+                    else:
+                        out[b].append(token)
+            if all(done):
+                break
+            ids = tokens[:, None]
+            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
+    return out
