@@ -85,6 +85,31 @@ def describe_model(model_file: Path) -> dict[str, Any]:
     return info
 
 
+#: New tokens per golden input of a generation bundle.
+GOLDEN_NEW_TOKENS = 16
+#: Marks where the user's prompt goes when the chat template is rendered once, at bundle time.
+_SENTINEL = "\u241fPROMPT\u241f"
+
+
+def generation_spec(artifact: Artifact) -> dict[str, Any]:
+    """How the device turns a prompt into token ids and when it stops: the chat template rendered once
+    around a placeholder (the device has no jinja), the stop ids and a default answer length."""
+    from compressor.evaluators.runtime import load_tokenizer
+    from compressor.tasks.text_generation import _generation_config, stop_ids
+
+    tokenizer = load_tokenizer(artifact.path)
+    spec: dict[str, Any] = {"prompt_format": "{prompt}", "add_special_tokens": True,
+                            "stop_ids": sorted(stop_ids(tokenizer, _generation_config(artifact.path))),
+                            "pad_id": tokenizer.pad_token_id or 0, "max_new_tokens": 128}
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], add_generation_prompt=True,
+                                             tokenize=False)
+        before, _, after = text.partition(_SENTINEL)
+        spec.update(prompt_format=before.replace("{", "{{").replace("}", "}}") + "{prompt}"
+                    + after.replace("{", "{{").replace("}", "}}"), add_special_tokens=False)
+    return spec
+
+
 def write_bundle(artifact: Artifact, out: Path, record: dict[str, Any] | None = None,
                  golden_inputs: list[Any] | None = None, tar: bool = False) -> dict[str, Any]:
     """Write the bundle into `out` (a temporary directory renamed into place); returns where and what."""
@@ -107,6 +132,13 @@ def write_bundle(artifact: Artifact, out: Path, record: dict[str, Any] | None = 
         shutil.copy2(artifact.model_file, tmp / artifact.model_file.name)
         shutil.copy2(artifact.path / "tokenizer.json", tmp / "tokenizer.json")
         shutil.copy2(bundle_runtime.__file__, tmp / "predict.py")
+        from compressor.tasks import task_for
+
+        task = task_for(artifact.task)
+        if task.bundle_output == "generate":  # the KV-cache loop the evaluator measured, beside predict.py
+            from compressor import generation_runtime
+
+            shutil.copy2(generation_runtime.__file__, tmp / "generation_runtime.py")
         if (artifact.path / "required_operators.config").is_file():  # for a minimal onnxruntime build
             shutil.copy2(artifact.path / "required_operators.config", tmp / "required_operators.config")
         model = describe_model(tmp / artifact.model_file.name)
@@ -115,17 +147,16 @@ def write_bundle(artifact: Artifact, out: Path, record: dict[str, Any] | None = 
         final = (record or {}).get("artifacts", [{}])[-1]
         metrics = {k: final.get(k) for k in (final.get("metric"), "size_bytes", "parameters") if k}
         if final.get("latency"):
-            metrics["latency"] = {k: final["latency"].get(k) for k in ("p50_ms", "p90_ms", "throughput",
-                                                                      "throughput_batch")}
+            metrics["latency"] = {k: final["latency"][k] for k in ("p50_ms", "p90_ms", "throughput",
+                                                                  "throughput_batch", "ttft_ms",
+                                                                  "decode_tokens_per_s", "peak_rss_mb")
+                                  if k in final["latency"]}
         environment = (record or {}).get("environment", {})
         integer = sorted({op for op in model.get("operators", []) if op in INTEGER_KERNEL_OPS})
         from compressor.cpu import cpu_model, int8_kernel_class
 
         search = next((s["notes"]["search"] for s in (record or {}).get("steps", [])
                        if isinstance(s.get("notes", {}).get("search"), dict)), None)
-        from compressor.tasks import task_for
-
-        task = task_for(artifact.task)
         manifest: dict[str, Any] = {
             "schema_version": bundle_runtime.SCHEMA_VERSION, "task": artifact.task, "labels": artifact.labels,
             # what the device-side runtime reads instead of the task's name: the rows' shape and the answer
@@ -151,9 +182,16 @@ def write_bundle(artifact: Artifact, out: Path, record: dict[str, Any] | None = 
             "golden": [],
         }
         inputs = list(golden_inputs or task.golden_inputs)[:4]
+        if task.bundle_output == "generate":
+            manifest["generation"] = generation_spec(artifact)
         write_json_atomic(tmp / bundle_runtime.MANIFEST, {**manifest, "files": {}})
         predictor = bundle_runtime.Predictor(tmp, {**manifest, "files": {}})
-        manifest["golden"] = [{"input": text, "logits": predictor.logits([text])[0].tolist()} for text in inputs]
+        if task.bundle_output == "generate":
+            # greedy tokens are what a generator's user sees; verify compares them exactly
+            manifest["golden"] = [{"input": text, "tokens": predictor.tokens(text, GOLDEN_NEW_TOKENS)}
+                                  for text in inputs]
+        else:
+            manifest["golden"] = [{"input": text, "logits": predictor.logits([text])[0].tolist()} for text in inputs]
         (tmp / "README.md").write_text(DEVICE_README.format(
             name=(record or {}).get("name", artifact.path.name), task=artifact.task, version=__version__,
             min_ort=manifest["min_onnxruntime"], labels=", ".join(artifact.labels[:20]),

@@ -5,6 +5,7 @@ This file is copied into every bundle as `predict.py`; `compressor verify` and `
 predict` import it too, so the device and the host run the same code.
 
     python predict.py "a gripping film ."          # labels and scores (entities for NER)
+    python predict.py "What is the capital of France?"   # a generation bundle streams its answer
     python predict.py --verify                      # manifest, checksums, model, golden outputs
 """
 
@@ -155,9 +156,19 @@ class Predictor:
             raise BundleError(f"{model_file.name}: inputs {actual} differ from the manifest's {declared}")
         spec = self.manifest["tokenizer"]
         self.tokenizer = Tokenizer.from_file(str(self.root / spec["file"]))
+        self.words = self.manifest["input"] == "words"
+        self.lm = None
+        if self.manifest["output"] == "generate":  # a causal LM: prompts in, greedy tokens out, no padding
+            try:
+                from compressor.generation_runtime import OnnxCausalLM
+            except ImportError:  # on the device: the copy beside this file
+                sys.path.insert(0, str(self.root))
+                from generation_runtime import OnnxCausalLM
+            self.lm = OnnxCausalLM(model_file, session=self.session)
+            self.generation = self.manifest["generation"]
+            return
         self.tokenizer.enable_truncation(spec.get("max_length", 128))
         self.tokenizer.enable_padding(pad_id=spec.get("pad_id", 0), pad_token=spec.get("pad_token", "[PAD]"))
-        self.words = self.manifest["input"] == "words"
 
     def encode(self, texts: list[Any]) -> tuple[dict[str, Any], list[Any]]:
         """Feeds for the session, and the encodings (for word alignment)."""
@@ -178,9 +189,34 @@ class Predictor:
         feeds, _ = self.encode(texts)
         return self.session.run(None, feeds)[0]
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """A prompt as the model was trained to read it (in the chat template, when it has one)."""
+        text = self.generation["prompt_format"].format(prompt=prompt)
+        return self.tokenizer.encode(text, add_special_tokens=self.generation["add_special_tokens"]).ids
+
+    def tokens(self, prompt: str, max_new_tokens: int | None = None) -> list[int]:
+        """The greedy answer's token ids."""
+        return list(self.lm.stream(self.prompt_ids(prompt), max_new_tokens or self.generation["max_new_tokens"],
+                                   set(self.generation["stop_ids"])))
+
+    def stream(self, prompt: str, max_new_tokens: int | None = None) -> Any:
+        """The greedy answer as text pieces, one per generated token (decoded so far, minus what was given)."""
+        ids: list[int] = []
+        shown = ""
+        for token in self.lm.stream(self.prompt_ids(prompt), max_new_tokens or self.generation["max_new_tokens"],
+                                    set(self.generation["stop_ids"])):
+            ids.append(token)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                yield text[len(shown):]
+                shown = text
+
     def predict(self, texts: list[Any]) -> list[Any]:
-        """Per text: {label, score}; for token classification, a list of entities."""
+        """Per text: {label, score}; for token classification, a list of entities; for a generator, {text}."""
         import numpy as np
+
+        if self.lm is not None:
+            return [{"text": "".join(self.stream(t))} for t in texts]
 
         feeds, encodings = self.encode(texts)
         logits = self.session.run(None, feeds)[0]
@@ -233,6 +269,17 @@ def verify(root: Path) -> dict[str, Any]:
         else manifest.get("tolerance", 1e-3)
     worst = 0.0
     for i, case in enumerate(manifest["golden"]):
+        if "tokens" in case:  # a generator: the same greedy tokens
+            got_tokens = predictor.tokens(case["input"], len(case["tokens"]) or 1)
+            if got_tokens != case["tokens"][: len(got_tokens)] or len(got_tokens) < len(case["tokens"]):
+                at = next((k for k, (a, b) in enumerate(zip(got_tokens, case["tokens"])) if a != b),
+                          min(len(got_tokens), len(case["tokens"])))
+                where = (f" (this CPU runs {here} int8 kernels, the golden tokens were made with {golden_on} "
+                         "kernels: integer rounding differs between CPU classes)" if other else "")
+                raise BundleError(f"golden[{i}]: greedy tokens differ from token {at} on for input "
+                                  f"{case['input']!r}: {predictor.tokenizer.decode(got_tokens)!r} instead of "
+                                  f"{predictor.tokenizer.decode(case['tokens'])!r}{where}")
+            continue
         got = predictor.logits([case["input"]])[0]
         expected = np.asarray(case["logits"], dtype=np.float32)
         if got.shape != expected.shape:
@@ -283,7 +330,14 @@ def main(argv: list[str]) -> int:
             return 0
         if not args.texts:
             parser.error("give texts to predict, or --verify")
-        for text, result in zip(args.texts, Predictor(Path(args.bundle)).predict(args.texts)):
+        predictor = Predictor(Path(args.bundle))
+        if predictor.lm is not None:  # stream the answer as it is generated
+            for text in args.texts:
+                for piece in predictor.stream(text):
+                    print(piece, end="", flush=True)
+                print()
+            return 0
+        for text, result in zip(args.texts, predictor.predict(args.texts)):
             print(json.dumps({"text": text, "prediction": result}, ensure_ascii=False))
         return 0
     except BundleError as exc:

@@ -206,7 +206,8 @@ def schema(ctx: click.Context) -> None:
 def _print_plan(plan: Any) -> None:
     click.echo(f"recipe {plan.recipe.name!r}: {plan.recipe_path}")
     click.echo(f"  model: {plan.source.path} ({plan.source.format}, {plan.source.task}"
-               + (f", labels {plan.source.labels}" if plan.source.labels else ", no task head") + ")")
+               + (f", labels {plan.source.labels}" if plan.source.labels
+                  else "" if plan.source.info.get("has_head") else ", no task head") + ")")
     if plan.data:
         click.echo(f"  data: {plan.data.format} " + ", ".join(f"{k}={v}" for k, v in plan.data.splits.items()))
         if plan.data.has("tune"):
@@ -428,7 +429,8 @@ def verify(ctx: click.Context, path: Path) -> None:
 @click.pass_context
 @handle_errors
 def predict(ctx: click.Context, path: Path, texts: tuple[str, ...]) -> None:
-    """Run a bundle on TEXTS: labels and scores, or entities for token classification."""
+    """Run a bundle on TEXTS: labels and scores, entities for token classification, or a generator's streamed
+    answer."""
     import tempfile
 
     from compressor import bundle_runtime
@@ -437,7 +439,14 @@ def predict(ctx: click.Context, path: Path, texts: tuple[str, ...]) -> None:
 
     with tempfile.TemporaryDirectory() as work:
         try:
-            results = bundle_runtime.Predictor(open_bundle(path, Path(work))).predict(list(texts))
+            predictor = bundle_runtime.Predictor(open_bundle(path, Path(work)))
+            if predictor.lm is not None:  # a generator streams its answers as plain text
+                for text in texts:
+                    for piece in predictor.stream(text):
+                        click.echo(piece, nl=False)
+                    click.echo()
+                return
+            results = predictor.predict(list(texts))
         except bundle_runtime.BundleError as exc:
             raise InputError(str(exc), where=str(path)) from None
     for text, result in zip(texts, results):

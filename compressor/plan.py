@@ -371,8 +371,6 @@ def _check_eval_task(task: Any, recipe: Recipe, recipe_dir: Path, errors: list[C
                 errors.append(InputError(f"{path} does not exist", where=f"evaluate.task.{key}",
                                          hint="fix the path (relative to the recipe file)"))
             config[key] = str(path)
-    if recipe.data is not None:
-        config["chat_template"] = recipe.data.chat_template
     return config
 
 

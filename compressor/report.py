@@ -49,6 +49,36 @@ def fmt_note(value: Any) -> str:
     return str(value)
 
 
+def generation_markdown(record: dict[str, Any]) -> list[str]:
+    """For generators: instruction accuracy, time to first token, decode speed and peak memory per artifact."""
+    arts = [a for a in record["artifacts"] if (a.get("latency") or {}).get("decode_tokens_per_s")
+            or a.get("accuracy_rows")]
+    if not arts:
+        return []
+    base = next((a["latency"]["decode_tokens_per_s"] for a in arts if (a.get("latency") or {}).get("decode_tokens_per_s")),
+                None)
+    lat = next((a["latency"] for a in arts if a.get("latency")), {})
+    ppl = next((a for a in arts if a.get("perplexity_file")), None)
+    lines = ["", "## Generation", "",
+             (f"Perplexity: {ppl['perplexity_file']}, first {ppl['perplexity_tokens']:,} tokens in windows of "
+              f"{ppl['perplexity_window']} (lower is better). " if ppl else "")
+             + (f"Accuracy: greedy answers to {arts[-1].get('accuracy_rows')} eval rows, exact match. "
+                if arts[-1].get("accuracy_rows") else "")
+             + (f"Speed: batch 1, a {lat.get('prompt_tokens')}-token prompt, {lat.get('new_tokens')} new tokens, "
+                "best of the timed runs, each model in a fresh process (peak RSS is that process's own)."
+                if lat else ""), "",
+             "| # | artifact | accuracy | TTFT ms | decode tokens/s | ×decode | peak RSS MB |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for a in arts:
+        la = a.get("latency") or {}
+        speed = la.get("decode_tokens_per_s")
+        lines.append(f"| {a['index']} | {a['name']} | {fmt_value(a.get('accuracy'), '.4f')} | "
+                     f"{fmt_value(la.get('ttft_ms'), '.1f')} | {fmt_value(speed, '.1f')} | "
+                     f"{fmt_value(speed / base if speed and base else None, '.2f', '×')} | "
+                     f"{fmt_value(la.get('peak_rss_mb'), '.0f')} |")
+    return lines
+
+
 def render_markdown(record: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The report as a Markdown page."""
     env = record["environment"]
@@ -67,6 +97,7 @@ def render_markdown(record: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"{fmt_value(r['metric_change'], '+.4f')} | {fmt_value(r['size_mb'], '.2f')} | {fmt_value(r['x_smaller'], '.2f', '×')} | "
             f"{fmt_value(r['parameters'], ',')} | {fmt_value(r['p50_ms'], '.2f')} | {fmt_value(r['p90_ms'], '.2f')} | "
             f"{fmt_value(r['x_faster'], '.2f', '×')} | {fmt_value(r['throughput'], '.1f')} |")
+    lines += generation_markdown(record)
     notes = [f"- {r['artifact']}: {r['note']}" for r in rows if r["note"]]
     if notes:
         lines += ["", "Not measured:", *notes]
@@ -96,8 +127,10 @@ def render_markdown(record: dict[str, Any], rows: list[dict[str, Any]]) -> str:
               f"- measured on: {env['cpu']} ({env['cpu_count']} CPUs, int8 kernels "
               f"{env.get('int8_kernels', 'not recorded')}), {ev.get('threads')} threads "
               f"(steps ran with {record.get('step_threads', ev.get('threads'))}), "
-              f"{ev.get('runs')} timed runs after {ev.get('warmup')} warm-up runs; latency is the model call "
-              f"on real eval rows (tokenization excluded)",
+              + ("generation timed in a fresh process per model (see Generation)"
+                 if any((a.get("latency") or {}).get("decode_tokens_per_s") for a in record["artifacts"])
+                 else f"{ev.get('runs')} timed runs after {ev.get('warmup')} warm-up runs; latency is the model "
+                      f"call on real eval rows (tokenization excluded)"),
               f"- python {env['python']}; " + ", ".join(f"{k} {v}" for k, v in env["libraries"].items())]
     if record.get("error"):
         lines += ["", "## Error", "", "```", record["error"], "```"]

@@ -121,6 +121,41 @@ def build_tiny_model(out_dir: Path, task: str, labels: list[str] | None, words: 
     return out_dir
 
 
+#: ChatML, as SmolLM2 and Qwen write it (the tiny LLM's chat template).
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def build_tiny_llama(out_dir: Path, texts: list[str], seed: int = 0, chat: bool = True, **config: Any) -> Path:
+    """Save a tiny Llama (hidden 32, 2 layers, 4 query / 2 key-value heads, tied embeddings) with a byte-level
+    BPE tokenizer trained on `texts` and, with `chat`, a ChatML chat template."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                  model_input_names=["input_ids", "attention_mask"])
+    if chat:
+        tok.chat_template = CHATML
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(out_dir))
+    settings = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id)
+    settings.update(config)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**settings)).save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir
+
+
 def sst2_words(limit: int = 20000) -> list[str]:
     """Words of the first rows of the real SST-2 train split."""
     words: list[str] = []
@@ -215,6 +250,16 @@ def tiny_token_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT token classifier with the CoNLL-2003 labels and a cased CoNLL vocabulary."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-token"), "token-classification", CONLL_LABELS,
                             conll_words(), lowercase=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (GQA, tied embeddings, ChatML template) with a BPE tokenizer trained on SST-2 and WikiText-2."""
+    src = require_data("sst2/train.tsv", "wikitext-2/valid.txt")
+    texts = [line.split("\t")[0] for line in (src / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:3000]]
+    texts += (src / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()[:2000]
+    texts += ["positive", "negative"] * 50
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), texts)
 
 
 @pytest.fixture(scope="session")

@@ -35,27 +35,20 @@ def parity_texts(ctx: StepContext, n: int) -> list[Any]:
     return FALLBACK_TEXTS[:n]
 
 
-def max_logit_difference(reference: Artifact, candidate: Artifact, texts: list[Any], threads: int) -> float:
-    """Largest |logit difference| between two artifacts on the same real inputs (batches of 8)."""
-    import numpy as np
-
-    from compressor.evaluators.runtime import load_runner
-
-    ref, cand = load_runner(reference, threads), load_runner(candidate, threads)
-    worst = 0.0
-    for i in range(0, len(texts), 8):
-        enc = ref.encode(texts[i : i + 8])
-        worst = max(worst, float(np.abs(ref(enc) - cand(enc)).max()))
-    return worst
-
-
 def check_parity(reference: Artifact, candidate: Artifact, ctx: StepContext, atol: float, rows: int, what: str,
                  hint: str) -> None:
-    """Report the largest |logit difference| on real rows; raise StepError when it exceeds `atol`."""
-    diff = max_logit_difference(reference, candidate, parity_texts(ctx, rows), ctx.threads)
-    ctx.report(parity_max_abs_diff=diff, parity_atol=atol)
+    """The task's parity check on real rows (for a classifier: the largest |logit difference|; for a generator
+    also its greedy tokens); raise StepError when the difference exceeds `atol` or the task finds a problem."""
+    from compressor.tasks import task_for
+
+    result = task_for(reference.task).parity(reference, candidate, parity_texts(ctx, rows), ctx.threads)
+    diff = result["max_abs_diff"]
+    ctx.report(parity_max_abs_diff=diff, parity_atol=atol,
+               **{f"parity_{k}": v for k, v in result.items() if k not in ("max_abs_diff", "problem")})
     if diff > atol:
         raise StepError(f"parity check failed: {what} by {diff:.3g} (atol {atol})", hint=hint)
+    if result.get("problem"):
+        raise StepError(f"parity check failed: {result['problem']}", hint=hint)
 
 
 class ExportOnnx(Step):

@@ -46,7 +46,9 @@ class Finetune(Step):
 
     def output_labels(self, config: StepConfig, ctx: PlanContext) -> list[str]:
         """The model's labels, or, for a model without a head, the labels found in the train data."""
-        if ctx.labels:
+        from compressor.tasks import task_for
+
+        if ctx.labels or not task_for(ctx.task).needs_labels:
             return ctx.labels
         if ctx.data is None or not ctx.data.has("train") or not ctx.data.splits["train"].exists():
             return []
@@ -72,9 +74,14 @@ class Finetune(Step):
 
         assert isinstance(config, FinetuneConfig)
         ctx.seed_everything()
+        from compressor.tasks import task_for
+
         rows = sample_rows(ctx.data.load("train"), config.max_train_rows, ctx.seed)
-        labels = artifact.labels or _numeric_sort(ctx.data.label_set("train"))  # as the plan said
-        label_map = label_ids(labels, all_labels(rows))
+        if task_for(artifact.task).needs_labels:
+            labels = artifact.labels or _numeric_sort(ctx.data.label_set("train"))  # as the plan said
+            label_map = label_ids(labels, all_labels(rows))
+        else:  # a language model's "labels" are its completions, which collate tokenizes
+            labels, label_map = [], {}
         tokenizer = load_tokenizer(artifact.path)
         model = _load_with_head(artifact, labels, AutoConfig)
         trainable, frozen_note = _select_parameters(model, config)
@@ -110,7 +117,7 @@ def _load_with_head(artifact: Artifact, labels: list[str], AutoConfig: Any) -> A
     from compressor.evaluators.runtime import load_torch_model
     from compressor.tasks import task_for
 
-    if artifact.info.get("has_head", True) and artifact.labels:
+    if artifact.info.get("has_head", True) and (artifact.labels or not task_for(artifact.task).needs_labels):
         return load_torch_model(artifact.path, artifact.task)
     cls = task_for(artifact.task).model_class()
     config = AutoConfig.from_pretrained(str(artifact.path), num_labels=len(labels),

@@ -82,7 +82,19 @@ def measure(fmt: str, path: Path, prompt: list[int], new_tokens: int, threads: i
     return {"ttft_ms": 1000 * min(ttfts), "decode_tokens_per_s": new_tokens / decode,
             "p50_ms": 1000 * statistics.median(flat), "p90_ms": 1000 * flat[int(0.9 * (len(flat) - 1))],
             "throughput": new_tokens / decode, "throughput_batch": 1, "prompt_tokens": len(prompt),
-            "new_tokens": new_tokens, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "new_tokens": new_tokens, "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This program's peak resident memory: VmHWM of its own address space on Linux (getrusage's maxrss
+    keeps the parent's peak across fork and exec), else getrusage."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def main(argv: list[str]) -> int:

@@ -89,6 +89,20 @@ class Task:
         """The task's metrics for predictions of every row."""
         raise NotImplementedError
 
+    def parity(self, reference: Any, candidate: Any, texts: list[Any], threads: int) -> dict[str, Any]:
+        """How far a converted model (`candidate`) is from `reference` on real inputs: `max_abs_diff` of the
+        logits, and `problem` (a sentence) when something other than the size of a difference is wrong."""
+        import numpy as np
+
+        from compressor.evaluators.runtime import load_runner
+
+        ref, cand = load_runner(reference, threads), load_runner(candidate, threads)
+        worst = 0.0
+        for i in range(0, len(texts), 8):
+            enc = ref.encode(texts[i : i + 8])
+            worst = max(worst, float(np.abs(ref(enc) - cand(enc)).max()))
+        return {"max_abs_diff": worst, "problem": None}
+
     def distill_targets(self, student_logits: Any, teacher_logits: Any, labels: Any) -> tuple[Any, Any, Any]:
         """The (student, teacher, label) rows that distillation compares: one per sequence by default."""
         return student_logits, teacher_logits, labels

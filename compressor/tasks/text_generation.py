@@ -110,6 +110,28 @@ class TextGeneration(Task):
         hits = sum(normalise(p) == normalise(str(r.label)) for p, r in zip(predictions, rows))
         return {"accuracy": hits / max(1, len(rows))}
 
+    def parity(self, reference: Artifact, candidate: Artifact, texts: list[Any], threads: int) -> dict[str, Any]:
+        """Twice: the largest |logit difference| over every position of real prompts, and identical greedy
+        tokens (16 new ones, through the KV cache) for the first four prompts."""
+        import numpy as np
+
+        from compressor.evaluators.runtime import load_tokenizer
+
+        tokenizer = load_tokenizer(reference.path)
+        prompts = [chat_wrap(tokenizer, str(t), None) for t in texts]
+        ref, cand = _Model(reference, threads), _Model(candidate, threads)
+        worst = max(float(np.abs(ref.logits(p) - cand.logits(p)).max()) for p in prompts)
+        stop = stop_ids(tokenizer, _generation_config(reference.path))
+        pad = tokenizer.pad_token_id or 0
+        want, got = ref.greedy(prompts[:4], 16, stop, pad), cand.greedy(prompts[:4], 16, stop, pad)
+        same = sum(w == g for w, g in zip(want, got))
+        problem = None
+        if same < len(want):
+            i = next(k for k, (w, g) in enumerate(zip(want, got)) if w != g)
+            problem = (f"greedy tokens differ for prompt {i} ({tokenizer.decode(want[i])!r} → "
+                       f"{tokenizer.decode(got[i])!r})")
+        return {"max_abs_diff": worst, "problem": problem, "greedy_identical": f"{same}/{len(want)}"}
+
     def distill_targets(self, student_logits: Any, teacher_logits: Any, labels: Any) -> tuple[Any, Any, Any]:
         """One row per predicted token: position t predicts token t+1, where that token counts."""
         s, t, y = student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:]
@@ -215,18 +237,24 @@ class _Model:
 
             self.onnx = OnnxCausalLM(artifact.model_file, threads=threads)
 
+    def logits(self, ids: list[int]) -> Any:
+        """Logits at every position of one sequence, as float32 numpy."""
+        import numpy as np
+
+        if self.format != "hf":
+            arr = np.asarray([ids], np.int64)
+            return self.onnx.forward(arr, np.ones_like(arr), self.onnx.empty_past(1))[0][0].astype(np.float32)
+        import torch
+
+        with torch.inference_mode():
+            return self.torch(torch.tensor([ids])).logits[0].float().numpy()
+
     def window_nll(self, ids: list[int]) -> tuple[float, int]:
         import numpy as np
 
         from compressor.generation_runtime import nll_from_logits
 
-        if self.format != "hf":
-            return self.onnx.window_nll(ids)
-        import torch
-
-        with torch.inference_mode():
-            logits = self.torch(torch.tensor([ids])).logits[0, :-1].float().numpy()
-        return nll_from_logits(logits, np.asarray(ids[1:]))
+        return nll_from_logits(self.logits(ids)[:-1], np.asarray(ids[1:]))
 
     def greedy(self, prompts: list[list[int]], max_new: int, stop: set[int], pad: int, batch: int = 16
                ) -> list[list[int]]:

@@ -1,0 +1,184 @@
+"""text-generation on a tiny Llama (GQA, tied embeddings, ChatML) built from a config: SST-2 read as an
+instruction task, fine-tuned, exported with a KV cache, quantized to int4 and bundled; perplexity on real
+WikiText-2; the bad inputs refused at check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from compressor.testing import require_data
+
+STEPS = ("  - uses: finetune\n    with: {method: full, epochs: 2, learning_rate: 5.0e-3, batch_size: 16, "
+         "max_length: 96}\n"
+         "  - uses: export-onnx\n    with: {atol: 1.0e-3, parity_rows: 8}\n"
+         "  - uses: quantize-onnx\n    with: {mode: int4, block_size: 32}\n")
+
+
+@pytest.fixture(scope="module")
+def wikitext_slice(tmp_path_factory) -> Path:
+    """The first 200 lines of the real WikiText-2 test file."""
+    src = require_data("wikitext-2/test.txt") / "wikitext-2" / "test.txt"
+    out = tmp_path_factory.mktemp("wikitext") / "test.txt"
+    out.write_text("\n".join(src.read_text(encoding="utf-8").splitlines()[:200]) + "\n", encoding="utf-8")
+    return out
+
+
+def llm_recipe(model: Path, data: dict[str, Path], corpus: Path, steps: str = STEPS, data_extra: str = "",
+               extra: str = "") -> str:
+    """SST-2 as prompts and completions, perplexity on `corpus`."""
+    return (f"version: 1\nname: tiny-llm\nmodel: {{path: {model}, task: text-generation}}\n"
+            f"data:\n  format: tsv\n  train: {data['train']}\n  eval: {data['eval']}\n  text: sentence\n"
+            f"  label: label\n  prompt: \"Review: {{text}}\\nSentiment:\"\n"
+            f"  completions: {{'0': negative, '1': positive}}\n{data_extra}"
+            f"steps:\n{steps}"
+            f"evaluate:\n  task: {{perplexity_file: {corpus}, perplexity_tokens: 1024, window: 128, "
+            f"accuracy_rows: 100, prompt_tokens: 32, new_tokens: 16, timing_runs: 1}}\n{extra}")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_llama, sst2_small, wikitext_slice):
+    """finetune → export-onnx → int4, with a bundle."""
+    from compressor.testing import run_recipe
+
+    tmp = tmp_path_factory.mktemp("tiny-llm")
+    record = run_recipe(llm_recipe(tiny_llama, sst2_small, wikitext_slice, extra="bundle: {formats: [onnx]}\n"),
+                        tmp, cache=tmp / "cache")
+    return record, tmp / "run"
+
+
+def test_the_prompt_is_masked_and_the_answer_ends_the_turn(tiny_llama):
+    from transformers import AutoTokenizer
+
+    from compressor.data import Example
+    from compressor.tasks.text_generation import TextGeneration, chat_wrap
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    rows = [Example("Review: fine\nSentiment:", "positive", None), Example("plain text line", None)]
+    batch = TextGeneration().collate(tokenizer, rows, {}, 64)
+    prompt = chat_wrap(tokenizer, rows[0].text, None)
+    answer = tokenizer("positive", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    n = len(prompt) + len(answer)
+    assert prompt[:1] == [tokenizer.convert_tokens_to_ids("<|im_start|>")]  # the chat template was applied
+    assert batch["input_ids"][0, :n].tolist() == prompt + answer
+    assert batch["labels"][0, :n].tolist() == [-100] * len(prompt) + answer
+    assert (batch["labels"][0, n:] == -100).all() and (batch["attention_mask"][0, n:] == 0).all()
+    plain = tokenizer("plain text line")["input_ids"]
+    assert batch["labels"][1, : len(plain)].tolist() == plain  # plain text: every token counts
+
+
+def test_finetune_teaches_the_answer_and_export_keeps_it(tiny_run):
+    record, _ = tiny_run
+    arts = {a["name"]: a for a in record["artifacts"]}
+    assert arts["input"]["accuracy"] == 0.0  # the untrained model does not answer with a label
+    answers = [e["answer"] for e in arts["finetune"]["examples"]]
+    assert set(answers) <= {"positive", "negative"}
+    assert arts["finetune"]["accuracy"] >= 0.45
+    # ONNX with a KV cache: the same perplexity and the same greedy answers as PyTorch
+    assert arts["export-onnx"]["perplexity"] == pytest.approx(arts["finetune"]["perplexity"], rel=1e-4)
+    assert arts["export-onnx"]["accuracy"] == arts["finetune"]["accuracy"]
+    steps = {s["uses"]: s for s in record["steps"]}
+    assert steps["export-onnx"]["notes"]["parity_greedy_identical"] == "4/4"
+    assert arts["export-onnx"]["metric"] == "perplexity" and arts["export-onnx"]["higher_is_better"] is False
+    assert arts["export-onnx"]["perplexity_tokens"] == 1024
+
+
+def test_int4_packs_the_matmuls_and_keeps_perplexity_close(tiny_run):
+    import onnx
+
+    record, run = tiny_run
+    arts = {a["name"]: a for a in record["artifacts"]}
+    model = onnx.load(str(Path(arts["quantize-onnx"]["path"]) / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulNBits") >= 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    assert arts["quantize-onnx"]["perplexity"] == pytest.approx(arts["export-onnx"]["perplexity"], rel=0.10)
+    lat = arts["quantize-onnx"]["latency"]
+    assert lat["prompt_tokens"] == 32 and lat["new_tokens"] == 16 and lat["decode_tokens_per_s"] > 0
+    assert 10 < lat["peak_rss_mb"] < 1000  # the fresh process's own memory, not the test runner's
+
+
+def test_the_generation_bundle_streams_what_the_evaluator_generated(tiny_run, cli_run):
+    from compressor import bundle_runtime
+
+    record, run = tiny_run
+    bundle = run / "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["output"] == "generate" and (bundle / "generation_runtime.py").is_file()
+    assert manifest["generation"]["prompt_format"].startswith("<|im_start|>user\n{prompt}")
+    code, out, err = cli_run("verify", str(bundle))
+    assert code == 0, err
+    final = record["artifacts"][-1]
+    predictor = bundle_runtime.Predictor(bundle)
+    for example in final["examples"]:
+        row = next(c for c in manifest["golden"] if c["input"].endswith(example["prompt"]))
+        assert predictor.predict([row["input"]])[0]["text"].startswith(example["answer"])
+    code, out, _ = cli_run("predict", str(bundle), manifest["golden"][0]["input"])
+    assert code == 0 and out.strip() == predictor.predict([manifest["golden"][0]["input"]])[0]["text"]
+    # a changed golden token is caught
+    manifest["golden"][0]["tokens"][0] += 1
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(bundle_runtime.BundleError, match="greedy tokens differ from token 0"):
+        bundle_runtime.verify(bundle)
+
+
+def test_the_guard_reads_perplexity_as_lower_is_better(tmp_path, tiny_llama, sst2_small, wikitext_slice, cli_run):
+    steps = "  - uses: export-onnx\n    with: {atol: 1.0e-3}\n  - uses: quantize-onnx\n    with: {mode: int4}\n"
+    path = tmp_path / "r.yaml"
+    path.write_text(llm_recipe(tiny_llama, sst2_small, wikitext_slice, steps,
+                               extra="guard: {max_accuracy_drop: 0.0}\n"))
+    code, out, err = cli_run("run", str(path), "--out", str(tmp_path / "run"))
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    check = record["guard"]["checks"][0]
+    assert check["drop"] == pytest.approx(record["artifacts"][-1]["perplexity"] - record["artifacts"][0]["perplexity"])
+    assert (code == 1) is (check["drop"] > 0)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("chat", "has no chat template"),
+    ("jsonl", "lacks 'prompt' or 'completion'"),
+    ("gguf", "holds a 'bert' model, which transformers cannot read from GGUF"),
+    ("eval-file", "does not exist"),
+    ("eval-key", "evaluate.task.perplexity_tokenz"),
+])
+def test_bad_llm_inputs_exit_2_at_check(case, message, tmp_path, cli_run, tiny_llama, sst2_small, wikitext_slice):
+    import shutil
+
+    model, data, extra, corpus = tiny_llama, sst2_small, "", wikitext_slice
+    if case == "chat":
+        model = tmp_path / "plain"
+        shutil.copytree(tiny_llama, model)
+        (model / "chat_template.jinja").unlink()
+        config = json.loads((model / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        (model / "tokenizer_config.json").write_text(json.dumps(config))
+        extra = "  chat_template: true\n"
+    text = llm_recipe(model, data, corpus, "  - uses: export-onnx\n", data_extra=extra)
+    if case == "jsonl":
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text('{"prompt": "hi", "completion": "there"}\n{"prompt": "no answer"}\n')
+        text = (f"version: 1\nname: j\nmodel: {{path: {tiny_llama}, task: text-generation}}\n"
+                f"data: {{format: jsonl, train: {rows}, text: prompt, label: completion}}\n"
+                "steps:\n  - uses: finetune\n")
+    if case == "gguf":
+        from gguf import GGUFWriter
+
+        file = tmp_path / "bert.gguf"
+        writer = GGUFWriter(str(file), "bert")
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        text = text.replace(f"path: {tiny_llama}", f"path: {file}")
+    if case == "eval-file":
+        text = text.replace(str(corpus), str(tmp_path / "missing.txt"))
+    if case == "eval-key":
+        text = text.replace("perplexity_tokens", "perplexity_tokenz")
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = cli_run("check", str(path))
+    assert code == 2, (out, err)
+    assert message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
