@@ -31,10 +31,14 @@ INTEGER_KERNEL_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerTo
 #: Largest golden-logit difference allowed where the device's int8 kernel class is the one the golden
 #: outputs were computed with (same kernels: only float rounding and thread partitioning differ).
 SAME_CLASS_TOLERANCE = 1e-3
-#: … and where it is another class. bench/cpu_classes.py ran the main job's int8 model with onnxruntime's
-#: real kernels of six classes (x86 AVX512-VNNI natively; AVX2, SSE4.1, ARM64 NEON, dot-product and
-#: i8mm under qemu) on the 872 SST-2 dev sentences: see bench/NOTES.md, "int8 across CPU classes".
-OTHER_CLASS_TOLERANCE = 0.25
+#: … and where it is another class. bench/cpu_classes.py ran the main job's int8 model (tuned and golden on
+#: x86 AVX512-VNNI) with onnxruntime's real ARM64 dot-product kernels under qemu on the 872 SST-2 dev
+#: sentences: largest |logit difference| 0.418, p99 0.112, 99.89% of predictions the same (bench/NOTES.md,
+#: "int8 across CPU classes"). Both classes sum int8 products exactly in int32; what differs is how each
+#: quantizes activations. x86 AVX2 without VNNI saturates pairs of products in 16 bits and differed by up
+#: to 0.687 (p99 0.454, 98.51% the same, −0.8 points): beyond this tolerance on purpose, so that verify
+#: says such a CPU needs its own measurement (SATURATING_CLASSES in bundle_runtime explains why).
+OTHER_CLASS_TOLERANCE = 0.5
 DEVICE_README = """# {name}
 
 A {task} model made by compressor {version}. It needs Python 3, numpy, onnxruntime (>= {min_ort})

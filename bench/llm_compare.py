@@ -1,0 +1,116 @@
+"""The LLM recipe against its peers, on the same fine-tuned SmolLM2, the same text and 2 threads, one run.
+
+    python bench/llm_compare.py runs/smollm2-int4 [--threads 2] [--out bench/LLM_RESULTS.md]
+
+Rows: PyTorch FP32 (the fine-tuned, merged model), ONNX FP32 (our export), the onnxruntime-genai model
+builder's `-p int4 -e cpu` with its defaults (onnxruntime-genai 0.15.2, the newest whose builder runs
+with transformers 4.57; built here from the same fine-tuned model), and our int4. Every model is
+measured by the same evaluator the recipe uses: perplexity on WikiText-2 test (the recipe's tokens and
+windows), greedy-answer accuracy on SST-2 dev, and, in a fresh process per model, time to first token
+for a 128-token prompt, decode tokens/s over 128 new tokens at batch 1 (the same plain onnxruntime loop
+for every ONNX model) and that process's peak RSS. Ratios are against ONNX FP32 measured in this run.
+Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_with_genai(hf_dir: Path, out: Path) -> float:
+    """The builder's default int4 CPU model of `hf_dir` in `out` (with the fine-tuned tokenizer); seconds."""
+    if (out / "model.onnx").is_file():
+        return 0.0
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf_dir), "-i", str(hf_dir),
+                    "-o", str(out), "-p", "int4", "-e", "cpu", "-c", str(out.parent / "genai-cache")], check=True,
+                   stdout=subprocess.DEVNULL)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                 "generation_config.json"):
+        if (hf_dir / name).is_file():
+            shutil.copy2(hf_dir / name, out / name)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    """Measure every row and write the table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="run directory of recipes/smollm2-sst2-int4.yaml")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--accuracy-rows", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "LLM_RESULTS.md")
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from compressor.artifact import Artifact
+    from compressor.data import DataSource
+    from compressor.evaluators.base import EvalSettings
+    from compressor.evaluators.measure import model_bytes
+    from compressor.record import environment
+    from compressor.tasks.text_generation import GenerationEvaluator
+
+    record = json.loads((args.run / "record.json").read_text())
+    steps = {s["uses"]: Path(s["path"]) for s in record["steps"]}
+    finetuned, exported = Artifact.load(steps["finetune"]), Artifact.load(steps["export-onnx"])
+    ours = Artifact.load(Path(record["steps"][-1]["path"]))
+    work = args.run / "peers"
+    work.mkdir(exist_ok=True)
+    build_seconds = build_with_genai(finetuned.path, work / "genai-int4")
+    builder = Artifact(path=work / "genai-int4", format="onnx", task="text-generation")
+
+    recipe = record["recipe"]
+    data = recipe["data"]
+    rdir = Path(record["recipe_path"]).parent
+    rows = DataSource(data["format"], {"eval": (rdir / data["eval"]).resolve()}, data["text"], data["label"],
+                      prompt=data.get("prompt"), completions=data.get("completions"),
+                      chat_template=data.get("chat_template")).load("eval")
+    task_settings = dict(recipe["evaluate"]["task"])
+    task_settings["perplexity_file"] = str((rdir / task_settings["perplexity_file"]).resolve())
+    if args.accuracy_rows:
+        task_settings["accuracy_rows"] = args.accuracy_rows
+    settings = EvalSettings(threads=args.threads, task=task_settings)
+    evaluator = GenerationEvaluator()
+    results = []
+    for label, artifact in (("PyTorch FP32 (fine-tuned, merged)", finetuned), ("ONNX FP32 (our export)", exported),
+                            ("onnxruntime-genai builder int4 (defaults)", builder), ("ours: int4 recipe", ours)):
+        print(f"measuring {label} …", flush=True)
+        m = evaluator.evaluate(artifact, rows, settings)
+        results.append({"row": label, "path": str(artifact.path), "size_bytes": model_bytes(artifact), **m})
+    fp32 = results[1]
+    lines = [f"# SmolLM2-135M-Instruct fine-tuned on SST-2: our int4 recipe and its peers", "",
+             f"Measured on {environment()['cpu']}, {args.threads} threads, one run "
+             f"({time.strftime('%Y-%m-%d')}); `python bench/llm_compare.py {args.run}`. Perplexity: "
+             f"{Path(task_settings['perplexity_file']).name}, first {fp32['perplexity_tokens']:,} tokens in "
+             f"{fp32['perplexity_window']}-token windows. Accuracy: greedy answers to {fp32['accuracy_rows']} "
+             f"SST-2 dev rows, exact match. Speed: batch 1, a {fp32['latency']['prompt_tokens']}-token prompt, "
+             f"{fp32['latency']['new_tokens']} new tokens, every ONNX model in the same numpy + onnxruntime loop "
+             "(compressor/generation_runtime.py), each in a fresh process. The fine-tuned weights started as "
+             "the Q4_1 GGUF (4-bit blocks of 32) dequantized to float32 before fine-tuning.", "",
+             "| model | perplexity | Δ vs FP32 | accuracy | MB | ×smaller | TTFT ms | decode tok/s | ×FP32 decode "
+             "| peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lat = r["latency"]
+        lines.append(f"| {r['row']} | {r['perplexity']:.2f} | {100 * (r['perplexity'] / fp32['perplexity'] - 1):+.1f}% "
+                     f"| {r['accuracy']:.4f} | {r['size_bytes'] / 1e6:.1f} | "
+                     f"{fp32['size_bytes'] / r['size_bytes']:.2f}× | {lat['ttft_ms']:.0f} | "
+                     f"{lat['decode_tokens_per_s']:.1f} | "
+                     f"{lat['decode_tokens_per_s'] / fp32['latency']['decode_tokens_per_s']:.2f}× | "
+                     f"{lat['peak_rss_mb']:.0f} |")
+    if build_seconds:
+        lines += ["", f"The builder took {build_seconds:.0f} s."]
+    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
