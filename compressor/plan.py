@@ -280,6 +280,13 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
         ctx = PlanContext(recipe=recipe, recipe_dir=recipe_dir, model_config=model_config, artifact_format=fmt,
                           task=recipe.model.task, labels=labels, data=data,
                           source_path=source.path, earlier=tuple((s.name, s.config) for s in steps))
+        reason = cls().supports(config, host.task(recipe.model.task), model_config)
+        if reason:
+            errors.append(RecipeError(f"{spec.uses} does not support this model: {reason}", where=where,
+                                      hint="leave the step out, or use a model it supports"))
+            steps.append(PlannedStep(i, spec.uses, cls, config, fmt, cls.produces))
+            fmt = cls.produces
+            continue
         try:
             cls().check(config, ctx)
             config = cls().resolve_config(config, ctx)

@@ -120,6 +120,11 @@ class Step:
         """Data splits this configuration reads (default: `needs_data`); part of the plan check and cache key."""
         return self.needs_data
 
+    def supports(self, config: StepConfig, task: Any, model_config: dict[str, Any]) -> str | None:
+        """Why this step cannot run on this task (a compressor.tasks.Task) or architecture (the model's
+        config.json), or None when it can. `check` refuses the recipe with the reason (exit 2)."""
+        return None
+
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
         """Plan-time checks that need the recipe or the model's config (raise RecipeError)."""
 

@@ -56,6 +56,13 @@ class Distill(Step):
         assert isinstance(config, DistillConfig)
         return ("train", TUNE) if config.select_best and config.epochs > 1 else ("train",)
 
+    def supports(self, config: StepConfig, task: Any, model_config: dict[str, Any]) -> str | None:
+        """Classifiers only: distillation on a language model's next-token distributions is not built yet."""
+        if not task.needs_labels:
+            return (f"distill teaches a classifier's soft labels; {task.name} models (next-token distillation) "
+                    "are not supported yet")
+        return None
+
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
         """A teacher given as a directory must exist and have the student's labels."""
         assert isinstance(config, DistillConfig)

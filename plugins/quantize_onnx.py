@@ -117,6 +117,13 @@ class QuantizeOnnx(Step):
                                              "relative_drop": ctx.recipe.guard.relative})
         return config
 
+    def supports(self, config: StepConfig, task: Any, model_config: dict[str, Any]) -> str | None:
+        """Language models: weight-only int4 (their evaluator needs the recipe's perplexity settings, which
+        the int8 modes' calibration and search do not read yet)."""
+        if not task.needs_labels and getattr(config, "mode", None) != "int4":
+            return f"mode {config.mode!r} is not built for {task.name} models yet; use mode: int4"
+        return None
+
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
         """mode: auto needs a budget; static QDQ cannot follow optimize-onnx; int4 block sizes must be powers of
         two that divide the model's widths, and int4 tables cannot follow an int8 step that took them."""

@@ -141,6 +141,9 @@ def test_the_guard_reads_perplexity_as_lower_is_better(tmp_path, tiny_llama, sst
     ("gguf", "holds a 'bert' model, which transformers cannot read from GGUF"),
     ("eval-file", "does not exist"),
     ("eval-key", "evaluate.task.perplexity_tokenz"),
+    ("distill", "distill does not support this model: distill teaches a classifier's soft labels"),
+    ("prune", "prune supports BERT-style encoders"),
+    ("int8", "mode 'dynamic' is not built for text-generation models yet"),
 ])
 def test_bad_llm_inputs_exit_2_at_check(case, message, tmp_path, cli_run, tiny_llama, sst2_small, wikitext_slice):
     import shutil
@@ -173,6 +176,11 @@ def test_bad_llm_inputs_exit_2_at_check(case, message, tmp_path, cli_run, tiny_l
         text = text.replace(f"path: {tiny_llama}", f"path: {file}")
     if case == "eval-file":
         text = text.replace(str(corpus), str(tmp_path / "missing.txt"))
+    if case in ("distill", "prune"):
+        text = text.replace("  - uses: export-onnx\n", f"  - uses: {case}\n")
+    if case == "int8":
+        text = text.replace("  - uses: export-onnx\n", "  - uses: export-onnx\n  - uses: quantize-onnx\n"
+                                                          "    with: {mode: dynamic}\n")
     if case == "eval-key":
         text = text.replace("perplexity_tokens", "perplexity_tokenz")
     path = tmp_path / "r.yaml"
