@@ -83,13 +83,7 @@ class OnnxCausalLM:
         done = [False] * len(prompts)
         for _ in range(max_new_tokens):
             tokens = logits[:, -1].argmax(-1)
-            for b, token in enumerate(tokens.tolist()):
-                if not done[b]:
-                    if token in stop:
-                        done[b] = True
-                    else:
-                        out[b].append(token)
-            if all(done):
+            if take(tokens.tolist(), out, done, stop):
                 break
             mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
             logits, past = self.forward(tokens[:, None].astype(np.int64), mask, past)
@@ -115,6 +109,17 @@ class OnnxCausalLM:
             logits, past = self.forward(np.asarray([[token]], np.int64), mask, past)
             token = int(logits[0, -1].argmax())
         return {"ttft_ms": 1000 * ttft, "decode_tokens_per_s": new_tokens / (time.perf_counter() - t1)}
+
+
+def take(tokens: list[int], out: list[list[int]], done: list[bool], stop: set[int]) -> bool:
+    """Append each row's new token to its answer unless the row has stopped; whether every row has."""
+    for b, token in enumerate(tokens):
+        if not done[b]:
+            if token in stop:
+                done[b] = True
+            else:
+                out[b].append(token)
+    return all(done)
 
 
 def nll_from_logits(logits: np.ndarray, targets: np.ndarray) -> tuple[float, int]:

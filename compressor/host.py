@@ -138,15 +138,19 @@ def _load_one(host: Host, name: str, dist: str, version: str, load: Any) -> None
         info.error = f"{type(exc).__name__}: {exc}"
         return
 
-    def register_step(cls: Any) -> None:
-        _check_step_class(cls, name)
-        if cls.name in host.steps:
+    def claim(kind: str, key: str, registry: dict[str, Any], provider: dict[str, str], value: Any) -> None:
+        """Register `value` under `key`, refusing a name another plugin already registered."""
+        if key in registry:
             raise PluginLoadError(
-                f"step {cls.name!r} is registered twice: by {_who(host, host.step_provider[cls.name])} "
+                f"{kind} {key!r} is registered twice: by {_who(host, provider[key])} "
                 f"and by {_who(host, name)}; the second is refused",
                 where=f"plugin {name!r}", hint=f"disable one of them with --disable-plugin {name}")
-        host.steps[cls.name] = cls
-        host.step_provider[cls.name] = name
+        registry[key] = value
+        provider[key] = name
+
+    def register_step(cls: Any) -> None:
+        _check_step_class(cls, name)
+        claim("step", cls.name, host.steps, host.step_provider, cls)
         info.steps.append(cls.name)
 
     def register_task(task: Any) -> None:
@@ -155,13 +159,7 @@ def _load_one(host: Host, name: str, dist: str, version: str, load: Any) -> None
         if not isinstance(task, Task) or not isinstance(getattr(task, "name", None), str):
             raise PluginLoadError(f"registered {task!r}, which is not a compressor.tasks.Task instance",
                                   where=f"plugin {name!r}", hint="subclass compressor.tasks.Task and register an instance")
-        if task.name in host.tasks:
-            raise PluginLoadError(
-                f"task {task.name!r} is registered twice: by {_who(host, host.task_provider[task.name])} "
-                f"and by {_who(host, name)}; the second is refused",
-                where=f"plugin {name!r}", hint=f"disable one of them with --disable-plugin {name}")
-        host.tasks[task.name] = task
-        host.task_provider[task.name] = name
+        claim("task", task.name, host.tasks, host.task_provider, task)
         info.tasks.append(task.name)
 
     def register_evaluator(evaluator: Any) -> None:

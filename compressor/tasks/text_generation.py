@@ -35,7 +35,9 @@ class GenerationEvalConfig(BaseModel):
                                                                  "each starts without context.")
     accuracy_rows: int | None = Field(default=200, ge=1, description="Greedy answers to the first N eval rows "
                                       "(null: all), scored by exact match with the completion.")
-    max_new_tokens: int = Field(default=6, ge=1, le=4096, description="Longest greedy answer for accuracy.")
+    max_new_tokens: int | None = Field(default=None, ge=1, le=4096, description="Longest greedy answer for "
+                                       "accuracy (default: the longest completion's tokens + 1, the most an exact "
+                                       "match can use).")
     prompt_tokens: int = Field(default=128, ge=1, le=32768, description="Prompt length for time to first token.")
     new_tokens: int = Field(default=128, ge=1, le=32768, description="Tokens timed for decode tokens/s.")
     timing_runs: int = Field(default=3, ge=1, le=100, description="Timed generations (the best is reported).")
@@ -145,7 +147,7 @@ class GenerationEvaluator:
     task = TextGeneration.name
     formats = ("hf", "onnx")
     metric = "perplexity"
-    version = "1"
+    version = "2"
 
     def evaluate(self, artifact: Artifact, rows: list[Any], settings: Any) -> dict[str, Any]:
         """Every measurement the recipe's evaluate.task asks for."""
@@ -162,7 +164,8 @@ class GenerationEvaluator:
         if answered:
             stop = stop_ids(tokenizer, _generation_config(artifact.path))
             prompts = [chat_wrap(tokenizer, r.text, r.chat) for r in answered]
-            outputs = model.greedy(prompts, config.max_new_tokens, stop, tokenizer.pad_token_id or 0)
+            longest = max(len(tokenizer(str(r.label), add_special_tokens=False)["input_ids"]) for r in answered)
+            outputs = model.greedy(prompts, config.max_new_tokens or longest + 1, stop, tokenizer.pad_token_id or 0)
             answers = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
             result.update(TextGeneration().score(answered, answers, []))
             result["accuracy_rows"] = len(answered)
@@ -272,6 +275,8 @@ def _torch_greedy(model: Any, prompts: list[list[int]], max_new: int, stop: set[
     """The same left-padded greedy loop as generation_runtime's, on PyTorch with its KV cache."""
     import torch
 
+    from compressor.generation_runtime import take
+
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -282,16 +287,10 @@ def _torch_greedy(model: Any, prompts: list[list[int]], max_new: int, stop: set[
         for _ in range(max_new):
             positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1]:]
             result = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                           use_cache=True)
+                           use_cache=True, logits_to_keep=1)  # the last position's logits only
             past = result.past_key_values
             tokens = result.logits[:, -1].argmax(-1)
-            for b, token in enumerate(tokens.tolist()):
-                if not done[b]:
-                    if token in stop:
-                        done[b] = True
-                    else:
-                        out[b].append(token)
-            if all(done):
+            if take(tokens.tolist(), out, done, stop):
                 break
             ids = tokens[:, None]
             mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
