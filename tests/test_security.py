@@ -74,7 +74,7 @@ def test_run_names_the_plugins_it_loaded(tmp_path, cli_run, compressor_cache, ti
     code, _, err = cli_run("run", str(recipe), "--out", str(tmp_path / "run"))
     assert code == 0, err
     line = next(l for l in err.splitlines() if l.startswith("plugins: "))
-    assert "export-onnx (compressor 0.1.0)" in line and "evaluators (compressor 0.1.0)" in line
+    assert "export-onnx (compressor 0.1.0)" in line and "tasks (compressor 0.1.0)" in line
 
 
 def test_no_user_string_reaches_a_shell():
