@@ -79,6 +79,10 @@ class QuantizeOnnxConfig(StepConfig):
     symmetric: bool = Field(default=True, description="int4: symmetric blocks (no zero points).")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(default=4, description="int4: MatMulNBits compute precision "
                                                                           "(4 = int8 activations, fastest on CPU).")
+    algorithm: Literal["minmax", "rtn", "k_quant", "hqq"] = Field(
+        default="minmax", description="int4: how MatMul blocks are fitted (onnxruntime's weight-only quantizers): "
+                                      "minmax (each block's range), rtn (round to nearest), k_quant (llama.cpp-style "
+                                      "k-quants), hqq (half-quadratic, asymmetric). Gather tables always use minmax.")
 
 
 class QuantizeOnnx(Step):
@@ -86,7 +90,8 @@ class QuantizeOnnx(Step):
 
     name = "quantize-onnx"
     summary = "Quantize an ONNX model: dynamic int8, static QDQ int8 (calibrated), or int4 weight-only."
-    version = "5"  # 4: int4 embedding tables packed as uint8; 5: mode auto, dynamic weights int8 unless set
+    version = "6"  # 4: int4 embedding tables packed as uint8; 5: mode auto, dynamic weights int8 unless set;
+    # 6: int4 packs a tied LM head (a MatMul reading a transposed table) and takes `algorithm`
     Config = QuantizeOnnxConfig
     accepts = ("onnx",)
     produces = "onnx"
@@ -284,11 +289,26 @@ def blockwise_int4(model: Any, config: QuantizeOnnxConfig, op_types: tuple[str, 
     """onnxruntime's blockwise int4 quantizer on `model` (in place): MatMul weights become MatMulNBits and
     Gather tables GatherBlockQuantized (int4 tensor type), blocked along the hidden axis. Returns its
     ONNXModel; `.model` is the ModelProto."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size, is_symmetric=config.symmetric,
-                                     accuracy_level=config.accuracy_level, nodes_to_exclude=config.exclude_nodes,
-                                     op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
+    algorithm = getattr(config, "algorithm", "minmax")
+    if algorithm != "minmax" and "MatMul" in op_types:
+        # the named algorithm fits the MatMuls; a second, plain pass takes the Gather tables
+        algo_config = {"rtn": lambda: nbits.RTNWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",)),
+                       "k_quant": lambda: nbits.KQuantWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",)),
+                       "hqq": lambda: nbits.HQQWeightOnlyQuantConfig(block_size=config.block_size,
+                                                                     op_types_to_quantize=("MatMul",))}[algorithm]()
+        first = nbits.MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size, is_symmetric=config.symmetric,
+                                           accuracy_level=config.accuracy_level, nodes_to_exclude=config.exclude_nodes,
+                                           op_types_to_quantize=("MatMul",), algo_config=algo_config)
+        first.process()
+        rest = tuple(o for o in op_types if o != "MatMul")
+        if not rest:
+            return first.model
+        model, op_types = first.model.model, rest
+    quantizer = nbits.MatMulNBitsQuantizer(model, bits=4, block_size=config.block_size, is_symmetric=config.symmetric,
+                                           accuracy_level=config.accuracy_level, nodes_to_exclude=config.exclude_nodes,
+                                           op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
     quantizer.process()
     return quantizer.model
 
@@ -310,12 +330,57 @@ def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepConte
     if unknown:
         raise StepError(f"int4 quantizes MatMul and Gather only, not {', '.join(sorted(unknown))}",
                         hint="set op_types to [MatMul], [Gather] or both")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
+    if "Gather" in op_types and opset < 21:
+        # int4 tables need opset 21, and the quantizer only relabels the opset: an older graph's operators
+        # (ReduceMean's axes attribute in an RMSNorm, say) would then be invalid. Convert them properly.
+        from onnx import version_converter
+
+        model = version_converter.convert_version(model, 21)
+        ctx.report(opset_converted=f"{opset} -> 21")
+    untied = untie_transposed_weights(model) if "MatMul" in op_types else []
     quantized = blockwise_int4(model, config, op_types)
     packed = pack_gather_tables(quantized.model)
     quantized.save_model_to_file(str(target), use_external_data_format=False)
     ctx.report(block_size=config.block_size, symmetric=config.symmetric, accuracy_level=config.accuracy_level,
-               op_types=list(op_types), packed_gather_tables=packed)
+               algorithm=config.algorithm, op_types=list(op_types), packed_gather_tables=packed,
+               **({"untied": untied} if untied else {}))
     return f"int4-block{config.block_size}"
+
+
+def untie_transposed_weights(model: Any) -> list[str]:
+    """MatMuls that read a weight through a Transpose of an initializer (a tied LM head reads the embedding
+    table so) get the transposed weight as their own initializer: the int4 quantizer packs MatMul weights
+    that are initializers only, and would leave the largest matrix of a small LLM in float. Returns the
+    MatMuls changed; the table itself stays for its Gather."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    changed, dropped = [], set()
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in producer:
+            continue
+        transpose = producer[node.input[1]]
+        if transpose.op_type != "Transpose" or transpose.input[0] not in weights:
+            continue
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
+        array = numpy_helper.to_array(weights[transpose.input[0]])
+        if array.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        name = f"{transpose.input[0]}.T"
+        if name not in weights:
+            tensor = numpy_helper.from_array(array.T.copy(), name)
+            graph.initializer.append(tensor)
+            weights[name] = tensor
+        node.input[1] = name
+        changed.append(node.name)
+        dropped.add(transpose.name)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for node in [n for n in graph.node if n.name in dropped and n.output[0] not in used]:
+        graph.node.remove(node)
+    return changed
 
 
 def pack_gather_tables(model: Any) -> int:

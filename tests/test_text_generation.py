@@ -14,7 +14,7 @@ from compressor.testing import require_data
 STEPS = ("  - uses: finetune\n    with: {method: full, epochs: 2, learning_rate: 5.0e-3, batch_size: 16, "
          "max_length: 96}\n"
          "  - uses: export-onnx\n    with: {atol: 1.0e-3, parity_rows: 8}\n"
-         "  - uses: quantize-onnx\n    with: {mode: int4, block_size: 32}\n")
+         "  - uses: quantize-onnx\n    with: {mode: int4, block_size: 16, op_types: [MatMul, Gather]}\n")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,12 @@ def test_int4_packs_the_matmuls_and_keeps_perplexity_close(tiny_run):
     arts = {a["name"]: a for a in record["artifacts"]}
     model = onnx.load(str(Path(arts["quantize-onnx"]["path"]) / "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("MatMulNBits") >= 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    # q, k, v, o, gate, up, down in each of the 2 layers, and the tied LM head (untied for packing)
+    assert ops.count("MatMulNBits") == 2 * 7 + 1 and ops.count("GatherBlockQuantized") == 1
+    assert "Transpose" not in ops or all(n.input[0] != "model.embed_tokens.weight" for n in model.graph.node
+                                         if n.op_type == "Transpose")
+    notes = next(s["notes"] for s in record["steps"] if s["uses"] == "quantize-onnx")
+    assert notes["untied"] == ["/lm_head/MatMul"] and notes["opset_converted"] == "17 -> 21"
     assert arts["quantize-onnx"]["perplexity"] == pytest.approx(arts["export-onnx"]["perplexity"], rel=0.10)
     lat = arts["quantize-onnx"]["latency"]
     assert lat["prompt_tokens"] == 32 and lat["new_tokens"] == 16 and lat["decode_tokens_per_s"] > 0
