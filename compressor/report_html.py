@@ -179,6 +179,20 @@ def _table(record: dict[str, Any], front: set[int]) -> str:
     return f"<table>{head}{''.join(body)}</table>"
 
 
+def _generation(record: dict[str, Any]) -> str:
+    """The report's Generation section (accuracy, TTFT, decode speed, peak RSS) as HTML; empty otherwise."""
+    from compressor.report import generation_markdown
+
+    lines = generation_markdown(record)
+    if not lines:
+        return ""
+    text = next((l for l in lines[3:] if l and not l.startswith("|")), "")
+    rows = [[c.strip() for c in l.strip("|").split("|")] for l in lines if l.startswith("|") and "---" not in l]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<h3>Generation</h3><p class='muted'>{html.escape(text)}</p><table><tr>{head}</tr>{body}</table>"
+
+
 def _guard(record: dict[str, Any]) -> str:
     guard = record.get("guard")
     if not guard:
@@ -301,7 +315,7 @@ def write_html_report(runs: list[dict[str, Any]], out_dir: Path, title: str | No
         attribution = _attribution(record, out_dir / (f"steps_{k}.png" if len(runs) > 1 else "steps.png"))
         mine = {p["index"] for p in size_front if p["run"] == name}
         heading = f"<h2>{html.escape(name)}</h2>" if len(runs) > 1 else "<h2>Artifacts</h2>"
-        parts += [heading, _table(record, mine), "<h3>Step attribution</h3>", _img(attribution, "step attribution"),
+        parts += [heading, _table(record, mine), _generation(record), "<h3>Step attribution</h3>", _img(attribution, "step attribution"),
                   _searches(record), "<h3>Guard</h3>", _guard(record), "<h3>Reproducibility</h3>", _repro(record)]
         if record.get("error"):
             parts.append(f"<h3>Error</h3><pre>{html.escape(record['error'])}</pre>")
