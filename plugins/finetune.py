@@ -88,6 +88,8 @@ class Finetune(Step):
         if config.method == "lora":
             model = _wrap_lora(model, artifact.task, config)
             trainable = [p for p in model.parameters() if p.requires_grad]
+            # peft trains a classifier's new head beside the adapters; a language model has no new head
+            frozen_note = "LoRA adapters" + (" and task head" if task_for(artifact.task).needs_labels else "")
         n_trained = sum(p.numel() for p in trainable)
         n_total = sum(p.numel() for p in model.parameters())
         ctx.report(method=config.method, trained_parameters=n_trained, total_parameters=n_total,
