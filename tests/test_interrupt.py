@@ -32,10 +32,17 @@ def _recipe(tmp: Path, model: Path, data: dict[str, Path]) -> Path:
     return path
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored, children inherit that, and Python then installs
+    # no KeyboardInterrupt handler: the child gets Ctrl-C's default, as a user's terminal gives it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run(recipe: Path, run_dir: Path, cache: Path, **popen) -> subprocess.Popen:
     env = {**os.environ, "COMPRESSOR_CACHE_DIR": str(cache)}
     return subprocess.Popen([sys.executable, "-m", "compressor", "run", str(recipe), "--out", str(run_dir)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint, **popen)
 
 
 def _finish(recipe: Path, run_dir: Path, cache: Path) -> dict:
