@@ -24,6 +24,8 @@ CANDIDATES = [
     {"algorithm": "minmax", "symmetric": False, "block_size": 32, "accuracy_level": 1},
     {"algorithm": "hqq", "symmetric": False, "block_size": 32, "accuracy_level": 4},
     {"algorithm": "k_quant", "symmetric": False, "block_size": 32, "accuracy_level": 4},
+    {"algorithm": "hqq", "symmetric": False, "block_size": 64, "accuracy_level": 4},
+    {"algorithm": "hqq", "symmetric": False, "block_size": 128, "accuracy_level": 4},
 ]
 
 
