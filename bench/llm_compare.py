@@ -79,11 +79,18 @@ def main() -> int:
     settings = EvalSettings(threads=args.threads, task=task_settings)
     evaluator = GenerationEvaluator()
     results = []
+    partial = args.out.with_suffix(".partial.json")  # rows measured by an interrupted run of the same settings
+    done = {r["path"]: r for r in json.loads(partial.read_text())} if partial.is_file() else {}
     for label, artifact in (("PyTorch FP32 (fine-tuned, merged)", finetuned), ("ONNX FP32 (our export)", exported),
                             ("onnxruntime-genai builder int4 (defaults)", builder), ("ours: int4 recipe", ours)):
+        if str(artifact.path) in done and done[str(artifact.path)].get("settings") == task_settings:
+            results.append(done[str(artifact.path)])
+            continue
         print(f"measuring {label} …", flush=True)
         m = evaluator.evaluate(artifact, rows, settings)
-        results.append({"row": label, "path": str(artifact.path), "size_bytes": model_bytes(artifact), **m})
+        results.append({"row": label, "path": str(artifact.path), "size_bytes": model_bytes(artifact),
+                        "settings": task_settings, **m})
+        partial.write_text(json.dumps(results, default=str))
     fp32 = results[1]
     lines = [f"# SmolLM2-135M-Instruct fine-tuned on SST-2: our int4 recipe and its peers", "",
              f"Measured on {environment()['cpu']}, {args.threads} threads, one run "

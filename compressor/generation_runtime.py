@@ -40,7 +40,8 @@ class OnnxCausalLM:
             raise ValueError("the model has no input_ids or no past_key_values inputs: export it with a KV cache "
                              "(text-generation-with-past)")
         first = inputs[self.past_names[0]]
-        self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.kv_heads, self.head_dim = (_dim(first.shape[1], model, "num_key_value_heads"),
+                                        _dim(first.shape[3], model, "head_dim"))
         self.kv_dtype = _DTYPES.get(first.type, np.float32)
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.output_names = ["logits", *self.present_names]
@@ -109,6 +110,28 @@ class OnnxCausalLM:
             logits, past = self.forward(np.asarray([[token]], np.int64), mask, past)
             token = int(logits[0, -1].argmax())
         return {"ttft_ms": 1000 * ttft, "decode_tokens_per_s": new_tokens / (time.perf_counter() - t1)}
+
+
+def _dim(value: Any, model: Any, key: str) -> int:
+    """A cache dimension: from the graph, or, where the graph leaves it symbolic (onnxruntime-genai's
+    builder writes `kv_cache_dim`), from the config.json or genai_config.json beside the model file."""
+    if isinstance(value, int):
+        return value
+    import json
+
+    folder = Path(model).parent if isinstance(model, (str, Path)) else None
+    for name in ("config.json", "genai_config.json"):
+        file = folder / name if folder else None
+        if file and file.is_file():
+            config = json.loads(file.read_text())
+            config = config.get("model", {}).get("decoder", config) if name == "genai_config.json" else config
+            found = {"head_dim": config.get("head_dim") or config.get("head_size")
+                     or (config.get("hidden_size") // config.get("num_attention_heads")
+                         if config.get("hidden_size") and config.get("num_attention_heads") else None),
+                     "num_key_value_heads": config.get("num_key_value_heads")}.get(key)
+            if found:
+                return int(found)
+    raise ValueError(f"the model leaves {key} symbolic ({value!r}) and no config.json beside it gives it")
 
 
 def take(tokens: list[int], out: list[list[int]], done: list[bool], stop: set[int]) -> bool:
