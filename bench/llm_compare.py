@@ -92,7 +92,7 @@ def main() -> int:
                         "settings": task_settings, **m})
         partial.write_text(json.dumps(results, default=str))
     fp32 = results[1]
-    lines = [f"# SmolLM2-135M-Instruct fine-tuned on SST-2: our int4 recipe and its peers", "",
+    lines = ["# SmolLM2-135M-Instruct fine-tuned on SST-2: our int4 recipe and its peers", "",
              f"Measured on {environment()['cpu']}, {args.threads} threads, one run "
              f"({time.strftime('%Y-%m-%d')}); `python bench/llm_compare.py {args.run}`. Perplexity: "
              f"{Path(task_settings['perplexity_file']).name}, first {fp32['perplexity_tokens']:,} tokens in "
