@@ -262,6 +262,8 @@ class _Model:
     def greedy(self, prompts: list[list[int]], max_new: int, stop: set[int], pad: int, batch: int = 16
                ) -> list[list[int]]:
         out: list[list[int]] = []
+        if self.format != "hf" and "position_ids" not in self.onnx.input_names:
+            batch = 1  # the graph derives positions itself (onnxruntime-genai's GQA): left padding would shift them
         for i in range(0, len(prompts), batch):
             chunk = prompts[i : i + batch]
             if self.format != "hf":
