@@ -198,7 +198,8 @@ def write_bundle(artifact: Artifact, out: Path, record: dict[str, Any] | None = 
             manifest["golden"] = [{"input": text, "logits": predictor.logits([text])[0].tolist()} for text in inputs]
         (tmp / "README.md").write_text(DEVICE_README.format(
             name=(record or {}).get("name", artifact.path.name), task=artifact.task, version=__version__,
-            min_ort=manifest["min_onnxruntime"], labels=", ".join(artifact.labels[:20]),
+            min_ort=manifest["min_onnxruntime"],
+            labels=", ".join(artifact.labels[:20]) or "none (the model answers in text)",
             example=inputs[0] if isinstance(inputs[0], str) else " ".join(inputs[0]),
             measured_on=manifest["measured_on"]["cpu"] or "not measured",
             metrics=json.dumps(metrics)), encoding="utf-8")

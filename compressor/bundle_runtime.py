@@ -297,6 +297,7 @@ def verify(root: Path) -> dict[str, Any]:
             raise BundleError(f"golden[{i}]: outputs differ from the expected by {diff:.3g} (tolerance {tolerance})"
                               f" for input {case['input']!r}{where}")
     return {"files": len(manifest["files"]), "golden": len(manifest["golden"]), "max_abs_diff": worst,
+            "tokens": any("tokens" in case for case in manifest["golden"]),
             "tolerance": tolerance, "cpu_class": here, "golden_on": golden_on, "other_class": other,
             "measured_on": (manifest.get("measured_on") or {}).get("int8_kernels"),
             "tuned_on": (manifest.get("tuned_on") or {}).get("int8_kernels")}
@@ -304,8 +305,10 @@ def verify(root: Path) -> dict[str, Any]:
 
 def describe_verdict(result: dict[str, Any]) -> str:
     """verify()'s result as the lines `predict.py --verify` and `compressor verify` print."""
-    lines = [f"ok: {result['files']} files match their checksums, {result['golden']} golden outputs within "
-             f"tolerance {result['tolerance']:g} (max difference {result['max_abs_diff']:.2g})"]
+    lines = [f"ok: {result['files']} files match their checksums, "
+             + (f"{result['golden']} golden prompts give the same greedy tokens" if result.get("tokens") else
+                f"{result['golden']} golden outputs within tolerance {result['tolerance']:g} "
+                f"(max difference {result['max_abs_diff']:.2g})")]
     if result["other_class"]:
         lines.append(f"note: this CPU runs {result['cpu_class']} int8 kernels; the golden outputs were computed with "
                      f"{result['golden_on']} kernels, so the tolerance between CPU classes applied")
