@@ -195,3 +195,21 @@ def test_bad_llm_inputs_exit_2_at_check(case, message, tmp_path, cli_run, tiny_l
     assert code == 2, (out, err)
     assert message in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_a_symbolic_cache_dimension_is_read_from_the_config_beside_the_model(tmp_path):
+    from compressor.generation_runtime import _dim
+
+    model = tmp_path / "model.onnx"
+    assert _dim(3, model, "num_key_value_heads") == 3
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"head_size": 64,
+                                                                                   "num_key_value_heads": 3}}}))
+    assert _dim("kv_cache_dim", model, "head_dim") == 64
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 576, "num_attention_heads": 9}))
+    assert _dim("kv_cache_dim", model, "head_dim") == 64  # config.json first: 576 / 9
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 96, "num_attention_heads": 4}))
+    assert _dim("kv_cache_dim", model, "head_dim") == 24
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "genai_config.json").unlink()
+    with pytest.raises(ValueError, match="head_dim symbolic"):
+        _dim("kv_cache_dim", model, "head_dim")
