@@ -220,8 +220,12 @@ class DataSource:
             raise InputError(f"{path} could not be parsed: {exc}", where=where) from None
         if not rows:
             raise InputError(f"{path} holds no rows", where=where, hint="point to a file with labelled rows")
-        return self._as_prompts(rows, path, where) if self.prompt or self.completions or self.chat_template \
-            is not None else rows
+        return self._as_prompts(rows, path, where) if self.reads_prompts else rows
+
+    @property
+    def reads_prompts(self) -> bool:
+        """Whether rows are read as prompts and completions (data.prompt, completions or chat_template set)."""
+        return bool(self.prompt or self.completions) or self.chat_template is not None
 
     def _as_prompts(self, rows: list[Example], path: Path, where: str) -> list[Example]:
         """Rows as prompts and completions: data.prompt's template, data.completions' answers."""
@@ -254,8 +258,7 @@ class DataSource:
         held = [self.holdout, self.seed] if self.holdout and set(wanted) & {"train"} else []
         h = hashlib.sha256(json.dumps([self.format, self.text, self.label] + held
                                       + ([self.prompt, self.completions, self.chat_template]
-                                         if self.prompt or self.completions or self.chat_template is not None
-                                         else [])).encode())
+                                         if self.reads_prompts else [])).encode())
         for split in wanted:
             path = self.splits[split]
             h.update(split.encode())

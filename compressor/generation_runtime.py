@@ -9,7 +9,6 @@ of shape (batch, kv_heads, past, head_dim); outputs `logits` and `present.N.key/
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -95,21 +94,6 @@ class OnnxCausalLM:
         arr = np.asarray([ids], np.int64)
         logits, _ = self.forward(arr, np.ones_like(arr), self.empty_past(1))
         return nll_from_logits(logits[0, :-1], arr[0, 1:])
-
-    def timings(self, prompt: list[int], new_tokens: int) -> dict[str, float]:
-        """Time to first token for `prompt` and decode tokens/s over `new_tokens` (no stop token), batch 1."""
-        ids = np.asarray([prompt], np.int64)
-        mask = np.ones_like(ids)
-        t0 = time.perf_counter()
-        logits, past = self.forward(ids, mask, self.empty_past(1))
-        token = int(logits[0, -1].argmax())
-        ttft = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for _ in range(new_tokens):
-            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-            logits, past = self.forward(np.asarray([[token]], np.int64), mask, past)
-            token = int(logits[0, -1].argmax())
-        return {"ttft_ms": 1000 * ttft, "decode_tokens_per_s": new_tokens / (time.perf_counter() - t1)}
 
 
 def _dim(value: Any, model: Any, key: str) -> int:

@@ -232,7 +232,7 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
                 errors.append(InputError(f"{p} does not exist", where=f"data.{split}",
                                          hint="fix the path (paths are relative to the recipe file)"))
 
-    host.task(recipe.model.task)  # an unknown task: one message naming the registered ones
+    task = host.task(recipe.model.task)  # an unknown task: one message naming the registered ones
     model_path = resolve_model_path(recipe.model.path, recipe_dir)
     if model_path.suffix == ".gguf" and model_path.is_file():
         from compressor.cache import cache_root
@@ -280,7 +280,7 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
         ctx = PlanContext(recipe=recipe, recipe_dir=recipe_dir, model_config=model_config, artifact_format=fmt,
                           task=recipe.model.task, labels=labels, data=data,
                           source_path=source.path, earlier=tuple((s.name, s.config) for s in steps))
-        reason = cls().supports(config, host.task(recipe.model.task), model_config)
+        reason = cls().supports(config, task, model_config)
         if reason:
             errors.append(RecipeError(f"{spec.uses} does not support this model: {reason}", where=where,
                                       hint="leave the step out, or use a model it supports"))
@@ -312,7 +312,6 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
     if guard.max_latency_ms is not None and recipe.evaluate.latency is None:
         errors.append(RecipeError("max_latency_ms needs latency, which evaluate.latency: null turns off",
                                   where="guard.max_latency_ms", hint="remove `latency: null` from evaluate"))
-    task = host.task(recipe.model.task)
     eval_task = _check_eval_task(task, recipe, recipe_dir, errors)
     if data is not None and recipe.data.chat_template and not _has_chat_template(source.path):
         errors.append(InputError(f"data.chat_template is true, and the model's tokenizer in {source.path} has no "
