@@ -18,8 +18,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+#: llama.cpp's "mixed" layers (first and last eighth of the 30, and every third): what the builder's
+#: k_quant_mixed keeps at 8 bits
+MIXED = "layers\\.(0|1|2|3|5|8|11|14|17|20|23|26|27|28|29)/(attn/qkv_proj|mlp/down_proj)/"
 CANDIDATES = [
     {"algorithm": "minmax", "symmetric": True, "block_size": 32, "accuracy_level": 4},
+    {"algorithm": "minmax", "symmetric": True, "block_size": 32, "accuracy_level": 4, "int8_nodes": ["lm_head"]},
+    {"algorithm": "minmax", "symmetric": True, "block_size": 32, "accuracy_level": 4,
+     "int8_nodes": ["mlp/down_proj", "attn/qkv_proj"]},
+    {"algorithm": "minmax", "symmetric": True, "block_size": 32, "accuracy_level": 4, "int8_nodes": [MIXED, "lm_head"]},
+    {"algorithm": "minmax", "symmetric": True, "block_size": 32, "accuracy_level": 4, "int8_nodes": ["MatMul"]},
     {"algorithm": "minmax", "symmetric": False, "block_size": 32, "accuracy_level": 4},
     {"algorithm": "minmax", "symmetric": False, "block_size": 32, "accuracy_level": 1},
     {"algorithm": "hqq", "symmetric": False, "block_size": 32, "accuracy_level": 4},
@@ -78,10 +86,11 @@ def main() -> int:
                          "seconds": seconds})
             print(json.dumps(rows[-1]), flush=True)
     print(f"\nWikiText-2 valid, first {args.tokens} tokens in {args.window}-token windows; FP32 {base:.3f}\n")
-    print("| algorithm | symmetric | block | accuracy_level | perplexity | Δ | MB | quantize s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| algorithm | symmetric | block | accuracy_level | int8_nodes | perplexity | Δ | MB | quantize s |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['algorithm']} | {r['symmetric']} | {r['block_size']} | {r['accuracy_level']} | "
+              f"{', '.join(r.get('int8_nodes', [])) or '—'} | "
               f"{r['perplexity']:.3f} | {100 * r['change']:+.1f}% | {r['mb']:.1f} | {r['seconds']:.0f} |")
     return 0
 

@@ -106,8 +106,13 @@ def copy_companions(artifact: "Artifact", out_dir: Path) -> None:
 
 
 def link_or_copy_tree(src: Path, dst: Path) -> None:
-    """Materialise `src` at `dst` with hard links where the filesystem allows, else copies."""
+    """Materialise `src` at `dst` with hard links where the filesystem allows, else copies. ONNX external
+    weights are always copied: onnx refuses to read a data file with several hard links (a guard against
+    hard-link attacks)."""
     def _link(s: str, d: str) -> None:
+        if s.endswith((".data", ".onnx_data")):
+            shutil.copy2(s, d)
+            return
         try:
             os.link(s, d)
         except OSError:

@@ -75,6 +75,11 @@ def _read_text(path: Path) -> list[Example]:
         return [Example(line.strip(), None) for line in fh if line.strip()]
 
 
+def read_text_rows(path: Path) -> list[Example]:
+    """A plain-text file's rows (one per non-blank line, no label), as data.format text reads them."""
+    return _read_text(Path(path))
+
+
 def _read_conll(path: Path, where: str) -> list[Example]:
     """CoNLL-2003 style: `word POS chunk TAG` per line, blank lines between sentences."""
     rows: list[Example] = []

@@ -252,14 +252,25 @@ def tiny_token_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             conll_words(), lowercase=False)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama (GQA, tied embeddings, ChatML template) with a BPE tokenizer trained on SST-2 and WikiText-2."""
+def tiny_llama_texts() -> list[str]:
+    """What the tiny Llamas' tokenizer is trained on: real SST-2 and WikiText-2 lines."""
     src = require_data("sst2/train.tsv", "wikitext-2/valid.txt")
     texts = [line.split("\t")[0] for line in (src / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:3000]]
     texts += (src / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines()[:2000]
-    texts += ["positive", "negative"] * 50
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), texts)
+    return texts + ["positive", "negative"] * 50
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (GQA, tied embeddings, ChatML template) with a BPE tokenizer trained on SST-2 and WikiText-2."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tiny_llama_texts())
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_head16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with 16-wide heads (hidden 64), which onnxruntime's GroupQueryAttention kernel needs."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-16"), tiny_llama_texts(), hidden_size=64,
+                            intermediate_size=128)
 
 
 @pytest.fixture(scope="session")

@@ -117,18 +117,10 @@ def train(model: Any, tokenizer: Any, rows: list[Example], task: str, label_map:
 
 def evaluate_in_memory(model: Any, tokenizer: Any, rows: list[Example], task: str, labels: list[str],
                        max_length: int) -> float:
-    """The task's primary metric (accuracy, entity F1, ...) of an in-memory PyTorch model on `rows`."""
-    import torch
-
+    """The task's primary metric (accuracy, entity F1, perplexity, ...) of an in-memory PyTorch model on `rows`."""
     from compressor.tasks import task_for
 
-    spec = task_for(task)
     model.eval()
-    predictions: list[Any] = []
-    with torch.inference_mode():
-        for i in range(0, len(rows), 64):
-            texts = [r.text for r in rows[i : i + 64]]
-            enc = spec.encode(tokenizer, texts, max_length, tensors="pt")
-            predictions += spec.predictions(enc, model(**enc).logits.numpy(), labels, texts)
+    value = task_for(task).evaluate_in_memory(model, tokenizer, rows, labels, max_length)
     model.train()
-    return spec.score(rows, predictions, labels)[spec.metric.name]
+    return value

@@ -1,5 +1,7 @@
 """`prune`: structured pruning of BERT-style encoders — attention heads, FFN neurons and whole
 layers — uniform across layers, so that the result is an ordinary save_pretrained directory.
+Llama-family decoder LLMs (layers dropped by index or block influence, MLP width) are handled
+in `prune_decoder.py`.
 
 FFN neurons are removed through torch-pruning's DependencyGraph (the intermediate Linear's
 outputs and everything coupled to them). Attention heads go through transformers'
@@ -17,9 +19,11 @@ from pydantic import Field, model_validator
 from compressor.artifact import Artifact
 from compressor.errors import RecipeError, StepError
 from compressor.hookspecs import hookimpl
+from compressor.plugins import prune_decoder
 from compressor.step import PlanContext, Step, StepConfig, StepContext
 
 Target = Literal["ffn", "heads"]
+LayerChoice = Literal["even", "block-influence"]
 
 #: Model types whose layers sit at `encoder.layer` with BERT's attention and FFN module names.
 BERT_STYLE = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie")
@@ -34,20 +38,33 @@ class PruneConfig(StepConfig):
     ffn_ratio: float | None = Field(default=None, ge=0, lt=1, description="Overrides ratio for FFN neurons.")
     head_ratio: float | None = Field(default=None, ge=0, lt=1, description="Overrides ratio for attention heads.")
     keep_layers: list[int] | None = Field(default=None, min_length=1,
-                                          description="Indices of the encoder layers to keep (others are dropped).")
-    keep: int | None = Field(default=None, ge=1, description="Keep this many layers, evenly spaced, "
-                                                             "always including the first and the last.")
+                                          description="Indices of the layers to keep (others are dropped).")
+    keep: int | None = Field(default=None, ge=1, description="Keep this many layers, chosen by layer_choice.")
+    layer_choice: LayerChoice | None = Field(
+        default=None, description="Which layers `keep` keeps: even (evenly spaced, the first and the last "
+                                  "included), or block-influence (decoder LLMs: the layers that change their "
+                                  "input most on the train rows, ShortGPT). Default: block-influence for "
+                                  "decoder LLMs, even otherwise.")
+    calibration_rows: int = Field(default=64, ge=1, le=100_000, description="Train rows whose hidden states "
+                                                                            "measure block influence.")
     importance: Literal["magnitude", "taylor"] = Field(
         default="magnitude", description="How units are ranked: weight L2 magnitude, or first-order Taylor "
                                          "scores |w·∂L/∂w| on a few batches of the recipe's train data.")
     taylor_batches: int = Field(default=8, ge=1, le=1000, description="Batches used for Taylor scores.")
-    batch_size: int = Field(default=32, ge=1, le=4096, description="Rows per Taylor batch.")
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Rows per Taylor or calibration batch.")
 
     @model_validator(mode="after")
     def _one_layer_rule(self) -> "PruneConfig":
         if self.keep_layers is not None and self.keep is not None:
             raise ValueError("give keep_layers or keep, not both")
+        if self.keep_layers is not None and self.layer_choice is not None:
+            raise ValueError("layer_choice chooses the layers for keep: N; keep_layers names them itself")
         return self
+
+    def reads_train(self) -> bool:
+        """Whether this configuration reads train rows (Taylor scores, or block influence)."""
+        taylor = self.importance == "taylor" and any(self.ratios().values())
+        return taylor or (self.keep is not None and self.layer_choice == "block-influence")
 
     def ratios(self) -> dict[str, float]:
         """The ratio per target after overrides."""
@@ -72,27 +89,44 @@ def layers_to_keep(config: PruneConfig, n_layers: int) -> list[int] | None:
 
 
 class Prune(Step):
-    """Remove attention heads, FFN neurons and layers of a BERT-style encoder."""
+    """Remove attention heads, FFN neurons and layers of a BERT-style encoder, or layers and MLP channels
+    of a Llama-family decoder."""
 
     name = "prune"
-    summary = "Structured pruning (torch-pruning DepGraph): FFN neurons, attention heads, whole layers."
-    version = "1"
+    summary = "Structured pruning (torch-pruning DepGraph): FFN/MLP neurons, attention heads, whole layers."
+    version = "2"  # 2: decoder LLMs; Taylor scores keyed on the train data
     Config = PruneConfig
     accepts = ("hf",)
     produces = "hf"
 
+    def data_splits(self, config: StepConfig) -> tuple[str, ...]:
+        """Train rows for Taylor scores or block influence; none otherwise."""
+        assert isinstance(config, PruneConfig)
+        return ("train",) if config.reads_train() else ()
+
+    def supports(self, config: StepConfig, task: Any, model_config: dict[str, Any]) -> str | None:
+        """BERT-style encoders, and Llama-family decoders as causal LMs."""
+        model_type = model_config.get("model_type")
+        if prune_decoder.is_decoder(model_config):
+            return prune_decoder.unsupported_task(model_type, task)
+        if model_type not in BERT_STYLE:
+            return (f"prune supports BERT-style encoders ({', '.join(BERT_STYLE)}) and decoder LLMs "
+                    f"({', '.join(prune_decoder.DECODERS)}); this model's model_type is {model_type!r}")
+        return None
+
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
-        """Layer indices, head counts and Taylor data are checked against the model's config."""
+        """Layer indices, head counts and calibration data are checked against the model's config."""
         assert isinstance(config, PruneConfig)
         mc = ctx.model_config
-        if mc.get("model_type") not in BERT_STYLE:
-            raise RecipeError(f"prune supports BERT-style encoders ({', '.join(BERT_STYLE)}); this model's "
-                              f"model_type is {mc.get('model_type')!r}", where="uses",
-                              hint="prune a BERT-style model, or leave this step out")
         n_layers, n_heads = mc.get("num_hidden_layers"), mc.get("num_attention_heads")
-        if not isinstance(n_layers, int) or not isinstance(n_heads, int) or "intermediate_size" not in mc:
+        if prune_decoder.is_decoder(mc):
+            prune_decoder.check(config, mc, has_train=ctx.data is not None and ctx.data.has("train"))
+        elif not isinstance(n_layers, int) or not isinstance(n_heads, int) or "intermediate_size" not in mc:
             raise RecipeError(f"prune supports BERT-style encoders; model_type {mc.get('model_type')!r} has no "
                               "num_hidden_layers / num_attention_heads / intermediate_size", where="uses")
+        elif config.layer_choice == "block-influence":
+            raise RecipeError("layer_choice block-influence is for decoder LLMs", where="with.layer_choice",
+                              hint="use layer_choice: even, or keep_layers: [...]")
         if config.keep_layers is not None:
             bad = [i for i in config.keep_layers if not 0 <= i < n_layers]
             if bad:
@@ -101,14 +135,19 @@ class Prune(Step):
         if config.keep is not None and config.keep > n_layers:
             raise RecipeError(f"keep {config.keep} is more than the model's {n_layers} layers", where="with.keep")
         ratios = config.ratios()
-        if round(ratios["heads"] * n_heads) >= n_heads:
+        if isinstance(n_heads, int) and round(ratios["heads"] * n_heads) >= n_heads:
             raise RecipeError(f"head ratio {ratios['heads']} would remove all {n_heads} heads", where="with")
         if not any(ratios.values()) and config.keep_layers is None and config.keep is None:
             raise RecipeError("nothing to prune: set ratio (with target), ffn_ratio, head_ratio, keep or keep_layers",
                               where="with")
-        if config.importance == "taylor" and (ctx.data is None or not ctx.data.has("train")):
-            raise RecipeError("importance 'taylor' needs train data", where="with.importance",
-                              hint="add data.train, or use importance: magnitude")
+
+    def resolve_config(self, config: StepConfig, ctx: PlanContext) -> StepConfig:
+        """layer_choice filled in: block-influence for decoder LLMs, even for encoders."""
+        assert isinstance(config, PruneConfig)
+        if config.layer_choice is not None or config.keep_layers is not None:
+            return config
+        choice = "block-influence" if prune_decoder.is_decoder(ctx.model_config) else "even"
+        return config.model_copy(update={"layer_choice": choice})
 
     def run(self, artifact: Artifact, config: StepConfig, ctx: StepContext) -> Artifact:
         """Prune and save; reports parameters and MACs before and after."""
@@ -120,26 +159,34 @@ class Prune(Step):
         ctx.seed_everything()
         torch.set_num_threads(ctx.threads)
         model = load_model(artifact)
-        encoder = _encoder_layers(model)
         macs0, params0 = count_macs_and_params(model, artifact.task)
-        keep = layers_to_keep(config, len(encoder))
-        if keep is not None:
-            if max(keep) >= len(encoder):
-                raise StepError(f"keep_layers index {max(keep)} is out of range for {len(encoder)} layers")
-            _drop_layers(model, keep)
-        ratios = config.ratios()
-        if config.importance == "taylor" and (ratios["ffn"] or ratios["heads"]):
-            _accumulate_gradients(model, artifact, config, ctx)
-        if ratios["heads"]:
-            _prune_heads(model, ratios["heads"], config.importance)
-        if ratios["ffn"]:
-            _prune_ffn(model, artifact.task, ratios["ffn"], config.importance)
+        if prune_decoder.is_decoder(model.config):
+            notes = prune_decoder.prune(model, artifact, config, ctx)
+        else:
+            notes = _prune_encoder(model, artifact, config, ctx)
         model.zero_grad(set_to_none=True)
         macs1, params1 = count_macs_and_params(model, artifact.task)
-        ctx.report(params_before=params0, params_after=params1, macs_before=macs0, macs_after=macs1,
-                   layers=model.config.num_hidden_layers, heads_per_layer=_heads_left(model),
-                   intermediate_size=model.config.intermediate_size, importance=config.importance)
+        ctx.report(params_before=params0, params_after=params1, macs_before=macs0, macs_after=macs1, **notes)
         return save_model(model, artifact, ctx.out_dir)
+
+
+def _prune_encoder(model: Any, artifact: Artifact, config: PruneConfig, ctx: StepContext) -> dict[str, Any]:
+    """Drop layers, then heads and FFN neurons of a BERT-style encoder, in place; returns what is reported."""
+    encoder = _encoder_layers(model)
+    keep = layers_to_keep(config, len(encoder))
+    if keep is not None:
+        if max(keep) >= len(encoder):
+            raise StepError(f"keep_layers index {max(keep)} is out of range for {len(encoder)} layers")
+        _drop_layers(model, keep)
+    ratios = config.ratios()
+    if config.importance == "taylor" and (ratios["ffn"] or ratios["heads"]):
+        _accumulate_gradients(model, artifact, config, ctx)
+    if ratios["heads"]:
+        _prune_heads(model, ratios["heads"], config.importance)
+    if ratios["ffn"]:
+        _prune_ffn(model, artifact.task, ratios["ffn"], config.importance)
+    return {"layers": model.config.num_hidden_layers, "heads_per_layer": _heads_left(model),
+            "intermediate_size": model.config.intermediate_size, "importance": config.importance}
 
 
 def _encoder_layers(model: Any) -> Any:

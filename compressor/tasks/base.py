@@ -9,7 +9,7 @@ collated, its metrics and which way each is better, and what a bundle verifies.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,16 @@ class Metric:
     def gain(self, before: float, after: float) -> float:
         """How much better `after` is than `before` (negative: worse), whatever the direction."""
         return after - before if self.higher_is_better else before - after
+
+
+class DistillPairs(NamedTuple):
+    """What distillation compares in one batch: the rows of logits the KL term reads (student, teacher) and
+    the rows of student logits with the label ids the hard cross-entropy reads."""
+
+    soft_student: Any
+    soft_teacher: Any
+    hard_student: Any
+    hard_labels: Any
 
 
 class Task:
@@ -51,6 +61,9 @@ class Task:
     golden_inputs: ClassVar[tuple[Any, ...]] = ()
     #: How a bundle turns logits into an answer (bundle_runtime.Predictor reads it from the manifest).
     bundle_output: ClassVar[str] = "label"
+    #: The `positions` settings distill accepts, the default first; empty: the task's targets only (one per
+    #: sentence, one per tagged word), and distill refuses the setting.
+    distill_positions: ClassVar[tuple[str, ...]] = ()
 
     @property
     def metric(self) -> Metric:
@@ -106,3 +119,22 @@ class Task:
     def distill_targets(self, student_logits: Any, teacher_logits: Any, labels: Any) -> tuple[Any, Any, Any]:
         """The (student, teacher, label) rows that distillation compares: one per sequence by default."""
         return student_logits, teacher_logits, labels
+
+    def distill_pairs(self, student_logits: Any, teacher_logits: Any, labels: Any, attention_mask: Any,
+                      positions: str | None = None) -> DistillPairs:
+        """The rows the KL term and the hard loss read; by default both are `distill_targets`' rows."""
+        s, t, y = self.distill_targets(student_logits, teacher_logits, labels)
+        return DistillPairs(s, t, s, y)
+
+    def evaluate_in_memory(self, model: Any, tokenizer: Any, rows: list[Any], labels: list[str],
+                           max_length: int) -> float:
+        """The primary metric of an in-memory PyTorch model (in eval mode) on `rows`."""
+        import torch
+
+        predictions: list[Any] = []
+        with torch.inference_mode():
+            for i in range(0, len(rows), 64):
+                texts = [r.text for r in rows[i : i + 64]]
+                enc = self.encode(tokenizer, texts, max_length, tensors="pt")
+                predictions += self.predictions(enc, model(**enc).logits.numpy(), labels, texts)
+        return self.score(rows, predictions, labels)[self.metric.name]

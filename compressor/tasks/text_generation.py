@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from compressor.artifact import Artifact
-from compressor.tasks.base import Metric, Task
+from compressor.tasks.base import DistillPairs, Metric, Task
 
 IGNORE = -100
 
@@ -81,6 +81,7 @@ class TextGeneration(Task):
     model_inputs = ("input_ids", "attention_mask")
     golden_inputs = ("What is the capital of France?", "Name three colours.")
     bundle_output = "generate"
+    distill_positions = ("all", "completion")
     EvalConfig: ClassVar[type[BaseModel]] = GenerationEvalConfig
 
     def collate(self, tokenizer: Any, rows: list[Any], label_map: dict[str, int], max_length: int) -> dict:
@@ -139,6 +140,39 @@ class TextGeneration(Task):
         s, t, y = student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:]
         keep = y != IGNORE
         return s[keep], t[keep], y[keep]
+
+    def distill_pairs(self, student_logits: Any, teacher_logits: Any, labels: Any, attention_mask: Any,
+                      positions: str | None = None) -> DistillPairs:
+        """Next-token rows (position t predicts token t+1): the hard loss reads the tokens that carry a label
+        (the completion and its end of turn; every token of plain text); the KL reads those too with
+        positions `completion`, or, with `all` (the default), every position whose next token is not padding,
+        prompt included, so that the student learns the teacher's language model and not only the answers."""
+        s, t, y = student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:]
+        hard = y != IGNORE
+        soft = hard
+        if (positions or self.distill_positions[0]) == "all" and attention_mask is not None:
+            soft = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+        return DistillPairs(s[soft], t[soft], s[hard], y[hard])
+
+    def evaluate_in_memory(self, model: Any, tokenizer: Any, rows: list[Any], labels: list[str],
+                           max_length: int) -> float:
+        """Perplexity of an in-memory PyTorch model on the tokens of `rows` that carry a label (the completions
+        and their end of turn; every token of plain text), collated as for training."""
+        import math
+
+        import torch
+        import torch.nn.functional as F
+
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for i in range(0, len(rows), 8):
+                batch = self.collate(tokenizer, rows[i : i + 8], {}, max_length)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                y = batch["labels"][:, 1:]
+                total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
+                                               ignore_index=IGNORE, reduction="sum"))
+                count += int((y != IGNORE).sum())
+        return math.exp(total / max(1, count))
 
 
 class GenerationEvaluator:
