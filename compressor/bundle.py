@@ -143,6 +143,11 @@ def write_bundle(artifact: Artifact, out: Path, record: dict[str, Any] | None = 
             from compressor import generation_runtime
 
             shutil.copy2(generation_runtime.__file__, tmp / "generation_runtime.py")
+            # a builder graph leaves the cache's head count and width symbolic; the loop reads them here
+            config = next((artifact.path / n for n in ("genai_config.json", "config.json")
+                           if (artifact.path / n).is_file()), None)
+            if config is not None:
+                shutil.copy2(config, tmp / config.name)
         if (artifact.path / "required_operators.config").is_file():  # for a minimal onnxruntime build
             shutil.copy2(artifact.path / "required_operators.config", tmp / "required_operators.config")
         model = describe_model(tmp / artifact.model_file.name)

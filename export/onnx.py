@@ -163,7 +163,9 @@ def build_with_genai(source: Path, out_dir: Path) -> None:
     from a transformers checkpoint; our tokenizer files replace the builder's re-saved ones."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
-    with tempfile.TemporaryDirectory(prefix="genai-cache-") as cache, contextlib.redirect_stdout(io.StringIO()):
+    quiet = io.StringIO()  # the builder prints its options and a progress bar per tensor
+    with (tempfile.TemporaryDirectory(prefix="genai-cache-") as cache, contextlib.redirect_stdout(quiet),
+          contextlib.redirect_stderr(quiet)):
         args = ("", str(source), str(out_dir), "fp32", "cpu", cache)
         create_model(*args, **parse_extra_options(*args, []))
     data = out_dir / "model.onnx.data"
