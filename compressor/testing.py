@@ -261,6 +261,29 @@ def tiny_llama_texts() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def device_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The python of a fresh venv holding only what a bundle needs on the device: numpy, onnxruntime and
+    tokenizers at the pinned versions (no torch, no transformers, no compressor)."""
+    import subprocess
+    import sys
+
+    venv = tmp_path_factory.mktemp("device") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    pins = {}
+    for line in (Path(__file__).resolve().parent.parent / "constraints.txt").read_text().splitlines():
+        name, _, version = line.partition("==")
+        pins[name.strip().lower()] = version.strip()
+    packages = [f"{n}=={pins[n]}" if n in pins else n for n in ("numpy", "onnxruntime", "tokenizers")]
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], capture_output=True, text=True,
+                             timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    freeze = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True).stdout.lower()
+    assert "torch" not in freeze and "transformers" not in freeze and "compressor" not in freeze
+    return python
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama (GQA, tied embeddings, ChatML template) with a BPE tokenizer trained on SST-2 and WikiText-2."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tiny_llama_texts())

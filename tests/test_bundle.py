@@ -231,21 +231,9 @@ def test_token_classification_bundle(tmp_path, compressor_cache, tiny_token_mode
     assert bundle_runtime.verify(bundle)["golden"] == 4
 
 
-def test_bundle_runs_in_a_clean_venv(text_run, tmp_path, cli_run):
+def test_bundle_runs_in_a_clean_venv(text_run, tmp_path, cli_run, device_python):
     """The device proof: only numpy, onnxruntime and tokenizers installed; outputs equal compressor's."""
-    venv = tmp_path / "device-venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    python = venv / "bin" / "python"
-    pins = {}
-    for line in (Path(__file__).resolve().parent.parent / "constraints.txt").read_text().splitlines():
-        name, _, version = line.partition("==")
-        pins[name.strip().lower()] = version.strip()
-    packages = [f"{n}=={pins[n]}" if n in pins else n for n in ("numpy", "onnxruntime", "tokenizers")]
-    install = subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], capture_output=True, text=True,
-                             timeout=600)
-    assert install.returncode == 0, install.stderr[-2000:]
-    freeze = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True).stdout.lower()
-    assert "torch" not in freeze and "transformers" not in freeze and "compressor" not in freeze
+    python = device_python
     device = tmp_path / "device"
     shutil.copytree(text_run[0] / "bundle", device)
     texts = ["a gripping , beautifully made film .", "dull ."]

@@ -48,14 +48,29 @@ def test_the_export_keeps_smollm2_and_int4_stays_close(smollm2_run):
     assert arts["quantize-onnx"]["size_bytes"] < 0.2 * arts["export-onnx"]["size_bytes"]
 
 
-def test_the_smollm2_bundle_answers_without_torch(smollm2_run, cli_run):
+def test_the_smollm2_bundle_answers_in_a_clean_venv(smollm2_run, cli_run, device_python, tmp_path):
+    """On a 'device' with only numpy, onnxruntime and tokenizers: the golden greedy tokens verify, and the
+    streamed answer is the one compressor's own predictor gives."""
+    import shutil
+    import subprocess
+
     from compressor import bundle_runtime
 
     _, run = smollm2_run
     bundle = run / "bundle"
     code, _, err = cli_run("verify", str(bundle))
     assert code == 0, err
-    answer = bundle_runtime.Predictor(bundle).predict(["What is the capital of France?"])[0]["text"]
+    question = "What is the capital of France?"
+    answer = bundle_runtime.Predictor(bundle).predict([question])[0]["text"]
     assert "Paris" in answer
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["output"] == "generate" and Path(bundle / "model.onnx").stat().st_size < 120e6
+    device = tmp_path / "device"
+    shutil.copytree(bundle, device)
+    verify = subprocess.run([str(device_python), "predict.py", "--verify"], cwd=device, capture_output=True,
+                            text=True, timeout=300)
+    assert verify.returncode == 0 and verify.stdout.startswith("ok:"), verify.stderr
+    streamed = subprocess.run([str(device_python), "predict.py", question], cwd=device, capture_output=True,
+                              text=True, timeout=300)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.strip() == answer.strip()
