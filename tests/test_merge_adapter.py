@@ -101,3 +101,36 @@ def test_merge_adapter_bad_config(tmp_path, cli_run, tiny_text_model, sst2_small
     path.write_text(recipe_text(tiny_text_model, None, sst2_small["eval"], f"  - uses: merge-adapter\n    with: {with_}\n"))
     code, _, err = cli_run("check", str(path))
     assert code == 2 and all(w in err for w in words), err
+
+
+def test_a_causal_lm_adapter_merges_as_peft_does(tmp_path, compressor_cache, tiny_llama, sst2_small):
+    """A CAUSAL_LM LoRA adapter on the tiny Llama (GQA, tied embeddings): the merged model's next-token
+    logits equal the PEFT model's, and the KV-cached ONNX export of it passes parity."""
+    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compressor.testing import run_recipe
+
+    torch.manual_seed(3)
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, lora_alpha=8, init_lora_weights=False,
+                        target_modules=["q_proj", "v_proj", "down_proj"])
+    adapter = tmp_path / "lora"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(str(adapter))
+    steps = (f"  - uses: merge-adapter\n    with: {{adapter: {adapter}}}\n"
+             "  - uses: export-onnx\n    with: {atol: 1.0e-3, parity_rows: 4}\n")
+    recipe = (f"version: 1\nname: llm-merge\nmodel: {{path: {tiny_llama}, task: text-generation}}\n"
+              f"data: {{format: tsv, eval: {sst2_small['eval']}, text: sentence, label: label, "
+              f"prompt: \"Review: {{text}}\", completions: {{'0': negative, '1': positive}}}}\n"
+              f"steps:\n{steps}evaluate: {{task: {{accuracy_rows: 4, timing_runs: 1, new_tokens: 4, "
+              "prompt_tokens: 8}}\n")
+    record = run_recipe(recipe, tmp_path)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ids = tok(TEXTS, padding=True, return_tensors="pt")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(adapter)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(record["steps"][0]["path"]).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    with torch.no_grad():
+        expected, got, before = (m(**ids).logits for m in (peft_model, merged, base))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert (before - expected).abs().max() > 1e-4  # the adapter did change the outputs
+    assert record["steps"][1]["notes"]["parity_greedy_identical"] == "4/4"
