@@ -81,7 +81,7 @@ def main() -> int:
     results = []
     partial = args.out.with_suffix(".partial.json")  # rows measured by an interrupted run of the same settings
     done = {r["path"]: r for r in json.loads(partial.read_text())} if partial.is_file() else {}
-    for label, artifact in (("PyTorch FP32 (fine-tuned, merged)", finetuned), ("ONNX FP32 (our export)", exported),
+    for label, artifact in (("PyTorch FP32 (fine-tuned, merged)", finetuned), ("ONNX FP32 (our export, builder graph)", exported),
                             ("onnxruntime-genai builder int4 (defaults)", builder), ("ours: int4 recipe", ours)):
         if str(artifact.path) in done and done[str(artifact.path)].get("settings") == task_settings:
             results.append(done[str(artifact.path)])
