@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 DECODERS = ("llama", "mistral", "qwen2")
 
 
-
 def is_decoder(model_config: dict[str, Any] | Any) -> bool:
     """Whether a config (config.json as a dict, or a transformers config) is a supported decoder LLM."""
     model_type = model_config.get("model_type") if isinstance(model_config, dict) else model_config.model_type
