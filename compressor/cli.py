@@ -24,9 +24,10 @@ def _stop_cleanly_on_sigterm() -> None:
     """Make SIGTERM (what `kill`, systemd and schedulers send) stop a run like Ctrl-C does."""
     import signal
 
-    from compressor.errors import Terminated
+    from compressor.errors import Terminated, request_termination
 
     def raise_terminated(signum: int, frame: Any) -> None:
+        request_termination()
         raise Terminated()
 
     try:

@@ -79,3 +79,19 @@ class Terminated(KeyboardInterrupt):
     temporary directory is removed and record.json says the run was interrupted."""
 
     signal_number = 15
+
+
+_termination_requested = False
+
+
+def request_termination() -> None:
+    """Note that SIGTERM arrived (the handler calls this before it raises Terminated)."""
+    global _termination_requested
+    _termination_requested = True
+
+
+def termination_requested() -> bool:
+    """Whether SIGTERM arrived: a library can swallow the handler's exception and raise its own instead
+    (torch turns it into "ValueError: could not determine the shape of object type ..."), and the run
+    must still stop as terminated, not fail as a step error."""
+    return _termination_requested

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from compressor import __version__
 from compressor.artifact import Artifact, hash_dir, link_or_copy_tree
 from compressor.cache import Cache, make_key, write_json_atomic
-from compressor.errors import CompressorError, GuardFailed, InputError, StepError
+from compressor.errors import CompressorError, GuardFailed, InputError, StepError, Terminated, termination_requested
 from compressor.evaluators.base import EvalSettings
 from compressor.host import Host
 from compressor.plan import Plan, PlannedStep
@@ -231,6 +231,8 @@ class Runner:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
+                if termination_requested():  # SIGTERM's exception, swallowed and replaced by a library's
+                    raise Terminated() from exc
                 raise StepError(f"{type(exc).__name__}: {exc}", where=planned.label, hint=failure_hint(exc)) from exc
             seconds = time.perf_counter() - t0
             try:

@@ -102,3 +102,43 @@ def test_interrupted_mid_step_resumes_to_identical_artifacts(tmp_path, reference
     assert [s["output_hash"] for s in resumed["steps"]] == [s["output_hash"] for s in expected["steps"]]
     assert [a.get("accuracy") for a in resumed["artifacts"]] == [a.get("accuracy") for a in expected["artifacts"]]
     assert not _leftovers(cache, run_dir)
+
+
+def test_a_sigterm_a_library_swallowed_still_stops_the_run_as_terminated(tmp_path, compressor_cache,
+                                                                          tiny_text_model, sst2_small, monkeypatch):
+    """torch can catch the SIGTERM handler's exception and raise its own ValueError in its place (seen
+    once in CI: "could not determine the shape of object type 'torch.storage.UntypedStorage'", exit 4);
+    once SIGTERM has arrived, the step's failure is the termination, not a step error."""
+    from compressor import errors
+    from compressor.errors import Terminated
+    from compressor.hookspecs import hookimpl
+    from compressor.host import build_host
+    from compressor.step import Step, StepConfig
+    from compressor.testing import register_plugin, run_recipe
+    from conftest import recipe_text
+
+    sigterm = [True]
+
+    class Swallows(Step):
+        name, summary, Config = "swallows-sigterm", "raises what torch raises when SIGTERM lands in it", StepConfig
+
+        def run(self, artifact, config, ctx):
+            if sigterm[0]:
+                errors.request_termination()  # what the CLI's SIGTERM handler does first
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+
+    class Plugin:
+        @hookimpl
+        def register_steps(self, register):
+            register(Swallows)
+
+    monkeypatch.setattr(errors, "_termination_requested", False)
+    host = build_host()
+    register_plugin(host, Plugin(), "swallows")
+    text = recipe_text(tiny_text_model, None, sst2_small["eval"], "  - uses: swallows-sigterm\n")
+    with pytest.raises(Terminated):
+        run_recipe(text, tmp_path, host=host)
+    monkeypatch.setattr(errors, "_termination_requested", False)
+    sigterm[0] = False
+    with pytest.raises(errors.StepError, match="ValueError"):  # without SIGTERM it is the step's own error
+        run_recipe(text, tmp_path / "again", host=host)
