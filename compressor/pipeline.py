@@ -235,17 +235,17 @@ class Runner:
                     raise Terminated() from exc
                 raise StepError(f"{type(exc).__name__}: {exc}", where=planned.label, hint=failure_hint(exc)) from exc
             seconds = time.perf_counter() - t0
-            try:
+            try:  # until the cache holds it, the step's output is only a temporary directory: never left behind
                 self._check_output(planned, out, tmp)
                 self._check_writes(planned, artifact, input_hash, before)
-            except StepError:
+                out.path = tmp
+                out.save_meta()
+                entry = {"hash": hash_dir(tmp), "seconds": seconds, "notes": ctx.notes, "key": key,
+                         "created": datetime.now(timezone.utc).isoformat()}
+                self.cache.commit(key, tmp, entry)
+            except BaseException:  # a failed check, or SIGTERM / Ctrl-C between the step's end and the commit
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            out.path = tmp
-            out.save_meta()
-            entry = {"hash": hash_dir(tmp), "seconds": seconds, "notes": ctx.notes, "key": key,
-                     "created": datetime.now(timezone.utc).isoformat()}
-            self.cache.commit(key, tmp, entry)
             entry = self.cache.lookup(key) or entry  # a parallel run may have committed the same key first
         final = self.cache.artifact_dir(key)
         placed = self.run_dir / "artifacts" / f"{planned.index + 1:02d}-{planned.name}"
