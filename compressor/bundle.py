@@ -72,7 +72,9 @@ def describe_model(model_file: Path) -> dict[str, Any]:
         import onnx
 
         model = onnx.load(str(model_file), load_external_data=False)
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        from compressor.models import onnx_opset
+
+        opset = onnx_opset(model)
         info["opset"] = opset
         info["operators"] = sorted({n.op_type for n in model.graph.node})
         minimum.append(OPSET_MIN_ORT.get(opset, ort.__version__.rsplit(".", 1)[0]))

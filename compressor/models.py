@@ -28,6 +28,11 @@ def load_model(artifact: Artifact) -> Any:
     return model
 
 
+def onnx_opset(model: Any, default: int | None = None) -> int | None:
+    """The version of the default (ai.onnx) domain a ModelProto imports, or `default`."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default)
+
+
 def copy_tokenizer(src: Path, dst: Path) -> None:
     """Copy the tokenizer files of a model directory."""
     for name in TOKENIZER_FILES:

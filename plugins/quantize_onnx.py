@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -20,6 +21,7 @@ from compressor.artifact import Artifact, copy_companions
 from compressor.data import TUNE
 from compressor.errors import RecipeError, StepError
 from compressor.hookspecs import hookimpl
+from compressor.models import onnx_opset
 from compressor.step import PlanContext, Step, StepConfig, StepContext
 
 #: Ops kept in float by static quantization: normalisation, activations and softmax lose accuracy in int8.
@@ -299,11 +301,11 @@ def blockwise_int4(model: Any, config: QuantizeOnnxConfig, op_types: tuple[str, 
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
     algorithm = getattr(config, "algorithm", "minmax")
-    eight = int8_matmuls(model.model if hasattr(model, "model") else model, getattr(config, "int8_nodes", []))
+    proto = model.model if hasattr(model, "model") else model
+    eight = int8_matmuls(proto, getattr(config, "int8_nodes", []))
     if eight and "MatMul" in op_types:
         # 8-bit first; those nodes are MatMulNBits afterwards, so the 4-bit passes below leave them alone
-        others = [n.name for n in (model.model if hasattr(model, "model") else model).graph.node
-                  if n.op_type == "MatMul" and n.name not in eight]
+        others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in eight]
         first8 = nbits.MatMulNBitsQuantizer(model, bits=8, block_size=config.block_size, is_symmetric=config.symmetric,
                                             accuracy_level=config.accuracy_level,
                                             nodes_to_exclude=others + list(config.exclude_nodes),
@@ -333,8 +335,6 @@ def blockwise_int4(model: Any, config: QuantizeOnnxConfig, op_types: tuple[str, 
 
 def int8_matmuls(model: Any, patterns: list[str]) -> list[str]:
     """Names of the MatMuls with a weight initializer whose name matches one of the regular expressions."""
-    import re
-
     if not patterns:
         return []
     weights = {t.name for t in model.graph.initializer}
@@ -359,7 +359,7 @@ def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepConte
     if unknown:
         raise StepError(f"int4 quantizes MatMul and Gather only, not {', '.join(sorted(unknown))}",
                         hint="set op_types to [MatMul], [Gather] or both")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
+    opset = onnx_opset(model, 21)
     if "Gather" in op_types and opset < 21:
         # int4 tables need opset 21, and the quantizer only relabels the opset: an older graph's operators
         # (ReduceMean's axes attribute in an RMSNorm, say) would then be invalid. Convert them properly.
@@ -369,7 +369,7 @@ def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepConte
         ctx.report(opset_converted=f"{opset} -> 21")
     untied = untie_transposed_weights(model)
     eight = int8_matmuls(model, config.int8_nodes)
-    unmatched = [p for p in config.int8_nodes if not int8_matmuls(model, [p])]
+    unmatched = [p for p in config.int8_nodes if not any(re.search(p, name) for name in eight)]
     if unmatched:
         raise StepError(f"int8_nodes pattern {unmatched[0]!r} matches no MatMul with a weight",
                         hint="name MatMul nodes as the graph does, e.g. 'layers\\.0/.*down_proj' (see the model "
