@@ -34,6 +34,23 @@ CANDIDATES = [
     {"algorithm": "k_quant", "symmetric": False, "block_size": 32, "accuracy_level": 4},
     {"algorithm": "hqq", "symmetric": False, "block_size": 64, "accuracy_level": 4},
     {"algorithm": "hqq", "symmetric": False, "block_size": 128, "accuracy_level": 4},
+    # 11-: GPTQ on the recipe's train rows (SST-2 prompts and answers)
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4},
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4,
+     "int8_nodes": ["mlp/down_proj", "attn/qkv_proj"]},
+    # 13-: GPTQ on 8 seeded 512-token windows of WikiText-2 valid (the script reports any overlap with the
+    # tokens it measures)
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
+     "calibration_windows": 8},
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
+     "calibration_windows": 8, "int8_nodes": ["mlp/down_proj", "attn/qkv_proj"]},
+    # 15-: blocks of 16 (one float scale per 16 weights: 6 bits a weight instead of 5)
+    {"algorithm": "minmax", "symmetric": True, "block_size": 16, "accuracy_level": 4},
+    {"algorithm": "gptq", "symmetric": True, "block_size": 16, "accuracy_level": 4, "calibration_text": "VALID",
+     "calibration_windows": 8},
+    # 17: the recipe: GPTQ on 8 valid windows and 64 train rows, MLP down and QKV at 8 bits
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
+     "calibration_windows": 8, "calibration_rows": 64, "int8_nodes": ["mlp/down_proj", "attn/qkv_proj"]},
 ]
 
 
@@ -59,8 +76,14 @@ def main() -> int:
     valid = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
     tokenizer = load_tokenizer(export.path)
 
-    class Ctx:  # what _int4 reports into
+    from compressor.host import build_host
+    from compressor.plan import build_plan
+    from compressor.plugins.quantize_onnx import calibration_sequences
+
+    class Ctx:  # what _int4 reports into, and the recipe's data for GPTQ's calibration rows
         notes: dict = {}
+        data = build_plan(Path(record["recipe_path"]), build_host()).data
+        seed = record["seed"]
 
         def report(self, **values):
             self.notes.update(values)
@@ -74,8 +97,16 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as work:
             target = Path(work) / "model.onnx"
             t0 = time.perf_counter()
-            config = QuantizeOnnxConfig(mode="int4", op_types=["MatMul", "Gather"], **cand)
-            _int4(export.model_file, target, config, Ctx())
+            settings = {**cand, **({"calibration_text": str(valid)} if cand.get("calibration_text") else {})}
+            config = QuantizeOnnxConfig(mode="int4", op_types=["MatMul", "Gather"], **settings)
+            sequences = (calibration_sequences(export, Ctx(), config)
+                         if config.algorithm == "gptq" else None)
+            if config.calibration_text:
+                measured = tokenizer(valid.read_text(encoding="utf-8"))["input_ids"][: args.tokens]
+                overlap = sum(any(s[j : j + 16] == measured[i : i + 16] for i in range(0, len(measured) - 15, 16))
+                              for s in sequences for j in (0,))
+                print(f"calibration windows starting inside the measured tokens: {overlap}", flush=True)
+            _int4(export.model_file, target, config, Ctx(), sequences)
             seconds = time.perf_counter() - t0
             for f in export.path.iterdir():
                 if f.name.startswith(("tokenizer", "special_tokens", "config", "generation", "chat_template")):

@@ -49,14 +49,18 @@ class OnnxCausalLM:
         """A cache with no positions yet."""
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype) for _ in self.past_names]
 
-    def forward(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
-        """Logits for `ids` (batch, new) after `past`; `mask` covers past and new positions."""
+    def feeds(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """The session's inputs for `ids` (batch, new) after `past`; `mask` covers past and new positions."""
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
         if "position_ids" in self.input_names:
             positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1]:]
             feeds["position_ids"] = positions.astype(np.int64)
         feeds.update(zip(self.past_names, past))
-        out = self.session.run(self.output_names, feeds)
+        return feeds
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list]:
+        """Logits for `ids` (batch, new) after `past`; `mask` covers past and new positions."""
+        out = self.session.run(self.output_names, self.feeds(ids, mask, past))
         return out[0], out[1:]
 
     def stream(self, prompt: list[int], max_new_tokens: int, stop: set[int]) -> Iterator[int]:

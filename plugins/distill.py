@@ -95,14 +95,26 @@ class Distill(Step):
         _check_teacher_vocabulary(path, teacher_config, ctx)
 
     def resolve_config(self, config: StepConfig, ctx: PlanContext) -> StepConfig:
-        """positions: the task's default where it has any (the record shows what ran)."""
+        """positions: the task's default where it has any (the record shows what ran); text_file: resolved
+        against the recipe's folder, so that its content keys the cache."""
         assert isinstance(config, DistillConfig)
         from compressor.tasks import task_for
 
         modes = task_for(ctx.task).distill_positions
         if config.positions is None and modes:
-            return config.model_copy(update={"positions": modes[0]})
+            config = config.model_copy(update={"positions": modes[0]})
+        if config.text_file is not None:
+            config = config.model_copy(update={"text_file": str(ctx.resolve(config.text_file))})
         return config
+
+    def cache_extra(self, config: StepConfig) -> Any:
+        """The text_file's content: an edited file under the same name is not served from the cache."""
+        assert isinstance(config, DistillConfig)
+        if config.text_file is None or not Path(config.text_file).is_file():
+            return None
+        from compressor.artifact import hash_file
+
+        return {"text_file": hash_file(Path(config.text_file))}
 
     def run(self, artifact: Artifact, config: StepConfig, ctx: StepContext) -> Artifact:
         """Train the student against the teacher; save the best (or last) epoch."""

@@ -75,16 +75,32 @@ class QuantizeOnnxConfig(StepConfig):
     exclude_nodes: list[str] = Field(default_factory=list, description="Node names left in float.")
     calibration: Literal["minmax", "entropy", "percentile"] = Field(
         default="minmax", description="static: how activation ranges are chosen.")
-    calibration_rows: int = Field(default=128, ge=1, le=100_000, description="static: train rows used to calibrate.")
+    calibration_rows: int | None = Field(default=None, ge=0, le=100_000, description="static: train rows used to "
+                                                                                     "calibrate (default 128); int4 "
+                                                                                     "gptq: train rows rendered as "
+                                                                                     "finetune renders them (default "
+                                                                                     "128, or 0 with calibration_text).")
+    calibration_text: str | None = Field(default=None, description="int4 gptq: a plain-text file (relative to the "
+                                                                   "recipe) to calibrate on as well as (or, by "
+                                                                   "default, instead of) train rows: a seeded sample "
+                                                                   "of calibration_windows windows of "
+                                                                   "calibration_window tokens.")
+    calibration_windows: int = Field(default=8, ge=1, le=100_000, description="int4 gptq: calibration_text "
+                                                                              "windows.")
+    calibration_window: int = Field(default=512, ge=16, le=32_768, description="int4 gptq: tokens per "
+                                                                               "calibration_text window.")
     block_size: int = Field(default=32, ge=16, le=1024, description="int4: weights per quantization block "
                                                                     "(a power of two dividing the layer widths).")
     symmetric: bool = Field(default=True, description="int4: symmetric blocks (no zero points).")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(default=4, description="int4: MatMulNBits compute precision "
                                                                           "(4 = int8 activations, fastest on CPU).")
-    algorithm: Literal["minmax", "rtn", "k_quant", "hqq"] = Field(
-        default="minmax", description="int4: how MatMul blocks are fitted (onnxruntime's weight-only quantizers): "
+    algorithm: Literal["minmax", "rtn", "k_quant", "hqq", "gptq"] = Field(
+        default="minmax", description="int4: how MatMul blocks are fitted: onnxruntime's weight-only quantizers "
                                       "minmax (each block's range), rtn (round to nearest), k_quant (llama.cpp-style "
-                                      "k-quants), hqq (half-quadratic, asymmetric). Gather tables always use minmax.")
+                                      "k-quants), hqq (half-quadratic, asymmetric); or gptq (each block's min-max "
+                                      "grid, rounding errors compensated through the Hessian of the MatMul's "
+                                      "input on calibration_rows train rows; language models). Gather tables "
+                                      "always use minmax.")
     int8_nodes: list[str] = Field(default_factory=list, description="int4: MatMuls (regular expressions searched in "
                                                                     "node names) kept at 8 bits (MatMulNBits bits=8, "
                                                                     "the same blocks): the sensitive few, say "
@@ -97,18 +113,23 @@ class QuantizeOnnx(Step):
 
     name = "quantize-onnx"
     summary = "Quantize an ONNX model: dynamic int8, static QDQ int8 (calibrated), or int4 weight-only."
-    version = "8"  # 4: int4 embedding tables packed as uint8; 5: mode auto, dynamic weights int8 unless set;
+    version = "9"  # 4: int4 embedding tables packed as uint8; 5: mode auto, dynamic weights int8 unless set;
     # 6: int4 packs a tied LM head (a MatMul reading a transposed table) and takes `algorithm`;
     # 7: a Gather reading a transposed table is untied too, and a tied head and table share one int4 copy;
-    # 8: they share it when only rounding ties differ
+    # 8: they share it when only rounding ties differ; 9: algorithm gptq (and a GPTQ head's table reads its codes)
     Config = QuantizeOnnxConfig
     accepts = ("onnx",)
     produces = "onnx"
 
     def cache_extra(self, config: StepConfig) -> Any:
         """mode: auto measures on this CPU: its int8 kernel class and onnxruntime's version key the cache,
-        so a cache shared between machines never hands one CPU's choice to another."""
+        so a cache shared between machines never hands one CPU's choice to another. GPTQ's calibration_text
+        keys it by content."""
         assert isinstance(config, QuantizeOnnxConfig)
+        if config.calibration_text is not None and Path(config.calibration_text).is_file():
+            from compressor.artifact import hash_file
+
+            return {"calibration_text": hash_file(Path(config.calibration_text))}
         if config.mode != "auto":
             return None
         from importlib.metadata import version
@@ -119,13 +140,18 @@ class QuantizeOnnx(Step):
                 if _installed("onnxruntime") else version("onnxruntime-gpu")}
 
     def data_splits(self, config: StepConfig) -> tuple[str, ...]:
-        """Static quantization reads train rows for calibration; auto reads the tuning rows."""
+        """Static quantization and int4 GPTQ read train rows for calibration; auto reads the tuning rows."""
         assert isinstance(config, QuantizeOnnxConfig)
+        if config.mode == "int4" and config.algorithm == "gptq":
+            return ("train",) if gptq_train_rows(config) else ()
         return {"static": ("train",), "auto": (TUNE,)}.get(config.mode, ())
 
     def resolve_config(self, config: StepConfig, ctx: PlanContext) -> StepConfig:
-        """mode: auto takes its budget from the recipe's guard unless it sets its own."""
+        """mode: auto takes its budget from the recipe's guard unless it sets its own; calibration_text is
+        resolved against the recipe's folder (so that its content keys the cache)."""
         assert isinstance(config, QuantizeOnnxConfig)
+        if config.calibration_text is not None:
+            config = config.model_copy(update={"calibration_text": str(ctx.resolve(config.calibration_text))})
         if config.mode == "auto" and config.max_accuracy_drop is None:
             return config.model_copy(update={"max_accuracy_drop": ctx.recipe.guard.max_accuracy_drop,
                                              "relative_drop": ctx.recipe.guard.relative})
@@ -133,9 +159,12 @@ class QuantizeOnnx(Step):
 
     def supports(self, config: StepConfig, task: Any, model_config: dict[str, Any]) -> str | None:
         """Language models: weight-only int4 (their evaluator needs the recipe's perplexity settings, which
-        the int8 modes' calibration and search do not read yet)."""
+        the int8 modes' calibration and search do not read yet); GPTQ: language models only."""
         if not task.needs_labels and getattr(config, "mode", None) != "int4":
             return f"mode {config.mode!r} is not built for {task.name} models yet; use mode: int4"
+        if task.needs_labels and getattr(config, "algorithm", None) == "gptq" and config.mode == "int4":
+            return (f"algorithm: gptq calibrates causal language models (text through the KV-cached graph), not "
+                    f"{task.name} models; use algorithm: minmax")
         return None
 
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
@@ -151,8 +180,28 @@ class QuantizeOnnx(Step):
                               "the fused operators' outputs and would leave their activations float",
                               where="with.mode", hint="use mode: dynamic after optimize-onnx, or leave "
                                                       "optimize-onnx out of a static (QDQ) chain")
+        if config.mode == "static" and config.calibration_rows == 0:
+            raise RecipeError("static quantization needs at least one calibration row", where="with.calibration_rows",
+                              hint="leave calibration_rows out (128) or give a positive number")
+        if config.calibration_text is not None:
+            if config.mode != "int4" or config.algorithm != "gptq":
+                raise RecipeError("calibration_text is read by mode: int4 with algorithm: gptq only",
+                                  where="with.calibration_text", hint="remove it, or set algorithm: gptq")
+            if not ctx.resolve(config.calibration_text).is_file():
+                raise RecipeError(f"{ctx.resolve(config.calibration_text)} does not exist",
+                                  where="with.calibration_text", hint="fix the path (relative to the recipe file)")
         if config.mode != "int4":
             return
+        rows = gptq_train_rows(config)
+        if config.algorithm == "gptq" and rows and not (ctx.data and ctx.data.has("train")):
+            raise RecipeError(f"algorithm: gptq calibrates on {rows} train rows, and the recipe gives no data.train",
+                              where="with.calibration_rows",
+                              hint="add data.train, or with.calibration_text (a plain-text file) and "
+                                   "calibration_rows: 0")
+        if config.algorithm == "gptq" and not rows and config.calibration_text is None:
+            raise RecipeError("algorithm: gptq needs calibration text: calibration_rows is 0 and there is no "
+                              "calibration_text", where="with.calibration_rows",
+                              hint="give calibration_rows > 0 or with.calibration_text")
         tables = "Gather" in (config.op_types or ())
         for i, (uses, earlier) in enumerate(ctx.earlier):
             if (tables and uses == self.name and isinstance(earlier, QuantizeOnnxConfig) and earlier.mode != "int4"
@@ -196,7 +245,47 @@ def _quantize(artifact: Artifact, target: Path, config: QuantizeOnnxConfig, ctx:
         return _dynamic(artifact.model_file, target, config, ctx)
     if config.mode == "static":
         return _static(artifact, target, config, ctx)
-    return _int4(artifact.model_file, target, config, ctx)
+    sequences = None
+    if config.algorithm == "gptq" and "MatMul" in (config.op_types or ("MatMul",)):
+        sequences = calibration_sequences(artifact, ctx, config)
+        ctx.report(calibration_tokens=sum(len(s) for s in sequences))
+    return _int4(artifact.model_file, target, config, ctx, sequences)
+
+
+def gptq_train_rows(config: QuantizeOnnxConfig) -> int:
+    """Train rows GPTQ calibrates on: calibration_rows, by default 128 without calibration_text and 0 with it."""
+    if config.calibration_rows is not None:
+        return config.calibration_rows
+    return 0 if config.calibration_text else 128
+
+
+def calibration_sequences(artifact: Artifact, ctx: Any, config: QuantizeOnnxConfig) -> list[list[int]]:
+    """GPTQ's calibration token ids: a seeded sample of calibration_windows windows of calibration_text, then
+    seeded train rows rendered as finetune renders them for the task."""
+    import random
+
+    from compressor.evaluators.runtime import load_tokenizer
+    from compressor.training import collate, sample_rows
+
+    tokenizer = load_tokenizer(artifact.path)
+    out: list[list[int]] = []
+    if config.calibration_text is not None:
+        ids = tokenizer(Path(config.calibration_text).read_text(encoding="utf-8"))["input_ids"]
+        width = config.calibration_window
+        starts = range(0, len(ids) - width + 1, width)
+        if not starts:
+            raise StepError(f"{config.calibration_text} has {len(ids)} tokens, fewer than one calibration_window "
+                            f"({width})", hint="give a longer file or a smaller calibration_window")
+        chosen = sorted(random.Random(ctx.seed).sample(list(starts), min(len(starts), config.calibration_windows)))
+        out += [list(ids[s : s + width]) for s in chosen]
+    rows = gptq_train_rows(config)
+    if rows:
+        if ctx.data is None or not ctx.data.has("train"):
+            raise StepError("int4 gptq needs train rows to calibrate on", hint="add data.train to the recipe, or "
+                                                                              "with.calibration_text")
+        for row in sample_rows(ctx.data.load("train"), rows, ctx.seed):
+            out.append(collate(tokenizer, [row], artifact.task, {}, artifact.max_length)["input_ids"][0].tolist())
+    return out
 
 
 @contextlib.contextmanager
@@ -270,7 +359,7 @@ def _static(artifact: Artifact, target: Path, config: QuantizeOnnxConfig, ctx: S
     from compressor.tasks import task_for
 
     spec = task_for(artifact.task)
-    rows = sample_rows(ctx.data.load("train"), config.calibration_rows, ctx.seed)
+    rows = sample_rows(ctx.data.load("train"), config.calibration_rows or 128, ctx.seed)
     # MinMax reads each row unpadded; the histogram calibrators need one shape, so pad to the longest row.
     length = None
     if config.calibration != "minmax":
@@ -342,7 +431,8 @@ def int8_matmuls(model: Any, patterns: list[str]) -> list[str]:
             and any(re.search(p, n.name) for p in patterns)]
 
 
-def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepContext) -> str:
+def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepContext,
+          sequences: list[list[int]] | None = None) -> str:
     import onnx
     from onnx import numpy_helper
 
@@ -368,21 +458,47 @@ def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepConte
         model = version_converter.convert_version(model, 21)
         ctx.report(opset_converted=f"{opset} -> 21")
     untied = untie_transposed_weights(model)
+    tied: dict[str, str] = {}
     eight = int8_matmuls(model, config.int8_nodes)
     unmatched = [p for p in config.int8_nodes if not any(re.search(p, name) for name in eight)]
     if unmatched:
         raise StepError(f"int8_nodes pattern {unmatched[0]!r} matches no MatMul with a weight",
                         hint="name MatMul nodes as the graph does, e.g. 'layers\\.0/.*down_proj' (see the model "
                              "in Netron)")
-    quantized = blockwise_int4(model, config, op_types)
+    solved = []
+    if config.algorithm == "gptq" and "MatMul" in op_types:
+        from compressor.plugins.gptq import gptq_matmuls
+
+        weights = {t.name for t in model.graph.initializer}
+        nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights
+                 and n.name not in config.exclude_nodes]
+        tied = tied_tables(model, nodes)
+        solved = gptq_matmuls(model, source, nodes, set(eight), sequences or [], config.block_size,
+                              config.symmetric, config.accuracy_level, threads=0)
+        op_types = tuple(o for o in op_types if o != "MatMul")
+    if op_types:
+        quantized = blockwise_int4(model, config, op_types)
+    else:
+        from onnxruntime.quantization.onnx_model import ONNXModel
+
+        quantized = ONNXModel(model)
     packed = pack_gather_tables(quantized.model)
-    shared = share_tied_tables(quantized.model)
+    shared = share_tied_tables(quantized.model, tied)
     quantized.save_model_to_file(str(target), use_external_data_format=False)
     ctx.report(block_size=config.block_size, symmetric=config.symmetric, accuracy_level=config.accuracy_level,
-               algorithm=config.algorithm, op_types=list(op_types), packed_gather_tables=packed,
+               algorithm=config.algorithm, op_types=list(config.op_types or ("MatMul",)), packed_gather_tables=packed,
                **({"int8_nodes": eight} if eight else {}),
-               **({"untied": untied} if untied else {}), **({"shared_tables": shared} if shared else {}))
+               **({"untied": untied} if untied else {}), **({"shared_tables": shared} if shared else {}),
+               **({"gptq_nodes": len(solved), "calibration_sequences": len(sequences or [])} if solved else {}))
     return f"int4-block{config.block_size}"
+
+
+def tied_tables(model: Any, matmuls: list[str]) -> dict[str, str]:
+    """Gather tables that untie_transposed_weights split from one of these MatMuls' weights (`W` and `W.T`),
+    mapped to that weight's name."""
+    weights = {n.input[1] for n in model.graph.node if n.name in set(matmuls)}
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    return {t: w for t in tables for w in weights if t == f"{w}.T" or w == f"{t}.T"}
 
 
 def untie_transposed_weights(model: Any) -> list[str]:
@@ -430,12 +546,14 @@ def untie_transposed_weights(model: Any) -> list[str]:
 TIE_MISMATCH = 1e-5
 
 
-def share_tied_tables(model: Any) -> list[str]:
+def share_tied_tables(model: Any, tied: dict[str, str] | None = None) -> list[str]:
     """A packed int4 embedding table that holds the bytes and scales of an int4 MatMul's weight (a tied LM head,
     quantized the same way) is read from that weight through a Reshape instead of stored twice, as
     onnxruntime-genai's builder does: the second copy of a small LLM's largest matrix goes. The scales must be
     equal and all but TIE_MISMATCH of the bytes (rounding ties): the embedding then reads the head's rounding.
-    Returns the GatherBlockQuantized nodes now sharing."""
+    `tied` maps tables (by initializer name before quantization) to the MatMul weight they are the transpose
+    of, where the head's codes are to be shared whatever the table's own rounding (GPTQ fits the head's codes
+    to its inputs; the table then reads those codes). Returns the GatherBlockQuantized nodes now sharing."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -462,8 +580,10 @@ def share_tied_tables(model: Any) -> list[str]:
         own_scales = numpy_helper.to_array(tables[node.input[2]])
         if packed.size != data.size or scales.size != own_scales.size:
             continue
+        forced = (tied or {}).get(node.input[0].removesuffix("_Q4")) == head.input[1].removesuffix("_Q4")
         differ = int(np.count_nonzero(packed.reshape(data.shape) != data))
-        if differ > TIE_MISMATCH * data.size or not np.array_equal(scales.reshape(own_scales.shape), own_scales):
+        if not forced and (differ > TIE_MISMATCH * data.size
+                           or not np.array_equal(scales.reshape(own_scales.shape), own_scales)):
             continue
         inputs = []
         for source, shape in ((head.input[1], data.shape), (head.input[2], own_scales.shape)):

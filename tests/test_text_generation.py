@@ -150,6 +150,7 @@ def test_the_guard_reads_perplexity_as_lower_is_better(tmp_path, tiny_llama, sst
     ("prune", "layer index 5 is out of range: the model has 2 layers"),
     ("genai", "heads a multiple of 16 wide; this model's are 8"),
     ("int8", "mode 'dynamic' is not built for text-generation models yet"),
+    ("gptq-text", "missing.txt does not exist"),
 ])
 def test_bad_llm_inputs_exit_2_at_check(case, message, tmp_path, cli_run, tiny_llama, sst2_small, wikitext_slice):
     import shutil
@@ -191,6 +192,10 @@ def test_bad_llm_inputs_exit_2_at_check(case, message, tmp_path, cli_run, tiny_l
     if case == "int8":
         text = text.replace("  - uses: export-onnx\n", "  - uses: export-onnx\n  - uses: quantize-onnx\n"
                                                           "    with: {mode: dynamic}\n")
+    if case == "gptq-text":
+        text = text.replace("  - uses: export-onnx\n", "  - uses: export-onnx\n  - uses: quantize-onnx\n"
+                                                          "    with: {mode: int4, algorithm: gptq, calibration_text: "
+                                                          f"{tmp_path / 'missing.txt'}}}\n")
     if case == "eval-key":
         text = text.replace("perplexity_tokens", "perplexity_tokenz")
     path = tmp_path / "r.yaml"
@@ -280,3 +285,55 @@ def test_a_shared_table_computes_what_the_two_copies_computed(tiny_llama_head16,
         lm = OnnxCausalLM(tmp_path / name, 1)
         logits.append(lm.forward(ids, np.ones_like(ids), lm.empty_past(1))[0])
     np.testing.assert_array_equal(logits[0], logits[1])
+
+
+def test_gptq_on_a_tiny_llama_stays_closer_to_the_float_model_than_minmax(tiny_run, wikitext_slice, tmp_path):
+    """The int4 step with algorithm: gptq (calibrated on one half of a WikiText slice, measured on the other):
+    every MatMul becomes MatMulNBits, the tied table reads the head's GPTQ codes (one copy), and the
+    next-token distributions are closer (KL) to the float export's than min-max's are."""
+    import numpy as np
+    import onnx
+
+    from compressor.artifact import Artifact
+    from compressor.evaluators.runtime import load_tokenizer
+    from compressor.generation_runtime import OnnxCausalLM
+    from compressor.plugins.quantize_onnx import QuantizeOnnxConfig, _int4
+
+    record, _ = tiny_run
+    export = Artifact.load(next(Path(s["path"]) for s in record["steps"] if s["uses"] == "export-onnx"))
+    ids = load_tokenizer(export.path)(wikitext_slice.read_text())["input_ids"]
+    windows = [ids[i : i + 128] for i in range(0, len(ids) - 127, 128)]
+    calibration, held_out = windows[: len(windows) // 2], windows[len(windows) // 2 :][:6]
+
+    class Ctx:
+        notes: dict = {}
+
+        def report(self, **values):
+            self.notes.update(values)
+
+    def log_probs(path):
+        lm = OnnxCausalLM(path, 1)
+        out = np.concatenate([lm.forward(np.asarray([w]), np.ones((1, len(w)), np.int64), lm.empty_past(1))[0][0]
+                              for w in held_out]).astype(np.float64)
+        out -= out.max(-1, keepdims=True)
+        return out - np.log(np.exp(out).sum(-1, keepdims=True))
+
+    reference = log_probs(export.model_file)
+    kl = {}
+    for algorithm in ("minmax", "gptq"):
+        folder = tmp_path / algorithm
+        folder.mkdir()
+        for f in export.path.glob("*.json"):
+            (folder / f.name).write_bytes(f.read_bytes())
+        ctx = Ctx()
+        config = QuantizeOnnxConfig(mode="int4", block_size=16, op_types=["MatMul", "Gather"], algorithm=algorithm)
+        _int4(export.model_file, folder / "model.onnx", config, ctx, calibration)
+        kl[algorithm] = float((np.exp(reference) * (reference - log_probs(folder / "model.onnx"))).sum(-1).mean())
+        if algorithm == "gptq":
+            model = onnx.load(str(folder / "model.onnx"))
+            ops = [n.op_type for n in model.graph.node]
+            weights = {w.name for w in model.graph.initializer}
+            assert ops.count("MatMulNBits") == 2 * 7 + 1
+            assert not [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+            assert ctx.notes["gptq_nodes"] == 15 and len(ctx.notes["shared_tables"]) == 1
+    assert kl["gptq"] < 0.8 * kl["minmax"], kl

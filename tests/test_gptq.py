@@ -1,0 +1,74 @@
+"""GPTQ for MatMulNBits (plugins/gptq.py): onnxruntime's own layout and grid, and a smaller output error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def _ort_blocks(weight: np.ndarray, bits: int, block: int, symmetric: bool):
+    """onnxruntime's min-max quantization of a K × N weight, in MatMulNBits' layout."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    k, n = weight.shape
+    per_byte, blocks = 8 // bits, k // block
+    packed = np.zeros((n, blocks, block // per_byte), np.uint8)
+    zeros = np.zeros((n, (blocks + per_byte - 1) // per_byte), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    (quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits)(packed, weight, scales, zeros, block, n, k,
+                                                                    symmetric)
+    return packed, scales, zeros
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_with_an_identity_hessian_gptq_is_onnxruntimes_minmax_byte_for_byte(bits, symmetric):
+    """No correlation between inputs: nothing to compensate, so the codes, scales and zero points are
+    exactly onnxruntime's, which checks the grid and the packing."""
+    from compressor.plugins.gptq import gptq, pack
+
+    weight = np.random.default_rng(0).standard_normal((256, 48)).astype(np.float32)
+    expected = _ort_blocks(weight, bits, 32, symmetric)
+    got = pack(*gptq(weight, np.eye(256), bits, 32, symmetric), bits, 32)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    if not symmetric:
+        np.testing.assert_array_equal(got[2], expected[2])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_lowers_the_output_error_on_unseen_inputs_of_the_same_kind(symmetric):
+    """Correlated inputs (as a layer's are): the error XW − XQ on new inputs is well below min-max's."""
+    from compressor.plugins.gptq import gptq
+
+    rng = np.random.default_rng(1)
+    k, n, block = 128, 64, 32
+    mixing = rng.standard_normal((k, k)).astype(np.float32) / np.sqrt(k)
+    seen, unseen = (rng.standard_normal((2000, k)).astype(np.float32) @ mixing for _ in range(2))
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+
+    def dequantized(hessian):
+        codes, scales, zeros = gptq(weight, hessian, 4, block, symmetric)
+        blocks = codes.reshape(n, k // block, block).astype(np.float32) - zeros[..., None]
+        return (blocks * scales[..., None]).reshape(n, k).T
+
+    hessian = 2 * seen.T.astype(np.float64) @ seen / len(seen)
+    error = np.linalg.norm(unseen @ weight - unseen @ dequantized(hessian))
+    minmax = np.linalg.norm(unseen @ weight - unseen @ dequantized(np.eye(k)))
+    assert error < 0.85 * minmax
+
+
+
+def test_an_edited_calibration_or_distillation_text_file_changes_the_step_cache_key(tmp_path):
+    """The steps key their cache on the text file's content, not only its name."""
+    from compressor.plugins.distill import Distill, DistillConfig
+    from compressor.plugins.quantize_onnx import QuantizeOnnx, QuantizeOnnxConfig
+
+    text = tmp_path / "calibration.txt"
+    configs = [(QuantizeOnnx(), QuantizeOnnxConfig(mode="int4", algorithm="gptq", calibration_text=str(text))),
+               (Distill(), DistillConfig(text_file=str(text)))]
+    for step, config in configs:
+        text.write_text("one text\n")
+        before = step.cache_extra(config)
+        text.write_text("another text\n")
+        assert step.cache_extra(config) != before and before is not None
