@@ -2,9 +2,9 @@
 
 onnxruntime ships a GPTQ (`GPTQWeightOnlyQuantConfig`), but it keeps every calibration activation of every
 MatMul and runs the solver in numpy: on SmolLM2-135M with 32 sequences it ran for more than 30 minutes on
-2 cores without finishing (bench/NOTES.md). This one streams: onnxruntime computes the MatMul inputs of the
-float model, only their Gram matrices (the Hessians, K×K) are kept, and torch runs the solver, a few seconds
-per model of that size. Each block of `block_size` weights along K gets the grid onnxruntime's min-max
+2 cores without finishing (bench/NOTES.md). This one streams: onnxruntime computes the MatMul inputs on the
+model as quantized so far (two layers a pass, see INPUTS_PER_PASS), only their Gram matrices (the Hessians,
+K×K) are kept, and torch runs the solver, a few seconds per model of that size. Each block of `block_size` weights along K gets the grid onnxruntime's min-max
 quantizer would give the already-corrected weights, and the codes are packed in MatMulNBits' layout, so
 the graph is what onnxruntime's own quantizer writes, with other codes. With an identity Hessian the result
 is byte-for-byte onnxruntime's min-max quantization (a test checks it).
