@@ -496,7 +496,8 @@ def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepConte
 def tied_tables(model: Any, matmuls: list[str]) -> dict[str, str]:
     """Gather tables that untie_transposed_weights split from one of these MatMuls' weights (`W` and `W.T`),
     mapped to that weight's name."""
-    weights = {n.input[1] for n in model.graph.node if n.name in set(matmuls)}
+    chosen = set(matmuls)
+    weights = {n.input[1] for n in model.graph.node if n.name in chosen}
     tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
     return {t: w for t in tables for w in weights if t == f"{w}.T" or w == f"{t}.T"}
 
