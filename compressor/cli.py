@@ -20,18 +20,21 @@ def _err(text: str) -> None:
     click.echo(text, err=True)
 
 
-def _stop_cleanly_on_sigterm() -> None:
-    """Make SIGTERM (what `kill`, systemd and schedulers send) stop a run like Ctrl-C does."""
+def _stop_cleanly_on_signals() -> None:
+    """Make SIGTERM (what `kill`, systemd and schedulers send) and Ctrl-C stop a run the same way, and
+    remember which arrived, so that a library that swallows the exception cannot turn it into a failure."""
     import signal
 
     from compressor.errors import Terminated, request_termination
 
     def raise_terminated(signum: int, frame: Any) -> None:
-        request_termination()
-        raise Terminated()
+        request_termination(signum)
+        raise Terminated(signum)
 
     try:
         signal.signal(signal.SIGTERM, raise_terminated)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (a background job)
+            signal.signal(signal.SIGINT, raise_terminated)
     except ValueError:  # not the main thread (an embedding application): leave its handlers alone
         pass
 
@@ -301,7 +304,7 @@ def _run(ctx: click.Context, recipe: Path, out: Path | None, overrides: tuple[st
         sweep = plan
         _print_sweep(sweep)
         run_dir = out or Path("runs") / sweep.name
-        _stop_cleanly_on_sigterm()
+        _stop_cleanly_on_signals()
         disabled = list(ctx.find_root().params.get("disable_plugin") or ())
         try:
             run_sweep(sweep, host, run_dir, executor=executor, jobs=jobs, use_cache=not no_cache,
@@ -312,7 +315,7 @@ def _run(ctx: click.Context, recipe: Path, out: Path | None, overrides: tuple[st
         return
     _print_plan(plan)
     run_dir = out or Path("runs") / plan.recipe.name
-    _stop_cleanly_on_sigterm()
+    _stop_cleanly_on_signals()
     try:
         run_plan(plan, host, run_dir, use_cache=not no_cache, log=lambda s: click.echo(s, err=True))
     finally:

@@ -75,23 +75,26 @@ class RecipeErrors(RecipeError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception so that a run stops the way it does on Ctrl-C: the step's
-    temporary directory is removed and record.json says the run was interrupted."""
+    """SIGTERM or SIGINT, turned into an exception so that a run stops the same way on either: the step's
+    temporary directory is removed and record.json says the run was interrupted. `signal_number` gives
+    the exit code (128 + it)."""
 
-    signal_number = 15
-
-
-_termination_requested = False
-
-
-def request_termination() -> None:
-    """Note that SIGTERM arrived (the handler calls this before it raises Terminated)."""
-    global _termination_requested
-    _termination_requested = True
+    def __init__(self, signal_number: int = 15) -> None:
+        super().__init__()
+        self.signal_number = signal_number
 
 
-def termination_requested() -> bool:
-    """Whether SIGTERM arrived: a library can swallow the handler's exception and raise its own instead
-    (torch turns it into "ValueError: could not determine the shape of object type ..."), and the run
-    must still stop as terminated, not fail as a step error."""
-    return _termination_requested
+_stop_signal: int | None = None
+
+
+def request_termination(signal_number: int = 15) -> None:
+    """Note that a stop signal arrived (the CLI's handler calls this before it raises Terminated)."""
+    global _stop_signal
+    _stop_signal = signal_number
+
+
+def termination_requested() -> int | None:
+    """The stop signal that arrived, if any: a library can swallow the handler's exception and raise its
+    own instead (torch turns it into "ValueError: could not determine the shape of object type ..."),
+    and the run must still stop as interrupted, not fail as a step error."""
+    return _stop_signal

@@ -231,8 +231,9 @@ class Runner:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
-                if termination_requested():  # SIGTERM's exception, swallowed and replaced by a library's
-                    raise Terminated() from exc
+                stop = termination_requested()
+                if stop:  # the stop signal's exception, swallowed and replaced by a library's
+                    raise Terminated(stop) from exc
                 raise StepError(f"{type(exc).__name__}: {exc}", where=planned.label, hint=failure_hint(exc)) from exc
             seconds = time.perf_counter() - t0
             try:  # until the cache holds it, the step's output is only a temporary directory: never left behind
@@ -350,15 +351,19 @@ class Runner:
                 except Exception as exc:
                     raise StepError(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", where="bundle",
                                     hint=failure_hint(exc)) from exc
-        except CompressorError as exc:
-            record["status"] = "failed"
-            record["error"] = exc.render()
-            self._finish(record, t0)
-            raise
-        except KeyboardInterrupt:
-            record["status"] = "interrupted"
-            record["error"] = "interrupted (SIGINT or SIGTERM); run the same command again to resume"
-            self._finish(record, t0)
+        except BaseException as exc:
+            stop = termination_requested()
+            if isinstance(exc, KeyboardInterrupt) or stop:  # a library may have swallowed the signal's exception
+                record["status"] = "interrupted"
+                record["error"] = "interrupted (SIGINT or SIGTERM); run the same command again to resume"
+                self._finish(record, t0)
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                raise Terminated(stop) from exc
+            if isinstance(exc, CompressorError):
+                record["status"] = "failed"
+                record["error"] = exc.render()
+                self._finish(record, t0)
             raise
         self._finish(record, t0)
         if not record["guard"]["passed"]:
