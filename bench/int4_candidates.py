@@ -51,6 +51,14 @@ CANDIDATES = [
     # 17: the recipe: GPTQ on 8 valid windows and 64 train rows, MLP down and QKV at 8 bits
     {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
      "calibration_windows": 8, "calibration_rows": 64, "int8_nodes": ["mlp/down_proj", "attn/qkv_proj"]},
+    # 18: the same, each block's range searched (clip_search)
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
+     "calibration_windows": 8, "calibration_rows": 64, "int8_nodes": ["mlp/down_proj", "attn/qkv_proj"],
+     "clip_search": True},
+    # 19: the same with act-order (static groups)
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
+     "calibration_windows": 8, "calibration_rows": 64, "int8_nodes": ["mlp/down_proj", "attn/qkv_proj"],
+     "clip_search": True, "act_order": True},
 ]
 
 

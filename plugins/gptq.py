@@ -40,6 +40,32 @@ def grid(block: Any, bits: int, symmetric: bool) -> tuple[Any, Any]:
     return scale, torch.round(-low / safe).clamp(0, top)
 
 
+#: range shrinks tried per block by `searched_grid` (100% down to 80% of min-max, GPTQ's own `mse` search)
+SHRINKS = tuple(1 - i / 100 for i in range(0, 21))
+
+
+def searched_grid(block: Any, bits: int, symmetric: bool, importance: Any) -> tuple[Any, Any]:
+    """The min-max grid of each row of `block`, with its range shrunk by whichever of SHRINKS leaves the least
+    squared rounding error weighted by `importance` (one value per column: the Hessian's diagonal), so a few
+    outliers do not stretch the steps of the whole block. Values beyond the shrunk range clip to the end codes."""
+    import torch
+
+    scale, zero = grid(block, bits, symmetric)
+    shrinks = torch.tensor(SHRINKS, dtype=block.dtype)[:, None]  # S × 1
+    if symmetric:
+        scales, zeros = scale[None, :] * shrinks, zero[None, :].expand(len(SHRINKS), -1)
+    else:  # shrink the range about the zero point onnxruntime's grid puts there
+        scales = scale[None, :] * shrinks
+        low = -zero * scale
+        safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+        zeros = torch.round(-(low[None, :] * shrinks) / safe).clamp(0, (1 << bits) - 1)
+    codes = _codes(block[None], scales[..., None], zeros[..., None], bits)
+    error = (((codes - zeros[..., None]) * scales[..., None] - block[None]) ** 2 * importance).sum(-1)  # S × rows
+    best = error.argmin(0)
+    rows = torch.arange(block.shape[0])
+    return scales[best, rows], zeros[best, rows]
+
+
 def _codes(column: Any, scale: Any, zero: Any, bits: int) -> Any:
     import torch
 
@@ -48,11 +74,17 @@ def _codes(column: Any, scale: Any, zero: Any, bits: int) -> Any:
 
 
 def gptq(weight: np.ndarray, hessian: Any, bits: int, block_size: int, symmetric: bool,
-         damp: float = DAMP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+         damp: float = DAMP, search: bool = False, act_order: bool = False
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize a MatMul weight (K × N, as ONNX stores it) against the Hessian of its input (K × K).
 
     Columns of the transposed weight are rounded in order and each one's error is spread over the columns
     not yet rounded, weighted by the inverse Hessian (the paper's Cholesky form with lazy batch updates).
+    With `search`, each block's range is shrunk where that lowers its Hessian-weighted rounding error
+    (`searched_grid`); without, it is onnxruntime's min-max grid. With `act_order`, columns are rounded
+    in order of falling Hessian diagonal (the paper's "act-order"), each block's grid fixed beforehand from
+    the uncorrected weights (AutoGPTQ's static groups), so the blocks stay contiguous and MatMulNBits
+    needs no column index.
     Returns codes (N × K, uint8), scales (N × K/block_size, float32) and zero points (N × K/block_size)."""
     import torch
 
@@ -63,10 +95,22 @@ def gptq(weight: np.ndarray, hessian: Any, bits: int, block_size: int, symmetric
     h[dead, dead] = 1
     w[:, dead] = 0
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=torch.float64)
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    importance = torch.diag(h).float()
     codes = torch.zeros((n, k), dtype=torch.float32)
     scales = torch.zeros((n, k // block_size), dtype=torch.float32)
     zeros = torch.zeros_like(scales)
+
+    def fit(block: Any, first: int) -> tuple[Any, Any]:
+        return (searched_grid(block, bits, symmetric, importance[first : first + block_size]) if search
+                else grid(block, bits, symmetric))
+
+    order = torch.arange(k)
+    if act_order:
+        for b in range(k // block_size):
+            scales[:, b], zeros[:, b] = fit(w[:, b * block_size : (b + 1) * block_size], b * block_size)
+        order = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, order], h[order][:, order]
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     lazy = max(LAZY_BLOCK, block_size)  # a multiple of block_size: no quantization block spans two
     for start in range(0, k, lazy):
         end = min(start + lazy, k)
@@ -74,10 +118,9 @@ def gptq(weight: np.ndarray, hessian: Any, bits: int, block_size: int, symmetric
         errors = torch.zeros_like(part)
         inv = inverse[start:end, start:end]
         for i in range(end - start):
-            col = start + i
-            if col % block_size == 0:  # the block's grid, from its weights as corrected so far
-                scale, zero = grid(part[:, i : i + block_size], bits, symmetric)
-                scales[:, col // block_size], zeros[:, col // block_size] = scale, zero
+            col = int(order[start + i])
+            if not act_order and col % block_size == 0:  # the block's grid, from its weights as corrected so far
+                scales[:, col // block_size], zeros[:, col // block_size] = fit(part[:, i : i + block_size], col)
             scale, zero = scales[:, col // block_size], zeros[:, col // block_size]
             q = _codes(part[:, i], scale, zero, bits)
             codes[:, col] = q
@@ -174,10 +217,10 @@ INPUTS_PER_PASS = 8
 
 def gptq_matmuls(model: Any, source: Path, nodes: list[str], eight_bit: set[str], sequences: list[list[int]],
                  block_size: int, symmetric: bool, accuracy_level: int, threads: int,
-                 inputs_per_pass: int | None = None) -> list[str]:
+                 inputs_per_pass: int | None = None, search: bool = False, act_order: bool = False) -> list[str]:
     """GPTQ every named MatMul of `model` (in place) at 4 bits, or 8 for those in `eight_bit`, in graph order,
-    against Hessians measured on `sequences` through the model as quantized so far. Returns the MatMulNBits
-    nodes written."""
+    against Hessians measured on `sequences` through the model as quantized so far (`search`, `act_order`: see `gptq`).
+    Returns the MatMulNBits nodes written."""
     from onnx import numpy_helper
 
     chosen = set(nodes)
@@ -197,7 +240,8 @@ def gptq_matmuls(model: Any, source: Path, nodes: list[str], eight_bit: set[str]
             node = by_name[name]
             weight = numpy_helper.to_array(weights[node.input[1]])
             bits = 8 if name in eight_bit else 4
-            codes, scales, zeros = gptq(weight, hessians[node.input[0]], bits, block_size, symmetric)
+            codes, scales, zeros = gptq(weight, hessians[node.input[0]], bits, block_size, symmetric, search=search,
+                                        act_order=act_order)
             written.append(replace_matmul(model, node, weight, codes, scales, zeros, bits, block_size, symmetric,
                                           accuracy_level))
     return written
