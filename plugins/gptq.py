@@ -74,17 +74,15 @@ def _codes(column: Any, scale: Any, zero: Any, bits: int) -> Any:
 
 
 def gptq(weight: np.ndarray, hessian: Any, bits: int, block_size: int, symmetric: bool,
-         damp: float = DAMP, search: bool = False, act_order: bool = False
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+         damp: float = DAMP, search: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize a MatMul weight (K × N, as ONNX stores it) against the Hessian of its input (K × K).
 
     Columns of the transposed weight are rounded in order and each one's error is spread over the columns
     not yet rounded, weighted by the inverse Hessian (the paper's Cholesky form with lazy batch updates).
     With `search`, each block's range is shrunk where that lowers its Hessian-weighted rounding error
-    (`searched_grid`); without, it is onnxruntime's min-max grid. With `act_order`, columns are rounded
-    in order of falling Hessian diagonal (the paper's "act-order"), each block's grid fixed beforehand from
-    the uncorrected weights (AutoGPTQ's static groups), so the blocks stay contiguous and MatMulNBits
-    needs no column index.
+    (`searched_grid`); without, it is onnxruntime's min-max grid. Either is fitted to the block's weights as
+    corrected so far. (Act-order with grids fixed beforehand, AutoGPTQ's static groups, was measured worse
+    on SmolLM2: bench/NOTES.md.)
     Returns codes (N × K, uint8), scales (N × K/block_size, float32) and zero points (N × K/block_size)."""
     import torch
 
@@ -104,12 +102,6 @@ def gptq(weight: np.ndarray, hessian: Any, bits: int, block_size: int, symmetric
         return (searched_grid(block, bits, symmetric, importance[first : first + block_size]) if search
                 else grid(block, bits, symmetric))
 
-    order = torch.arange(k)
-    if act_order:
-        for b in range(k // block_size):
-            scales[:, b], zeros[:, b] = fit(w[:, b * block_size : (b + 1) * block_size], b * block_size)
-        order = torch.argsort(torch.diag(h), descending=True)
-        w, h = w[:, order], h[order][:, order]
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     lazy = max(LAZY_BLOCK, block_size)  # a multiple of block_size: no quantization block spans two
     for start in range(0, k, lazy):
@@ -118,8 +110,8 @@ def gptq(weight: np.ndarray, hessian: Any, bits: int, block_size: int, symmetric
         errors = torch.zeros_like(part)
         inv = inverse[start:end, start:end]
         for i in range(end - start):
-            col = int(order[start + i])
-            if not act_order and col % block_size == 0:  # the block's grid, from its weights as corrected so far
+            col = start + i
+            if col % block_size == 0:  # the block's grid, from its weights as corrected so far
                 scales[:, col // block_size], zeros[:, col // block_size] = fit(part[:, i : i + block_size], col)
             scale, zero = scales[:, col // block_size], zeros[:, col // block_size]
             q = _codes(part[:, i], scale, zero, bits)
@@ -217,9 +209,9 @@ INPUTS_PER_PASS = 8
 
 def gptq_matmuls(model: Any, source: Path, nodes: list[str], eight_bit: set[str], sequences: list[list[int]],
                  block_size: int, symmetric: bool, accuracy_level: int, threads: int,
-                 inputs_per_pass: int | None = None, search: bool = False, act_order: bool = False) -> list[str]:
+                 inputs_per_pass: int | None = None, search: bool = False) -> list[str]:
     """GPTQ every named MatMul of `model` (in place) at 4 bits, or 8 for those in `eight_bit`, in graph order,
-    against Hessians measured on `sequences` through the model as quantized so far (`search`, `act_order`: see `gptq`).
+    against Hessians measured on `sequences` through the model as quantized so far (`search`: see `gptq`).
     Returns the MatMulNBits nodes written."""
     from onnx import numpy_helper
 
@@ -240,8 +232,7 @@ def gptq_matmuls(model: Any, source: Path, nodes: list[str], eight_bit: set[str]
             node = by_name[name]
             weight = numpy_helper.to_array(weights[node.input[1]])
             bits = 8 if name in eight_bit else 4
-            codes, scales, zeros = gptq(weight, hessians[node.input[0]], bits, block_size, symmetric, search=search,
-                                        act_order=act_order)
+            codes, scales, zeros = gptq(weight, hessians[node.input[0]], bits, block_size, symmetric, search=search)
             written.append(replace_matmul(model, node, weight, codes, scales, zeros, bits, block_size, symmetric,
                                           accuracy_level))
     return written

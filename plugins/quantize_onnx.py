@@ -104,8 +104,6 @@ class QuantizeOnnxConfig(StepConfig):
     clip_search: bool = Field(default=False, description="int4 gptq: shrink each block's range (to as little as "
                                                          "80%) where that lowers its rounding error, weighted by "
                                                          "the Hessian's diagonal, instead of keeping min-max.")
-    act_order: bool = Field(default=False, description="int4 gptq: round the columns of largest Hessian diagonal "
-                                                       "first, each block's grid fixed beforehand (static groups).")
     int8_nodes: list[str] = Field(default_factory=list, description="int4: MatMuls (regular expressions searched in "
                                                                     "node names) kept at 8 bits (MatMulNBits bits=8, "
                                                                     "the same blocks): the sensitive few, say "
@@ -195,11 +193,10 @@ class QuantizeOnnx(Step):
             if not ctx.resolve(config.calibration_text).is_file():
                 raise RecipeError(f"{ctx.resolve(config.calibration_text)} does not exist",
                                   where="with.calibration_text", hint="fix the path (relative to the recipe file)")
-        for option in ("clip_search", "act_order"):
-            if getattr(config, option) and (config.mode != "int4" or config.algorithm != "gptq"):
-                raise RecipeError(f"{option} is read by mode: int4 with algorithm: gptq only", where=f"with.{option}",
-                                  hint="remove it, or set algorithm: gptq (onnxruntime's own int4 algorithms fit "
-                                       "their own grids)")
+        if config.clip_search and (config.mode != "int4" or config.algorithm != "gptq"):
+            raise RecipeError("clip_search is read by mode: int4 with algorithm: gptq only", where="with.clip_search",
+                              hint="remove it, or set algorithm: gptq (onnxruntime's own int4 algorithms fit "
+                                   "their own grids)")
         if config.mode != "int4":
             return
         rows = gptq_train_rows(config)
@@ -484,8 +481,7 @@ def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepConte
                  and n.name not in config.exclude_nodes]
         tied = tied_tables(model, nodes)
         solved = gptq_matmuls(model, source, nodes, set(eight), sequences or [], config.block_size,
-                              config.symmetric, config.accuracy_level, threads=0, search=config.clip_search,
-                              act_order=config.act_order)
+                              config.symmetric, config.accuracy_level, threads=0, search=config.clip_search)
         op_types = tuple(o for o in op_types if o != "MatMul")
     if op_types:
         quantized = blockwise_int4(model, config, op_types)

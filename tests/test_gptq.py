@@ -58,10 +58,10 @@ def test_gptq_lowers_the_output_error_on_unseen_inputs_of_the_same_kind(symmetri
     assert error < 0.85 * minmax
 
 
-def test_searched_ranges_and_act_order_fit_heavy_tailed_weights_with_outlier_inputs_better():
+def test_searched_ranges_fit_heavy_tailed_weights_better():
     """Weights with heavy tails (a few large values stretch min-max's steps) and inputs with a few loud
-    channels: searching each block's range lowers the error on new inputs, rounding the loud channels first
-    (act-order) lowers it further, and the codes stay inside the grid with one grid per contiguous block."""
+    channels: searching each block's range lowers the error on new inputs, and the codes stay inside the
+    grid, one grid per block."""
     from compressor.plugins.gptq import gptq
 
     rng = np.random.default_rng(2)
@@ -79,10 +79,7 @@ def test_searched_ranges_and_act_order_fit_heavy_tailed_weights_with_outlier_inp
         blocks = codes.reshape(n, k // block, block).astype(np.float32) - zeros[..., None]
         return np.linalg.norm(unseen @ weight - unseen @ (blocks * scales[..., None]).reshape(n, k).T)
 
-    plain, searched, ordered = error(), error(search=True), error(search=True, act_order=True)
-    assert searched < 0.95 * plain
-    assert ordered < 0.9 * searched  # the loud channels are rounded first, the quiet ones absorb their error
-
+    assert error(search=True) < 0.95 * error()
 
 
 def test_an_edited_calibration_or_distillation_text_file_changes_the_step_cache_key(tmp_path):

@@ -151,7 +151,7 @@ def test_the_guard_reads_perplexity_as_lower_is_better(tmp_path, tiny_llama, sst
     ("genai", "heads a multiple of 16 wide; this model's are 8"),
     ("int8", "mode 'dynamic' is not built for text-generation models yet"),
     ("gptq-text", "missing.txt does not exist"),
-    ("act-order", "act_order is read by mode: int4 with algorithm: gptq only"),
+    ("clip-search", "clip_search is read by mode: int4 with algorithm: gptq only"),
 ])
 def test_bad_llm_inputs_exit_2_at_check(case, message, tmp_path, cli_run, tiny_llama, sst2_small, wikitext_slice):
     import shutil
@@ -197,9 +197,9 @@ def test_bad_llm_inputs_exit_2_at_check(case, message, tmp_path, cli_run, tiny_l
         text = text.replace("  - uses: export-onnx\n", "  - uses: export-onnx\n  - uses: quantize-onnx\n"
                                                           "    with: {mode: int4, algorithm: gptq, calibration_text: "
                                                           f"{tmp_path / 'missing.txt'}}}\n")
-    if case == "act-order":
+    if case == "clip-search":
         text = text.replace("  - uses: export-onnx\n", "  - uses: export-onnx\n  - uses: quantize-onnx\n"
-                                                          "    with: {mode: int4, act_order: true}\n")
+                                                          "    with: {mode: int4, clip_search: true}\n")
     if case == "eval-key":
         text = text.replace("perplexity_tokens", "perplexity_tokenz")
     path = tmp_path / "r.yaml"
