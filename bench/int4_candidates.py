@@ -55,6 +55,10 @@ CANDIDATES = [
     {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
      "calibration_windows": 8, "calibration_rows": 64, "int8_nodes": ["mlp/down_proj", "attn/qkv_proj"],
      "clip_search": True},
+    # 19: the same on 16 valid windows
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
+     "calibration_windows": 16, "calibration_rows": 64, "int8_nodes": ["mlp/down_proj", "attn/qkv_proj"],
+     "clip_search": True},
 ]
 
 

@@ -116,10 +116,11 @@ class QuantizeOnnx(Step):
 
     name = "quantize-onnx"
     summary = "Quantize an ONNX model: dynamic int8, static QDQ int8 (calibrated), or int4 weight-only."
-    version = "9"  # 4: int4 embedding tables packed as uint8; 5: mode auto, dynamic weights int8 unless set;
+    version = "10"  # 4: int4 embedding tables packed as uint8; 5: mode auto, dynamic weights int8 unless set;
     # 6: int4 packs a tied LM head (a MatMul reading a transposed table) and takes `algorithm`;
     # 7: a Gather reading a transposed table is untied too, and a tied head and table share one int4 copy;
-    # 8: they share it when only rounding ties differ; 9: algorithm gptq (and a GPTQ head's table reads its codes)
+    # 8: they share it when only rounding ties differ; 9: algorithm gptq (and a GPTQ head's table reads its codes);
+    # 10: gptq clip_search
     Config = QuantizeOnnxConfig
     accepts = ("onnx",)
     produces = "onnx"
