@@ -5,6 +5,12 @@ compressor (the text-generation evaluator, export-onnx's parity check), so that 
 is what ships. The model is the layout optimum's `text-generation-with-past` export writes:
 inputs `input_ids`, `attention_mask` (past + new), `position_ids` and `past_key_values.N.key/value`
 of shape (batch, kv_heads, past, head_dim); outputs `logits` and `present.N.key/value`.
+
+Where the genai_config.json beside the model says `past_present_share_buffer` (onnxruntime-genai's
+builder graphs, whose GroupQueryAttention writes the new positions into the cache it reads), one-sequence
+greedy decoding (`prefill`/`decode`, `stream`) keeps each layer's cache in one preallocated buffer bound
+as both past input and present output, as onnxruntime-genai's runtime does, instead of copying the whole
+cache into a new array every token.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class OnnxCausalLM:
         self.kv_dtype = _DTYPES.get(first.type, np.float32)
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.output_names = ["logits", *self.present_names]
+        self.share_buffer = bool(_genai_search(model).get("past_present_share_buffer", False))
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         """A cache with no positions yet."""
@@ -63,18 +70,47 @@ class OnnxCausalLM:
         out = self.session.run(self.output_names, self.feeds(ids, mask, past))
         return out[0], out[1:]
 
+    def prefill(self, prompt: list[int], capacity: int) -> tuple[np.ndarray, "Cache"]:
+        """The last position's logits after `prompt` (one sequence) and the cache to `decode` from, with room
+        for `capacity` positions in all (prompt included) where the cache is a shared buffer."""
+        ids = np.asarray([prompt], np.int64)
+        cache = Cache(mask=np.ones_like(ids))
+        if self.share_buffer:
+            shape = (1, self.kv_heads, max(capacity, len(prompt)), self.head_dim)
+            cache.buffers = [ort_value(np.zeros(shape, self.kv_dtype)) for _ in self.past_names]
+            return self._bound_run(ids, cache), cache
+        logits, cache.past = self.forward(ids, cache.mask, self.empty_past(1))
+        return logits[0, -1], cache
+
+    def decode(self, token: int, cache: "Cache") -> np.ndarray:
+        """The logits after one more token; the cache grows (in place where it is a shared buffer)."""
+        ids = np.asarray([[token]], np.int64)
+        cache.mask = np.ones((1, cache.mask.shape[1] + 1), np.int64)
+        if cache.buffers is not None:
+            return self._bound_run(ids, cache)
+        logits, cache.past = self.forward(ids, cache.mask, cache.past)
+        return logits[0, -1]
+
+    def _bound_run(self, ids: np.ndarray, cache: "Cache") -> np.ndarray:
+        binding = self.session.io_binding()
+        for name, value in self.feeds(ids, cache.mask, []).items():
+            binding.bind_cpu_input(name, value)
+        for past, present, buffer in zip(self.past_names, self.present_names, cache.buffers or []):
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)  # the same memory: the new positions land in place
+        binding.bind_output("logits")
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[-1].numpy()[0, -1]  # outputs come back in the order they were bound
+
     def stream(self, prompt: list[int], max_new_tokens: int, stop: set[int]) -> Iterator[int]:
         """Greedy tokens after `prompt`, one at a time, until a `stop` token (not yielded) or the limit."""
-        ids = np.asarray([prompt], np.int64)
-        mask = np.ones_like(ids)
-        logits, past = self.forward(ids, mask, self.empty_past(1))
+        logits, cache = self.prefill(prompt, len(prompt) + max_new_tokens)
         for _ in range(max_new_tokens):
-            token = int(logits[0, -1].argmax())
+            token = int(logits.argmax())
             if token in stop:
                 return
             yield token
-            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-            logits, past = self.forward(np.asarray([[token]], np.int64), mask, past)
+            logits = self.decode(token, cache)
 
     def greedy_batch(self, prompts: list[list[int]], max_new_tokens: int, stop: set[int], pad_id: int = 0
                      ) -> list[list[int]]:
@@ -98,6 +134,32 @@ class OnnxCausalLM:
         arr = np.asarray([ids], np.int64)
         logits, _ = self.forward(arr, np.ones_like(arr), self.empty_past(1))
         return nll_from_logits(logits[0, :-1], arr[0, 1:])
+
+
+class Cache:
+    """One sequence's KV cache: growing numpy arrays, or fixed buffers that the graph writes in place."""
+
+    def __init__(self, mask: np.ndarray):
+        self.mask = mask
+        self.past: list[np.ndarray] = []
+        self.buffers: list[Any] | None = None
+
+
+def ort_value(array: np.ndarray) -> Any:
+    """An onnxruntime OrtValue over `array`'s memory (CPU)."""
+    import onnxruntime as ort
+
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def _genai_search(model: Any) -> dict[str, Any]:
+    """The `search` settings of the genai_config.json beside the model file, if there is one."""
+    import json
+
+    file = Path(model).parent / "genai_config.json" if isinstance(model, (str, Path)) else None
+    if file is None or not file.is_file():
+        return {}
+    return json.loads(file.read_text()).get("search", {})
 
 
 def _dim(value: Any, model: Any, key: str) -> int:

@@ -260,6 +260,29 @@ def test_the_genai_builder_graph_keeps_the_model_and_int4_shares_its_tied_table(
     tables = [t for t in model.graph.initializer if t.dims and t.dims[0] == vocab]
     assert len(tables) == 2  # one packed int4 table and its scales, read by the LM head and the embedding
     assert arts["quantize-onnx"]["perplexity"] == pytest.approx(arts["export-onnx"]["perplexity"], rel=0.10)
+    for name in ("export-onnx", "quantize-onnx"):
+        _shared_buffer_decodes_as_copies_do(Path(arts[name]["path"]) / "model.onnx")
+
+
+def _shared_buffer_decodes_as_copies_do(model_file: Path) -> None:
+    """A builder graph's genai_config.json asks for past_present_share_buffer: decoding into one preallocated
+    cache buffer per layer gives the logits that growing the cache by copies gives, token after token."""
+    import numpy as np
+
+    from compressor.generation_runtime import OnnxCausalLM
+
+    shared, copied = OnnxCausalLM(model_file, threads=1), OnnxCausalLM(model_file, threads=1)
+    copied.share_buffer = False
+    assert shared.share_buffer
+    prompt = [5, 17, 3, 9, 30, 2, 11]
+    (a, cache_a), (b, cache_b) = shared.prefill(prompt, 20), copied.prefill(prompt, 20)
+    assert cache_a.buffers is not None and cache_a.buffers[0].shape()[2] == 20 and cache_b.buffers is None
+    for _ in range(12):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+        token = int(b.argmax())
+        a, b = shared.decode(token, cache_a), copied.decode(token, cache_b)
+    stop: set[int] = set()
+    assert list(shared.stream(prompt, 12, stop)) == list(copied.stream(prompt, 12, stop))
 
 
 def test_a_shared_table_computes_what_the_two_copies_computed(tiny_llama_head16, tmp_path):

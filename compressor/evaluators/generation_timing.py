@@ -5,7 +5,8 @@
 Prints one JSON object: time to first token (the prompt's prefill, batch 1), decode tokens/s, the
 median and p90 time of one decode step, and the peak RSS of this process (getrusage), which counts
 this model only, not the host process that measured everything else. An `onnx` artifact runs on
-compressor.generation_runtime (numpy + onnxruntime, as a bundle does); an `hf` one on PyTorch.
+compressor.generation_runtime (numpy + onnxruntime, as a bundle does); an `hf` one on PyTorch. Both decode through the runtime's own cache (onnx: a shared buffer where the
+graph supports it, see compressor.generation_runtime).
 """
 
 from __future__ import annotations
@@ -20,28 +21,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-def _steps_onnx(path: Path, threads: int) -> tuple[Callable, Callable]:
-    import numpy as np
-
+def _steps_onnx(path: Path, threads: int, capacity: int) -> tuple[Callable, Callable]:
     from compressor.generation_runtime import OnnxCausalLM
 
     model = OnnxCausalLM(path / "model.onnx", threads=threads)
 
     def prefill(ids: list[int]) -> Any:
-        arr = np.asarray([ids], np.int64)
-        logits, past = model.forward(arr, np.ones_like(arr), model.empty_past(1))
-        return int(logits[0, -1].argmax()), (past, arr.shape[1])
+        logits, cache = model.prefill(ids, capacity)
+        return int(logits.argmax()), cache
 
-    def step(token: int, state: Any) -> Any:
-        past, length = state
-        mask = np.ones((1, length + 1), np.int64)
-        logits, past = model.forward(np.asarray([[token]], np.int64), mask, past)
-        return int(logits[0, -1].argmax()), (past, length + 1)
+    def step(token: int, cache: Any) -> Any:
+        return int(model.decode(token, cache).argmax()), cache
 
     return prefill, step
 
 
-def _steps_torch(path: Path, threads: int) -> tuple[Callable, Callable]:
+def _steps_torch(path: Path, threads: int, capacity: int) -> tuple[Callable, Callable]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -63,7 +58,8 @@ def _steps_torch(path: Path, threads: int) -> tuple[Callable, Callable]:
 
 def measure(fmt: str, path: Path, prompt: list[int], new_tokens: int, threads: int, runs: int) -> dict[str, Any]:
     """Best-of-`runs` time to first token and decode speed, after one untimed warm-up run."""
-    prefill, step = (_steps_onnx if fmt in ("onnx", "ort") else _steps_torch)(path, threads)
+    prefill, step = (_steps_onnx if fmt in ("onnx", "ort") else _steps_torch)(path, threads,
+                                                                                 len(prompt) + new_tokens)
     ttfts, steps = [], []
     for run in range(runs + 1):
         t0 = time.perf_counter()
