@@ -55,9 +55,13 @@ CANDIDATES = [
     {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
      "calibration_windows": 8, "calibration_rows": 64, "int8_nodes": ["mlp/down_proj", "attn/qkv_proj"],
      "clip_search": True},
-    # 19: the same on 16 valid windows
+    # 19: 18 on 16 valid windows
     {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
      "calibration_windows": 16, "calibration_rows": 64, "int8_nodes": ["mlp/down_proj", "attn/qkv_proj"],
+     "clip_search": True},
+    # 20: 18 with 128 train rows
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
+     "calibration_windows": 8, "calibration_rows": 128, "int8_nodes": ["mlp/down_proj", "attn/qkv_proj"],
      "clip_search": True},
 ]
 
