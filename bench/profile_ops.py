@@ -6,8 +6,8 @@ lookups and unfused attention were found, and why an int4 LLM decodes only 2.3-2
     python bench/profile_ops.py runs/smollm2-clip/artifacts/03-quantize-onnx [--prompt 128 --tokens 64]
 
 A classifier is run on real SST-2 dev sentences, per sentence. A causal LM with a KV cache is given a
-`--prompt`-token prompt and `--tokens` greedy steps in the loop the recipe measures with
-(compressor/generation_runtime.py); only the decode steps count, per generated token, with a second table
+`--prompt`-token prompt and `--tokens` greedy steps through the runtime the recipe measures with
+(compressor/generation_runtime.py, with its shared cache buffer where the graph asks for one); only the decode steps count, per generated token, with a second table
 of the MatMuls (MatMul or MatMulNBits) by projection, summed over the layers.
 """
 
@@ -36,18 +36,12 @@ def _run_classifier(session, model_dir: Path, sentences: int) -> int:
 
 
 def _run_decoder(session, model_dir: Path, prompt: int, tokens: int) -> int:
-    import numpy as np
-
     from compressor.generation_runtime import OnnxCausalLM
 
     lm = OnnxCausalLM(model_dir / "model.onnx", session=session)
-    ids = np.arange(1000, 1000 + prompt, dtype=np.int64)[None]
-    mask = np.ones_like(ids)
-    logits, past = lm.forward(ids, mask, lm.empty_past(1))
+    logits, cache = lm.prefill(list(range(1000, 1000 + prompt)), prompt + tokens)
     for _ in range(tokens):
-        token = int(logits[0, -1].argmax())
-        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        logits, past = lm.forward(np.asarray([[token]], np.int64), mask, past)
+        logits = lm.decode(int(logits.argmax()), cache)
     return tokens
 
 

@@ -76,8 +76,10 @@ class OnnxCausalLM:
         ids = np.asarray([prompt], np.int64)
         cache = Cache(mask=np.ones_like(ids))
         if self.share_buffer:
+            import onnxruntime as ort
+
             shape = (1, self.kv_heads, max(capacity, len(prompt)), self.head_dim)
-            cache.buffers = [ort_value(np.zeros(shape, self.kv_dtype)) for _ in self.past_names]
+            cache.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype)) for _ in self.past_names]
             return self._bound_run(ids, cache), cache
         logits, cache.past = self.forward(ids, cache.mask, self.empty_past(1))
         return logits[0, -1], cache
@@ -145,21 +147,17 @@ class Cache:
         self.buffers: list[Any] | None = None
 
 
-def ort_value(array: np.ndarray) -> Any:
-    """An onnxruntime OrtValue over `array`'s memory (CPU)."""
-    import onnxruntime as ort
+def _beside(model: Any, name: str) -> dict[str, Any]:
+    """The JSON file `name` beside the model file, parsed; empty when the model is bytes or there is none."""
+    import json
 
-    return ort.OrtValue.ortvalue_from_numpy(array)
+    file = Path(model).parent / name if isinstance(model, (str, Path)) else None
+    return json.loads(file.read_text()) if file is not None and file.is_file() else {}
 
 
 def _genai_search(model: Any) -> dict[str, Any]:
     """The `search` settings of the genai_config.json beside the model file, if there is one."""
-    import json
-
-    file = Path(model).parent / "genai_config.json" if isinstance(model, (str, Path)) else None
-    if file is None or not file.is_file():
-        return {}
-    return json.loads(file.read_text()).get("search", {})
+    return _beside(model, "genai_config.json").get("search", {})
 
 
 def _dim(value: Any, model: Any, key: str) -> int:
@@ -167,20 +165,15 @@ def _dim(value: Any, model: Any, key: str) -> int:
     builder writes `kv_cache_dim`), from the config.json or genai_config.json beside the model file."""
     if isinstance(value, int):
         return value
-    import json
-
-    folder = Path(model).parent if isinstance(model, (str, Path)) else None
     for name in ("config.json", "genai_config.json"):
-        file = folder / name if folder else None
-        if file and file.is_file():
-            config = json.loads(file.read_text())
-            config = config.get("model", {}).get("decoder", config) if name == "genai_config.json" else config
-            found = {"head_dim": config.get("head_dim") or config.get("head_size")
-                     or (config.get("hidden_size") // config.get("num_attention_heads")
-                         if config.get("hidden_size") and config.get("num_attention_heads") else None),
-                     "num_key_value_heads": config.get("num_key_value_heads")}.get(key)
-            if found:
-                return int(found)
+        config = _beside(model, name)
+        config = config.get("model", {}).get("decoder", config) if name == "genai_config.json" else config
+        found = {"head_dim": config.get("head_dim") or config.get("head_size")
+                 or (config.get("hidden_size") // config.get("num_attention_heads")
+                     if config.get("hidden_size") and config.get("num_attention_heads") else None),
+                 "num_key_value_heads": config.get("num_key_value_heads")}.get(key)
+        if found:
+            return int(found)
     raise ValueError(f"the model leaves {key} symbolic ({value!r}) and no config.json beside it gives it")
 
 

@@ -231,9 +231,7 @@ class Runner:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
-                stop = termination_requested()
-                if stop:  # the stop signal's exception, swallowed and replaced by a library's
-                    raise Terminated(stop) from exc
+                # a stop signal that a library swallowed is told from a real failure in `run`, for the whole run
                 raise StepError(f"{type(exc).__name__}: {exc}", where=planned.label, hint=failure_hint(exc)) from exc
             seconds = time.perf_counter() - t0
             try:  # until the cache holds it, the step's output is only a temporary directory: never left behind

@@ -94,15 +94,10 @@ def gptq(weight: np.ndarray, hessian: Any, bits: int, block_size: int, symmetric
     w[:, dead] = 0
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=torch.float64)
     importance = torch.diag(h).float()
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     codes = torch.zeros((n, k), dtype=torch.float32)
     scales = torch.zeros((n, k // block_size), dtype=torch.float32)
     zeros = torch.zeros_like(scales)
-
-    def fit(block: Any, first: int) -> tuple[Any, Any]:
-        return (searched_grid(block, bits, symmetric, importance[first : first + block_size]) if search
-                else grid(block, bits, symmetric))
-
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     lazy = max(LAZY_BLOCK, block_size)  # a multiple of block_size: no quantization block spans two
     for start in range(0, k, lazy):
         end = min(start + lazy, k)
@@ -112,7 +107,10 @@ def gptq(weight: np.ndarray, hessian: Any, bits: int, block_size: int, symmetric
         for i in range(end - start):
             col = start + i
             if col % block_size == 0:  # the block's grid, from its weights as corrected so far
-                scales[:, col // block_size], zeros[:, col // block_size] = fit(part[:, i : i + block_size], col)
+                block = part[:, i : i + block_size]
+                scales[:, col // block_size], zeros[:, col // block_size] = (
+                    searched_grid(block, bits, symmetric, importance[col : col + block_size]) if search
+                    else grid(block, bits, symmetric))
             scale, zero = scales[:, col // block_size], zeros[:, col // block_size]
             q = _codes(part[:, i], scale, zero, bits)
             codes[:, col] = q

@@ -5,8 +5,8 @@
 Prints one JSON object: time to first token (the prompt's prefill, batch 1), decode tokens/s, the
 median and p90 time of one decode step, and the peak RSS of this process (getrusage), which counts
 this model only, not the host process that measured everything else. An `onnx` artifact runs on
-compressor.generation_runtime (numpy + onnxruntime, as a bundle does); an `hf` one on PyTorch. Both decode through the runtime's own cache (onnx: a shared buffer where the
-graph supports it, see compressor.generation_runtime).
+compressor.generation_runtime (numpy + onnxruntime, as a bundle does: its cache is a shared buffer
+where the graph asks for one); an `hf` one on PyTorch.
 """
 
 from __future__ import annotations
