@@ -73,16 +73,51 @@ def _codes(column: Any, scale: Any, zero: Any, bits: int) -> Any:
     return (torch.round(torch.where(scale == 0, torch.zeros_like(column), column / safe)) + zero).clamp(0, (1 << bits) - 1)
 
 
+def refit_scales(weight: Any, codes: Any, scales: Any, zeros: Any, hessian: Any, block_size: int,
+                 rows_at_once: int = 1024) -> Any:
+    """The scales that, with these codes, leave the least output error tr((W - Ŵ) H (W - Ŵ)ᵀ) against the
+    original weight (rows × K, the transposed MatMul weight): one least-squares solve per row over its blocks'
+    scales, so the blocks of a row share out the error that GPTQ left. A row keeps its scales where the solve
+    is not better (a block whose codes are all its zero point, say). Returns the new scales (rows × blocks)."""
+    import torch
+
+    n, k = weight.shape
+    blocks = k // block_size
+    h = hessian.double().reshape(blocks, block_size, blocks, block_size)
+    out = scales.clone()
+    for start in range(0, n, rows_at_once):
+        end = min(start + rows_at_once, n)
+        centred = (codes[start:end] - zeros[start:end].repeat_interleave(block_size, 1)).double()
+        centred = centred.reshape(end - start, blocks, block_size)
+        hc = torch.einsum("bicj,ncj->nbic", h, centred)  # H·(codes of block c), split by block
+        gram = torch.einsum("nbi,nbic->nbc", centred, hc)  # rows × blocks × blocks
+        w = weight[start:end].double()
+        target = (centred * (w @ hessian.double()).reshape(end - start, blocks, block_size)).sum(-1)
+        old = scales[start:end].double()
+        ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)[:, None, None]
+        eye = torch.eye(blocks, dtype=torch.float64)[None]
+        new = torch.linalg.solve(gram + ridge * eye, target + ridge[:, :, 0] * old)
+
+        def error(s: Any) -> Any:
+            e = w - (centred * s[..., None]).reshape(end - start, k)
+            return ((e @ hessian.double()) * e).sum(1)
+
+        better = error(new) < error(old)
+        out[start:end] = torch.where(better[:, None], new, old).to(scales.dtype)
+    return out
+
+
 def gptq(weight: np.ndarray, hessian: Any, bits: int, block_size: int, symmetric: bool,
-         damp: float = DAMP, search: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+         damp: float = DAMP, search: bool = False, refit: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize a MatMul weight (K × N, as ONNX stores it) against the Hessian of its input (K × K).
 
     Columns of the transposed weight are rounded in order and each one's error is spread over the columns
     not yet rounded, weighted by the inverse Hessian (the paper's Cholesky form with lazy batch updates).
     With `search`, each block's range is shrunk where that lowers its Hessian-weighted rounding error
     (`searched_grid`); without, it is onnxruntime's min-max grid. Either is fitted to the block's weights as
-    corrected so far. (Act-order with grids fixed beforehand, AutoGPTQ's static groups, was measured worse
-    on SmolLM2: bench/NOTES.md.)
+    corrected so far. With `refit`, the scales are then solved for again, all of a row's blocks together,
+    against the original weight (`refit_scales`). (Act-order with grids fixed beforehand, AutoGPTQ's static
+    groups, was measured worse on SmolLM2: bench/NOTES.md.)
     Returns codes (N × K, uint8), scales (N × K/block_size, float32) and zero points (N × K/block_size)."""
     import torch
 
@@ -92,6 +127,7 @@ def gptq(weight: np.ndarray, hessian: Any, bits: int, block_size: int, symmetric
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
+    original = w.clone()
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=torch.float64)
     importance = torch.diag(h).float()
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
@@ -118,6 +154,8 @@ def gptq(weight: np.ndarray, hessian: Any, bits: int, block_size: int, symmetric
             part[:, i:] -= error[:, None] * inv[i, i:][None, :]
             errors[:, i] = error
         w[:, end:] -= errors @ inverse[start:end, end:]
+    if refit:
+        scales = refit_scales(original, codes, scales, zeros, h, block_size)
     return codes.to(torch.uint8).numpy(), scales.numpy(), zeros.to(torch.uint8).numpy()
 
 
@@ -206,13 +244,15 @@ INPUTS_PER_PASS = 8
 
 
 def gptq_matmuls(model: Any, source: Path, nodes: list[str], eight_bit: set[str], sequences: list[list[int]],
-                 block_size: int, symmetric: bool, accuracy_level: int, threads: int,
-                 inputs_per_pass: int | None = None, search: bool = False) -> list[str]:
+                 block_size: int | tuple[int, int], symmetric: bool, accuracy_level: int, threads: int,
+                 inputs_per_pass: int | None = None, search: bool = False, refit: bool = False) -> list[str]:
     """GPTQ every named MatMul of `model` (in place) at 4 bits, or 8 for those in `eight_bit`, in graph order,
-    against Hessians measured on `sequences` through the model as quantized so far (`search`: see `gptq`).
+    in blocks of `block_size` (one size, or the 4-bit and the 8-bit one), against Hessians measured on
+    `sequences` through the model as quantized so far (`search`, `refit`: see `gptq`).
     Returns the MatMulNBits nodes written."""
     from onnx import numpy_helper
 
+    four_block, eight_block = block_size if isinstance(block_size, tuple) else (block_size, block_size)
     chosen = set(nodes)
     readers: dict[str, list[str]] = {}  # MatMul input → the chosen MatMuls reading it, in graph order
     for node in model.graph.node:
@@ -229,8 +269,9 @@ def gptq_matmuls(model: Any, source: Path, nodes: list[str], eight_bit: set[str]
         for name in [n for i in inputs for n in readers[i]]:
             node = by_name[name]
             weight = numpy_helper.to_array(weights[node.input[1]])
-            bits = 8 if name in eight_bit else 4
-            codes, scales, zeros = gptq(weight, hessians[node.input[0]], bits, block_size, symmetric, search=search)
-            written.append(replace_matmul(model, node, weight, codes, scales, zeros, bits, block_size, symmetric,
+            bits, block = (8, eight_block) if name in eight_bit else (4, four_block)
+            codes, scales, zeros = gptq(weight, hessians[node.input[0]], bits, block, symmetric, search=search,
+                                        refit=refit)
+            written.append(replace_matmul(model, node, weight, codes, scales, zeros, bits, block, symmetric,
                                           accuracy_level))
     return written

@@ -91,6 +91,9 @@ class QuantizeOnnxConfig(StepConfig):
                                                                                "calibration_text window.")
     block_size: int = Field(default=32, ge=16, le=1024, description="int4: weights per quantization block "
                                                                     "(a power of two dividing the layer widths).")
+    int8_block_size: int | None = Field(default=None, ge=16, le=1024, description="int4: weights per block of the "
+                                                                                 "int8_nodes (default block_size): "
+                                                                                 "8-bit codes need fewer scales.")
     symmetric: bool = Field(default=True, description="int4: symmetric blocks (no zero points).")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(default=4, description="int4: MatMulNBits compute precision "
                                                                           "(4 = int8 activations, fastest on CPU).")
@@ -104,6 +107,9 @@ class QuantizeOnnxConfig(StepConfig):
     clip_search: bool = Field(default=False, description="int4 gptq: shrink each block's range (to as little as "
                                                          "80%) where that lowers its rounding error, weighted by "
                                                          "the Hessian's diagonal, instead of keeping min-max.")
+    refit_scales: bool = Field(default=False, description="int4 gptq: once a MatMul's codes are fixed, solve for "
+                                                          "its block scales again, all of a row's blocks together, "
+                                                          "for the least output error on the calibration text.")
     int8_nodes: list[str] = Field(default_factory=list, description="int4: MatMuls (regular expressions searched in "
                                                                     "node names) kept at 8 bits (MatMulNBits bits=8, "
                                                                     "the same blocks): the sensitive few, say "
@@ -116,11 +122,11 @@ class QuantizeOnnx(Step):
 
     name = "quantize-onnx"
     summary = "Quantize an ONNX model: dynamic int8, static QDQ int8 (calibrated), or int4 weight-only."
-    version = "10"  # 4: int4 embedding tables packed as uint8; 5: mode auto, dynamic weights int8 unless set;
+    version = "11"  # 4: int4 embedding tables packed as uint8; 5: mode auto, dynamic weights int8 unless set;
     # 6: int4 packs a tied LM head (a MatMul reading a transposed table) and takes `algorithm`;
     # 7: a Gather reading a transposed table is untied too, and a tied head and table share one int4 copy;
     # 8: they share it when only rounding ties differ; 9: algorithm gptq (and a GPTQ head's table reads its codes);
-    # 10: gptq clip_search
+    # 10: gptq clip_search; 11: gptq refit_scales
     Config = QuantizeOnnxConfig
     accepts = ("onnx",)
     produces = "onnx"
@@ -194,10 +200,11 @@ class QuantizeOnnx(Step):
             if not ctx.resolve(config.calibration_text).is_file():
                 raise RecipeError(f"{ctx.resolve(config.calibration_text)} does not exist",
                                   where="with.calibration_text", hint="fix the path (relative to the recipe file)")
-        if config.clip_search and (config.mode != "int4" or config.algorithm != "gptq"):
-            raise RecipeError("clip_search is read by mode: int4 with algorithm: gptq only", where="with.clip_search",
-                              hint="remove it, or set algorithm: gptq (onnxruntime's own int4 algorithms fit "
-                                   "their own grids)")
+        for option in ("clip_search", "refit_scales"):
+            if getattr(config, option) and (config.mode != "int4" or config.algorithm != "gptq"):
+                raise RecipeError(f"{option} is read by mode: int4 with algorithm: gptq only", where=f"with.{option}",
+                                  hint="remove it, or set algorithm: gptq (onnxruntime's own int4 algorithms fit "
+                                       "their own grids)")
         if config.mode != "int4":
             return
         rows = gptq_train_rows(config)
@@ -217,13 +224,20 @@ class QuantizeOnnx(Step):
                 raise RecipeError(f"the embedding tables are already int8 after steps[{i}] ({uses}), which "
                                   "quantizes Gather", where="with.op_types",
                                   hint=f"give steps[{i}] op_types without Gather, e.g. [MatMul, Attention]")
-        if config.block_size & (config.block_size - 1):
-            raise RecipeError(f"block_size {config.block_size} is not a power of two", where="with.block_size")
-        for key in ("hidden_size", "intermediate_size"):
-            width = ctx.model_config.get(key)
-            if isinstance(width, int) and width % config.block_size:
-                raise RecipeError(f"block_size {config.block_size} does not divide the model's {key} {width}",
-                                  where="with.block_size", hint="choose 16, 32, 64 or 128 dividing the widths")
+        if config.int8_block_size is not None and not config.int8_nodes:
+            raise RecipeError("int8_block_size is read for int8_nodes, and none are given", where="with.int8_block_size",
+                              hint="remove it, or name the MatMuls to keep at 8 bits in int8_nodes")
+        for field in ("block_size", "int8_block_size"):
+            size = getattr(config, field)
+            if size is None:
+                continue
+            if size & (size - 1):
+                raise RecipeError(f"{field} {size} is not a power of two", where=f"with.{field}")
+            for key in ("hidden_size", "intermediate_size"):
+                width = ctx.model_config.get(key)
+                if isinstance(width, int) and width % size:
+                    raise RecipeError(f"{field} {size} does not divide the model's {key} {width}",
+                                      where=f"with.{field}", hint="choose 16, 32, 64 or 128 dividing the widths")
 
     def run(self, artifact: Artifact, config: StepConfig, ctx: StepContext) -> Artifact:
         """Write the quantized model.onnx and copy the config and tokenizer beside it."""
@@ -403,7 +417,8 @@ def blockwise_int4(model: Any, config: QuantizeOnnxConfig, op_types: tuple[str, 
     if eight and "MatMul" in op_types:
         # 8-bit first; those nodes are MatMulNBits afterwards, so the 4-bit passes below leave them alone
         others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in eight]
-        first8 = nbits.MatMulNBitsQuantizer(model, bits=8, block_size=config.block_size, is_symmetric=config.symmetric,
+        first8 = nbits.MatMulNBitsQuantizer(model, bits=8, block_size=config.int8_block_size or config.block_size,
+                                            is_symmetric=config.symmetric,
                                             accuracy_level=config.accuracy_level,
                                             nodes_to_exclude=others + list(config.exclude_nodes),
                                             op_types_to_quantize=("MatMul",))
@@ -446,12 +461,14 @@ def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepConte
 
     model = onnx.load(str(source))
     weights = {t.name: t for t in model.graph.initializer}
+    eight_block = config.int8_block_size or config.block_size
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in weights:
             k = numpy_helper.to_array(weights[node.input[1]]).shape[0]
-            if k % config.block_size:
-                raise StepError(f"block_size {config.block_size} does not divide {node.name}'s input width {k}",
-                                hint="choose a block size that divides every layer width")
+            for size in {config.block_size, eight_block}:
+                if k % size:
+                    raise StepError(f"block size {size} does not divide {node.name}'s input width {k}",
+                                    hint="choose a block size that divides every layer width")
     op_types = tuple(config.op_types or ("MatMul",))
     unknown = set(op_types) - {"MatMul", "Gather"}
     if unknown:
@@ -481,8 +498,9 @@ def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepConte
         nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights
                  and n.name not in config.exclude_nodes]
         tied = tied_tables(model, nodes)
-        solved = gptq_matmuls(model, source, nodes, set(eight), sequences or [], config.block_size,
-                              config.symmetric, config.accuracy_level, threads=0, search=config.clip_search)
+        solved = gptq_matmuls(model, source, nodes, set(eight), sequences or [], (config.block_size, eight_block),
+                              config.symmetric, config.accuracy_level, threads=0, search=config.clip_search,
+                              refit=config.refit_scales)
         op_types = tuple(o for o in op_types if o != "MatMul")
     if op_types:
         quantized = blockwise_int4(model, config, op_types)
@@ -493,7 +511,7 @@ def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepConte
     packed = pack_gather_tables(quantized.model)
     shared = share_tied_tables(quantized.model, tied)
     quantized.save_model_to_file(str(target), use_external_data_format=False)
-    ctx.report(block_size=config.block_size, symmetric=config.symmetric, accuracy_level=config.accuracy_level,
+    ctx.report(block_size=config.block_size, **({"int8_block_size": eight_block} if eight else {}), symmetric=config.symmetric, accuracy_level=config.accuracy_level,
                algorithm=config.algorithm, op_types=list(config.op_types or ("MatMul",)), packed_gather_tables=packed,
                **({"int8_nodes": eight} if eight else {}),
                **({"untied": untied} if untied else {}), **({"shared_tables": shared} if shared else {}),

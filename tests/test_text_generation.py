@@ -152,6 +152,8 @@ def test_the_guard_reads_perplexity_as_lower_is_better(tmp_path, tiny_llama, sst
     ("int8", "mode 'dynamic' is not built for text-generation models yet"),
     ("gptq-text", "missing.txt does not exist"),
     ("clip-search", "clip_search is read by mode: int4 with algorithm: gptq only"),
+    ("refit-scales", "refit_scales is read by mode: int4 with algorithm: gptq only"),
+    ("int8-block", "int8_block_size is read for int8_nodes, and none are given"),
 ])
 def test_bad_llm_inputs_exit_2_at_check(case, message, tmp_path, cli_run, tiny_llama, sst2_small, wikitext_slice):
     import shutil
@@ -200,6 +202,12 @@ def test_bad_llm_inputs_exit_2_at_check(case, message, tmp_path, cli_run, tiny_l
     if case == "clip-search":
         text = text.replace("  - uses: export-onnx\n", "  - uses: export-onnx\n  - uses: quantize-onnx\n"
                                                           "    with: {mode: int4, clip_search: true}\n")
+    if case == "refit-scales":
+        text = text.replace("  - uses: export-onnx\n", "  - uses: export-onnx\n  - uses: quantize-onnx\n"
+                                                          "    with: {mode: int4, algorithm: minmax, refit_scales: true}\n")
+    if case == "int8-block":
+        text = text.replace("  - uses: export-onnx\n", "  - uses: export-onnx\n  - uses: quantize-onnx\n"
+                                                          "    with: {mode: int4, int8_block_size: 128}\n")
     if case == "eval-key":
         text = text.replace("perplexity_tokens", "perplexity_tokenz")
     path = tmp_path / "r.yaml"
@@ -233,14 +241,14 @@ def test_the_genai_builder_graph_keeps_the_model_and_int4_shares_its_tied_table(
                                                                               sst2_small, wikitext_slice):
     """exporter: onnxruntime-genai writes fused attention (GroupQueryAttention); parity holds, the model's
     perplexity is PyTorch's, and int4 packs the embedding the builder reads through a Transpose and stores
-    the tied table once."""
+    the tied table once; an 8-bit MatMul takes its own block size."""
     import onnx
 
     from compressor.testing import run_recipe
 
     steps = ("  - uses: export-onnx\n    with: {exporter: onnxruntime-genai, atol: 1.0e-3, parity_rows: 8}\n"
              "  - uses: quantize-onnx\n    with: {mode: int4, block_size: 16, op_types: [MatMul, Gather], "
-             "int8_nodes: ['layers\\.0/mlp/down_proj']}\n")
+             "int8_nodes: ['layers\\.0/mlp/down_proj'], int8_block_size: 32}\n")
     record = run_recipe(llm_recipe(tiny_llama_head16, sst2_small, wikitext_slice, steps=steps), tmp_path,
                         cache=tmp_path / "cache")
     arts = {a["name"]: a for a in record["artifacts"]}
@@ -256,6 +264,9 @@ def test_the_genai_builder_graph_keeps_the_model_and_int4_shares_its_tied_table(
             if n.op_type == "MatMulNBits"}
     assert notes["quantize-onnx"]["int8_nodes"] == ["/model/layers.0/mlp/down_proj/MatMul"]
     assert bits.pop("/model/layers.0/mlp/down_proj/MatMul_Q8") == 8 and set(bits.values()) == {4}
+    blocks = {n.name: next(a.i for a in n.attribute if a.name == "block_size") for n in model.graph.node
+              if n.op_type == "MatMulNBits"}
+    assert blocks.pop("/model/layers.0/mlp/down_proj/MatMul_Q8") == 32 and set(blocks.values()) == {16}
     vocab = json.loads((tiny_llama_head16 / "config.json").read_text())["vocab_size"]
     tables = [t for t in model.graph.initializer if t.dims and t.dims[0] == vocab]
     assert len(tables) == 2  # one packed int4 table and its scales, read by the LM head and the embedding
