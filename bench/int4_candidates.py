@@ -63,6 +63,23 @@ CANDIDATES = [
     {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
      "calibration_windows": 8, "calibration_rows": 128, "int8_nodes": ["mlp/down_proj", "attn/qkv_proj"],
      "clip_search": True},
+    # 21: 18 with each row's block scales solved again for its codes (refit_scales)
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
+     "calibration_windows": 8, "calibration_rows": 64, "int8_nodes": ["mlp/down_proj", "attn/qkv_proj"],
+     "clip_search": True, "refit_scales": True},
+    # 22: 21 with the 8-bit MatMuls in blocks of 64 (half the scales; 128 does not divide 576)
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
+     "calibration_windows": 8, "calibration_rows": 64, "int8_nodes": ["mlp/down_proj", "attn/qkv_proj"],
+     "clip_search": True, "refit_scales": True, "int8_block_size": 64},
+    # 23: 22 with the attention output projections at 8 bits too
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
+     "calibration_windows": 8, "calibration_rows": 64, "int8_nodes": ["mlp/down_proj", "attn/qkv_proj", "attn/o_proj"],
+     "clip_search": True, "refit_scales": True, "int8_block_size": 64},
+    # 24: 22 with layers 11 and 29 (the most sensitive under min-max) wholly at 8 bits
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
+     "calibration_windows": 8, "calibration_rows": 64,
+     "int8_nodes": ["mlp/down_proj", "attn/qkv_proj", "layers\\.(11|29)/"],
+     "clip_search": True, "refit_scales": True, "int8_block_size": 64},
 ]
 
 

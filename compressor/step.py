@@ -111,10 +111,17 @@ class Step:
     requires: ClassVar[tuple[str, ...]] = ()
     #: False when the output depends on thread timing; the record says so.
     deterministic: ClassVar[bool] = True
+    #: Config fields that name a file the step reads (resolved by `resolve_config`): the cache is keyed on the
+    #: file's content, so an edited file under the same name is not served from the cache.
+    content_fields: ClassVar[tuple[str, ...]] = ()
 
     def cache_extra(self, config: StepConfig) -> Any:
-        """Anything besides the config that decides the output (e.g. the CPU's instruction set); keys the cache."""
-        return None
+        """Anything besides the config that decides the output (e.g. the CPU's instruction set); keys the cache.
+        The default: the content hash of each `content_fields` file that exists, or None."""
+        from compressor.artifact import hash_file
+
+        files = {name: Path(value) for name in self.content_fields if (value := getattr(config, name, None))}
+        return {name: hash_file(path) for name, path in files.items() if path.is_file()} or None
 
     def data_splits(self, config: StepConfig) -> tuple[str, ...]:
         """Data splits this configuration reads (default: `needs_data`); part of the plan check and cache key."""

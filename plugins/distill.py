@@ -62,6 +62,7 @@ class Distill(Step):
     Config = DistillConfig
     accepts = ("hf",)
     produces = "hf"
+    content_fields = ("text_file",)
     needs_data = ("train",)
 
     def data_splits(self, config: StepConfig) -> tuple[str, ...]:
@@ -106,15 +107,6 @@ class Distill(Step):
         if config.text_file is not None:
             config = config.model_copy(update={"text_file": str(ctx.resolve(config.text_file))})
         return config
-
-    def cache_extra(self, config: StepConfig) -> Any:
-        """The text_file's content: an edited file under the same name is not served from the cache."""
-        assert isinstance(config, DistillConfig)
-        if config.text_file is None or not Path(config.text_file).is_file():
-            return None
-        from compressor.artifact import hash_file
-
-        return {"text_file": hash_file(Path(config.text_file))}
 
     def run(self, artifact: Artifact, config: StepConfig, ctx: StepContext) -> Artifact:
         """Train the student against the teacher; save the best (or last) epoch."""

@@ -130,18 +130,16 @@ class QuantizeOnnx(Step):
     Config = QuantizeOnnxConfig
     accepts = ("onnx",)
     produces = "onnx"
+    content_fields = ("calibration_text",)
 
     def cache_extra(self, config: StepConfig) -> Any:
         """mode: auto measures on this CPU: its int8 kernel class and onnxruntime's version key the cache,
         so a cache shared between machines never hands one CPU's choice to another. GPTQ's calibration_text
-        keys it by content."""
+        keys it by content (`content_fields`)."""
         assert isinstance(config, QuantizeOnnxConfig)
-        if config.calibration_text is not None and Path(config.calibration_text).is_file():
-            from compressor.artifact import hash_file
-
-            return {"calibration_text": hash_file(Path(config.calibration_text))}
-        if config.mode != "auto":
-            return None
+        texts = super().cache_extra(config)
+        if texts or config.mode != "auto":
+            return texts
         from importlib.metadata import version
 
         from compressor.cpu import int8_kernel_class
@@ -281,11 +279,18 @@ def gptq_train_rows(config: QuantizeOnnxConfig) -> int:
     return 0 if config.calibration_text else 128
 
 
+def calibration_window_starts(tokens: int, width: int, windows: int, seed: int) -> list[int]:
+    """Token offsets of the calibration_text windows GPTQ reads: a seeded sample of the file's whole
+    `width`-token windows (bench/perplexity_spread.py leaves them out of what it measures)."""
+    import random
+
+    starts = list(range(0, tokens - width + 1, width))
+    return sorted(random.Random(seed).sample(starts, min(len(starts), windows)))
+
+
 def calibration_sequences(artifact: Artifact, ctx: Any, config: QuantizeOnnxConfig) -> list[list[int]]:
     """GPTQ's calibration token ids: a seeded sample of calibration_windows windows of calibration_text, then
     seeded train rows rendered as finetune renders them for the task."""
-    import random
-
     from compressor.evaluators.runtime import load_tokenizer
     from compressor.training import collate, sample_rows
 
@@ -294,11 +299,10 @@ def calibration_sequences(artifact: Artifact, ctx: Any, config: QuantizeOnnxConf
     if config.calibration_text is not None:
         ids = tokenizer(Path(config.calibration_text).read_text(encoding="utf-8"))["input_ids"]
         width = config.calibration_window
-        starts = range(0, len(ids) - width + 1, width)
-        if not starts:
+        if len(ids) < width:
             raise StepError(f"{config.calibration_text} has {len(ids)} tokens, fewer than one calibration_window "
                             f"({width})", hint="give a longer file or a smaller calibration_window")
-        chosen = sorted(random.Random(ctx.seed).sample(list(starts), min(len(starts), config.calibration_windows)))
+        chosen = calibration_window_starts(len(ids), width, config.calibration_windows, ctx.seed)
         out += [list(ids[s : s + width]) for s in chosen]
     rows = gptq_train_rows(config)
     if rows:
