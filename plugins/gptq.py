@@ -83,7 +83,9 @@ def refit_scales(weight: Any, codes: Any, scales: Any, zeros: Any, hessian: Any,
 
     n, k = weight.shape
     blocks = k // block_size
-    h = hessian.double().reshape(blocks, block_size, blocks, block_size)
+    hessian = hessian.double()
+    h = hessian.reshape(blocks, block_size, blocks, block_size)
+    eye = torch.eye(blocks, dtype=torch.float64)[None]
     out = scales.clone()
     for start in range(0, n, rows_at_once):
         end = min(start + rows_at_once, n)
@@ -92,15 +94,14 @@ def refit_scales(weight: Any, codes: Any, scales: Any, zeros: Any, hessian: Any,
         hc = torch.einsum("bicj,ncj->nbic", h, centred)  # H·(codes of block c), split by block
         gram = torch.einsum("nbi,nbic->nbc", centred, hc)  # rows × blocks × blocks
         w = weight[start:end].double()
-        target = (centred * (w @ hessian.double()).reshape(end - start, blocks, block_size)).sum(-1)
+        target = (centred * (w @ hessian).reshape(end - start, blocks, block_size)).sum(-1)
         old = scales[start:end].double()
         ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-30)[:, None, None]
-        eye = torch.eye(blocks, dtype=torch.float64)[None]
         new = torch.linalg.solve(gram + ridge * eye, target + ridge[:, :, 0] * old)
 
         def error(s: Any) -> Any:
             e = w - (centred * s[..., None]).reshape(end - start, k)
-            return ((e @ hessian.double()) * e).sum(1)
+            return ((e @ hessian) * e).sum(1)
 
         better = error(new) < error(old)
         out[start:end] = torch.where(better[:, None], new, old).to(scales.dtype)
@@ -244,15 +245,15 @@ INPUTS_PER_PASS = 8
 
 
 def gptq_matmuls(model: Any, source: Path, nodes: list[str], eight_bit: set[str], sequences: list[list[int]],
-                 block_size: int | tuple[int, int], symmetric: bool, accuracy_level: int, threads: int,
+                 block_sizes: tuple[int, int], symmetric: bool, accuracy_level: int, threads: int,
                  inputs_per_pass: int | None = None, search: bool = False, refit: bool = False) -> list[str]:
     """GPTQ every named MatMul of `model` (in place) at 4 bits, or 8 for those in `eight_bit`, in graph order,
-    in blocks of `block_size` (one size, or the 4-bit and the 8-bit one), against Hessians measured on
+    in blocks of `block_sizes` (the 4-bit one, the 8-bit one), against Hessians measured on
     `sequences` through the model as quantized so far (`search`, `refit`: see `gptq`).
     Returns the MatMulNBits nodes written."""
     from onnx import numpy_helper
 
-    four_block, eight_block = block_size if isinstance(block_size, tuple) else (block_size, block_size)
+    four_block, eight_block = block_sizes
     chosen = set(nodes)
     readers: dict[str, list[str]] = {}  # MatMul input → the chosen MatMuls reading it, in graph order
     for node in model.graph.node:

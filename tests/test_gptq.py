@@ -58,26 +58,46 @@ def test_gptq_lowers_the_output_error_on_unseen_inputs_of_the_same_kind(symmetri
     assert error < 0.85 * minmax
 
 
-def test_searched_ranges_fit_heavy_tailed_weights_better():
-    """Weights with heavy tails (a few large values stretch min-max's steps) and inputs with a few loud
-    channels: searching each block's range lowers the error on new inputs, and the codes stay inside the
-    grid, one grid per block."""
-    from compressor.plugins.gptq import gptq
+#: the loud-channel problem's sizes: K, N and the quantization block
+LOUD_K, LOUD_N, LOUD_BLOCK = 128, 64, 32
 
-    rng = np.random.default_rng(2)
-    k, n, block = 128, 64, 32
+
+def _loud_channel_problem(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Heavy-tailed weights (K × N) and inputs with a few loud, mixed channels: the weight, the Hessian of
+    2,000 seen inputs, and 2,000 unseen inputs from the same distribution."""
+    rng = np.random.default_rng(seed)
+    k, n = LOUD_K, LOUD_N
     loud = np.ones(k, np.float32)
     loud[rng.choice(k, 6, replace=False)] = 8
     mixing = rng.standard_normal((k, k)).astype(np.float32) / np.sqrt(k)
     seen, unseen = ((rng.standard_normal((2000, k)).astype(np.float32) @ mixing) * loud for _ in range(2))
     weight = rng.standard_t(3, (k, n)).astype(np.float32)
     hessian = 2 * seen.T.astype(np.float64) @ seen / len(seen)
+    return weight, hessian, unseen
+
+
+def _gptq_on_unseen(weight: np.ndarray, hessian: np.ndarray, unseen: np.ndarray, **options):
+    """4-bit symmetric GPTQ of `weight` in LOUD_BLOCK blocks: its codes, scales, and the output error on
+    `unseen` inputs."""
+    from compressor.plugins.gptq import gptq
+
+    (k, n), block = weight.shape, LOUD_BLOCK
+    codes, scales, zeros = gptq(weight, hessian, 4, block, True, **options)
+    blocks = codes.reshape(n, k // block, block).astype(np.float32) - zeros[..., None]
+    error = np.linalg.norm(unseen @ weight - unseen @ (blocks * scales[..., None]).reshape(n, k).T)
+    return codes, scales, error
+
+
+def test_searched_ranges_fit_heavy_tailed_weights_better():
+    """Weights with heavy tails (a few large values stretch min-max's steps) and inputs with a few loud
+    channels: searching each block's range lowers the error on new inputs, and the codes stay inside the
+    grid, one grid per block."""
+    weight, hessian, unseen = _loud_channel_problem(2)
 
     def error(**options):
-        codes, scales, zeros = gptq(weight, hessian, 4, block, True, **options)
-        assert codes.max() <= 15 and scales.shape == (n, k // block)
-        blocks = codes.reshape(n, k // block, block).astype(np.float32) - zeros[..., None]
-        return np.linalg.norm(unseen @ weight - unseen @ (blocks * scales[..., None]).reshape(n, k).T)
+        codes, scales, error = _gptq_on_unseen(weight, hessian, unseen, **options)
+        assert codes.max() <= 15 and scales.shape == (LOUD_N, LOUD_K // LOUD_BLOCK)
+        return error
 
     assert error(search=True) < 0.95 * error()
 
@@ -85,24 +105,10 @@ def test_searched_ranges_fit_heavy_tailed_weights_better():
 def test_refitted_scales_lower_the_output_error_on_new_inputs():
     """Solving each row's block scales again for the fixed codes (`refit`) lowers the output error on inputs
     GPTQ never saw, with min-max grids and with searched ones, and leaves the codes as they were."""
-    from compressor.plugins.gptq import gptq
-
-    rng = np.random.default_rng(0)
-    k, n, block = 128, 64, 32
-    loud = np.ones(k, np.float32)
-    loud[rng.choice(k, 6, replace=False)] = 8
-    mixing = rng.standard_normal((k, k)).astype(np.float32) / np.sqrt(k)
-    seen, unseen = ((rng.standard_normal((2000, k)).astype(np.float32) @ mixing) * loud for _ in range(2))
-    weight = rng.standard_t(3, (k, n)).astype(np.float32)
-    hessian = 2 * seen.T.astype(np.float64) @ seen / len(seen)
-
-    def solve(**options):
-        codes, scales, zeros = gptq(weight, hessian, 4, block, True, **options)
-        blocks = codes.reshape(n, k // block, block).astype(np.float32) - zeros[..., None]
-        return codes, np.linalg.norm(unseen @ weight - unseen @ (blocks * scales[..., None]).reshape(n, k).T)
-
+    weight, hessian, unseen = _loud_channel_problem(0)
     for search in (False, True):
-        (codes, plain), (refit_codes, refit) = solve(search=search), solve(search=search, refit=True)
+        codes, _, plain = _gptq_on_unseen(weight, hessian, unseen, search=search)
+        refit_codes, _, refit = _gptq_on_unseen(weight, hessian, unseen, search=search, refit=True)
         assert np.array_equal(codes, refit_codes)
         assert refit < (0.95 if not search else 0.99) * plain
 
