@@ -6,12 +6,14 @@ machine falls on every model alike.
 Each round times every model in turn: a `--prompt`-token prompt, then `--tokens` greedy steps through
 compressor/generation_runtime.py (the loop the recipe measures with and the bundle ships, with its shared
 cache buffer where the model's genai_config.json asks for one). Prints each model's best round and every
-round, and the ratio of each best to the first model's. Asserts nothing.
+round, the ratio of each best to the first model's, and the median over rounds of each round's ratio to
+the first model's in that round (the steadier figure on a machine whose speed drifts). Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,11 +48,16 @@ def main() -> int:
     for _ in range(args.rounds):
         for path, lm in models.items():
             speeds[path].append(decode_speed(lm))
-    first = max(speeds[args.models[0]])
-    print("| model | cache | best tok/s | × first | rounds |\n|---|---|---:|---:|---|")
+    baseline = speeds[args.models[0]]
+    first = max(baseline)
+    print("| model | cache | best tok/s | × first (bests) | × first (median of rounds) | rounds |\n"
+          "|---|---|---:|---:|---:|---|")
     for path, values in speeds.items():
         cache = "shared buffer" if models[path].share_buffer else "copied"
-        print(f"| {path} | {cache} | {max(values):.1f} | {max(values) / first:.2f}× | "
+        # each round's ratio to the first model's time in the same round: a machine that slows for a
+        # while slows both, which the ratio of two bests taken in different rounds does not see
+        per_round = statistics.median(v / b for v, b in zip(values, baseline))
+        print(f"| {path} | {cache} | {max(values):.1f} | {max(values) / first:.2f}× | {per_round:.2f}× | "
               f"{', '.join(f'{v:.0f}' for v in values)} |")
     return 0
 
