@@ -516,7 +516,8 @@ def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepConte
     shared = share_tied_tables(quantized.model, tied)
     quantized.save_model_to_file(str(target), use_external_data_format=False)
     ctx.report(block_size=config.block_size, **({"int8_block_size": eight_block} if eight else {}),
-               symmetric=config.symmetric, accuracy_level=config.accuracy_level, algorithm=config.algorithm, op_types=list(config.op_types or ("MatMul",)), packed_gather_tables=packed,
+               symmetric=config.symmetric, accuracy_level=config.accuracy_level, algorithm=config.algorithm,
+               op_types=list(config.op_types or ("MatMul",)), packed_gather_tables=packed,
                **({"int8_nodes": eight} if eight else {}),
                **({"untied": untied} if untied else {}), **({"shared_tables": shared} if shared else {}),
                **({"gptq_nodes": len(solved), "calibration_sequences": len(sequences or [])} if solved else {}))

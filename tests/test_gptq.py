@@ -95,9 +95,9 @@ def test_searched_ranges_fit_heavy_tailed_weights_better():
     weight, hessian, unseen = _loud_channel_problem(2)
 
     def error(**options):
-        codes, scales, error = _gptq_on_unseen(weight, hessian, unseen, **options)
+        codes, scales, unseen_error = _gptq_on_unseen(weight, hessian, unseen, **options)
         assert codes.max() <= 15 and scales.shape == (LOUD_N, LOUD_K // LOUD_BLOCK)
-        return error
+        return unseen_error
 
     assert error(search=True) < 0.95 * error()
 
