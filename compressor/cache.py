@@ -74,6 +74,12 @@ class Cache:
         write_json_atomic(self.artifacts / f"{key}.json", entry)
         return final
 
+    def remove_own_temps(self) -> None:
+        """Remove this process's temporary directories: a run stopped by a signal anywhere between creating one
+        and committing it (before its step started, say) leaves none behind."""
+        for tmp in self.artifacts.glob(f".tmp-*-{os.getpid()}"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def clean_stale(self) -> None:
         """Remove temporary directories left by processes that no longer run."""
         for tmp in self.artifacts.glob(".tmp-*"):

@@ -352,6 +352,7 @@ class Runner:
         except BaseException as exc:
             stop = termination_requested()
             if isinstance(exc, KeyboardInterrupt) or stop:  # a library may have swallowed the signal's exception
+                self.cache.remove_own_temps()
                 record["status"] = "interrupted"
                 record["error"] = "interrupted (SIGINT or SIGTERM); run the same command again to resume"
                 self._finish(record, t0)

@@ -144,3 +144,30 @@ def test_a_stop_signal_a_library_swallowed_still_stops_the_run_as_terminated(tmp
     sigterm[0] = False
     with pytest.raises(errors.StepError, match="ValueError"):  # without SIGTERM it is the step's own error
         run_recipe(text, tmp_path / "again", host=host)
+
+
+def test_a_stop_signal_before_the_step_starts_leaves_no_temporary_directory(tmp_path, tiny_text_model, sst2_small,
+                                                                            monkeypatch):
+    """The step's temporary directory exists before its `run` starts (the pipeline lists what is on disk
+    in between); a signal landing there is caught by no step's cleanup, and seen once in CI as a left-over
+    `.tmp-*`. The interrupted run removes its own temporary directories."""
+    from compressor import errors, pipeline
+    from compressor.errors import Terminated
+    from compressor.testing import run_recipe
+
+    listing = pipeline._tree_listing
+
+    def signal_while_listing(run_dir, cache_root, recipe_dir):
+        if list((Path(cache_root) / "artifacts").glob(".tmp-*")):
+            errors.request_termination(15)  # what the CLI's handler does before it raises
+            raise Terminated(15)
+        return listing(run_dir, cache_root, recipe_dir)
+
+    monkeypatch.setattr(errors, "_stop_signal", None)
+    monkeypatch.setattr(pipeline, "_tree_listing", signal_while_listing)
+    cache = tmp_path / "cache"
+    with pytest.raises(Terminated):
+        run_recipe(recipe_text(tiny_text_model, None, sst2_small["eval"], "  - uses: export-onnx\n"), tmp_path,
+                   cache=cache)
+    monkeypatch.setattr(errors, "_stop_signal", None)
+    assert (cache / "artifacts").is_dir() and not _leftovers(cache)
