@@ -262,12 +262,14 @@ def _execute_ray(args: list[tuple[Any, ...]], address: str | None, log: Callable
 
 
 def choose(records: list[dict[str, Any]], select: str) -> dict[str, Any] | None:
-    """The variant to keep: among those that finished and passed the guard, the best by `select`."""
+    """The variant to keep: among those that finished and passed the guard, the best by `select`; of equally
+    small (or fast) ones the most accurate, of equally accurate ones the smallest, then the first by name."""
     passing = [r for r in records if r.get("status") == "ok"]
     if not passing:
         return None
     key = SELECT_KEYS[select]
-    return min(passing, key=lambda r: (key(r["artifacts"][-1]), r.get("variant") or ""))
+    tie = SELECT_KEYS["smallest" if select == "most_accurate" else "most_accurate"]
+    return min(passing, key=lambda r: (key(r["artifacts"][-1]), tie(r["artifacts"][-1]), r.get("variant") or ""))
 
 
 def run_sweep(sweep: Sweep, host: Host, run_dir: Path, executor: str = "local", jobs: int = 1,

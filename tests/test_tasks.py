@@ -119,12 +119,19 @@ def test_the_guard_reads_the_metric_direction(values, budget, passed):
 
 def test_sweep_selection_and_pareto_front_read_the_metric_direction():
     from compressor.report_html import pareto_front, quality
-    from compressor.sweep import SELECT_KEYS
+    from compressor.sweep import SELECT_KEYS, choose
 
     lower = _records([30.0, 25.0, 40.0], higher_is_better=False)
     assert min(lower, key=SELECT_KEYS["most_accurate"])["perplexity"] == 25.0
     higher = _records([0.80, 0.85, 0.90], higher_is_better=True, metric="accuracy")
     assert max(higher, key=lambda a: -SELECT_KEYS["most_accurate"](a))["accuracy"] == 0.90
+    # variants of one size (int4 settings that change no byte count): the best metric wins, in its direction
+    tied = [{"status": "ok", "variant": name, "artifacts": [dict(a, size_bytes=1000)]}
+            for name, a in zip(["a-64", "b-256", "c-512"], lower)]
+    assert choose(tied, "smallest")["variant"] == "b-256"
+    tied_acc = [{"status": "ok", "variant": name, "artifacts": [dict(a, size_bytes=1000)]}
+                for name, a in zip(["a-64", "b-256", "c-512"], higher)]
+    assert choose(tied_acc, "smallest")["variant"] == "c-512"
     # sizes fall with the index: a2 is smallest; with perplexity 40 it is still on the front (smallest),
     # a1 (25, better and smaller than a0) is on it, a0 (30, larger and worse than a1) is not
     points = [{"metric": a["perplexity"], "higher_is_better": False} for a in lower]
