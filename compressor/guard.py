@@ -26,17 +26,24 @@ def worsening(artifact: dict[str, Any], reference: float, value: float) -> float
     return reference - value if artifact.get("higher_is_better", True) else value - reference
 
 
-def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Compare the last artifact with the budgets; returns {passed, failures, checks}."""
+def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]], baseline_index: int | None = None
+                ) -> dict[str, Any]:
+    """Compare the last artifact with the budgets; returns {passed, failures, checks}. The accuracy budget is
+    measured from artifact `baseline_index` (guard.baseline, resolved by the plan), by default from the first
+    artifact that was measured."""
     final = artifacts[-1]
     failures: list[str] = []
     crossed: int | None = None
     unmeasured: list[str] = []
     checks: list[dict[str, Any]] = []
     if guard.max_accuracy_drop is not None:
-        base = baseline(artifacts, "metric")
+        base = (baseline(artifacts, "metric") if baseline_index is None else
+                next((a for a in artifacts if a["index"] == baseline_index and _value(a, "metric") is not None),
+                     None))
         value = _value(final, "metric")
-        if base is None or value is None:
+        if base is None and value is not None and baseline_index is not None:
+            unmeasured.append(f"guard.baseline, artifact {baseline_index}, has no measured {final['metric']}")
+        elif base is None or value is None:
             unmeasured.append("max_accuracy_drop is set but no accuracy was measured (is data.eval given?)")
         else:
             ref = _value(base, "metric")

@@ -56,6 +56,8 @@ class Plan:
     eval_task: dict[str, Any] = field(default_factory=dict)
     variant: str | None = None
     matrix_values: dict[str, Any] | None = None
+    #: guard.baseline as an artifact number (0: the input); None: the first artifact measured
+    guard_baseline: int | None = None
 
     @property
     def recipe_dir(self) -> Path:
@@ -309,6 +311,7 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
         errors.append(RecipeError("max_accuracy_drop needs an accuracy, and without data.eval no evaluator "
                                   "produces one", where="guard.max_accuracy_drop",
                                   hint="add data.eval, or remove the accuracy budget"))
+    guard_baseline = _guard_baseline(recipe, steps, errors)
     if guard.max_latency_ms is not None and recipe.evaluate.latency is None:
         errors.append(RecipeError("max_latency_ms needs latency, which evaluate.latency: null turns off",
                                   where="guard.max_latency_ms", hint="remove `latency: null` from evaluate"))
@@ -340,7 +343,40 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
     if errors:
         raise RecipeErrors(errors)
     return Plan(recipe=recipe, recipe_path=recipe_path, source=source, data=data, steps=steps, warnings=warnings,
-                eval_task=eval_task)
+                eval_task=eval_task, guard_baseline=guard_baseline)
+
+
+def _guard_baseline(recipe: Recipe, steps: list[PlannedStep], errors: list[CompressorError]) -> int | None:
+    """guard.baseline as the number of an artifact the run measures (0: the input), or None (the first measured)."""
+    spec = recipe.guard.baseline
+    if spec is None:
+        return None
+    names = [s.name for s in steps]
+    where = "guard.baseline"
+    if recipe.guard.max_accuracy_drop is None:
+        errors.append(RecipeError("guard.baseline is the reference of max_accuracy_drop, which is not set",
+                                  where=where, hint="add max_accuracy_drop, or remove baseline"))
+        return None
+    if isinstance(spec, int):
+        if not 0 <= spec <= len(steps):
+            errors.append(RecipeError(f"guard.baseline {spec} is not an artifact of this run (0 to {len(steps)})",
+                                      where=where, hint="give 0 for the input or a step's number, 1-based"))
+            return None
+        index = spec
+    elif spec == "input":
+        index = 0
+    elif names.count(spec) == 1:
+        index = names.index(spec) + 1
+    else:
+        problem = "is used more than once" if spec in names else "is not a step of this recipe"
+        errors.append(RecipeError(f"guard.baseline {spec!r} {problem} (steps: {', '.join(names)})", where=where,
+                                  hint="give `input`, a step used once, or the artifact's number"))
+        return None
+    if not recipe.evaluate.each_step and index not in (0, len(steps)):  # the input is measured all the same
+        errors.append(RecipeError("guard.baseline names an artifact that evaluate.each_step: false does not measure",
+                                  where=where, hint="remove `each_step: false` from evaluate, or the baseline"))
+        return None
+    return index
 
 
 def _has_chat_template(path: Path) -> bool:

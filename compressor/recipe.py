@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from compressor.errors import CompressorError, InputError, RecipeError, RecipeErrors
 
@@ -90,6 +90,10 @@ class GuardSpec(_Strict):
     max_accuracy_drop: float | None = Field(default=None, ge=0, le=1,
                                             description="Largest allowed drop of the task metric from the baseline.")
     relative: bool = Field(default=False, description="Read max_accuracy_drop as a fraction of the baseline.")
+    baseline: str | StrictInt | None = Field(default=None, description="The artifact max_accuracy_drop is measured "
+                                       "from: `input`, the name of a step used once in steps, or an artifact's "
+                                       "number in the report (0 the input, 1 the first step's output); default: "
+                                       "the first artifact measured, normally the input.")
     max_latency_ms: float | None = Field(default=None, gt=0, description="Largest allowed p50 latency at batch 1.")
     max_size_mb: float | None = Field(default=None, gt=0, description="Largest allowed size on disk.")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 
 from conftest import recipe_text
 
@@ -20,6 +21,45 @@ def test_baseline_is_measured_without_each_step(tmp_path, compressor_cache, tiny
     assert "accuracy" in record["artifacts"][0] and "accuracy" not in record["artifacts"][1]
     check = record["guard"]["checks"][0]
     assert check["baseline"] == "input" and check["reference"] == record["artifacts"][0]["accuracy"]
+
+
+def test_the_budget_is_measured_from_the_named_baseline(tmp_path, compressor_cache, tiny_text_model, sst2_small):
+    from compressor.testing import run_recipe
+
+    text = recipe_text(tiny_text_model, None, sst2_small["eval"], STEPS) + (
+        "guard: {max_accuracy_drop: 0.05, baseline: export-onnx}\n")
+    record = run_recipe(text, tmp_path)
+    check = record["guard"]["checks"][0]
+    assert check["baseline"] == "export-onnx" and check["reference"] == record["artifacts"][1]["accuracy"]
+    assert check["drop"] == record["artifacts"][1]["accuracy"] - record["artifacts"][2]["accuracy"]
+
+
+def test_a_named_baseline_moves_the_verdict():
+    from compressor.guard import check_guard
+    from compressor.recipe import GuardSpec
+
+    # perplexity 20 (the input), 21 after fine-tuning, 21.9 quantized: +9.5% from the input, +4.3% from 21
+    artifacts = [{"index": i, "name": n, "metric": "perplexity", "perplexity": v, "higher_is_better": False,
+                  "size_bytes": 1} for i, (n, v) in enumerate([("input", 20.0), ("finetune", 21.0), ("q", 21.9)])]
+    guard = GuardSpec(max_accuracy_drop=0.05, relative=True)
+    assert not check_guard(guard, artifacts)["passed"]
+    assert check_guard(guard, artifacts, baseline_index=1)["passed"]
+    result = check_guard(guard, artifacts[:1] + [dict(artifacts[1], perplexity=None)] + artifacts[2:], 1)
+    assert result["unmeasured"] == ["guard.baseline, artifact 1, has no measured perplexity"]
+
+
+@pytest.mark.parametrize("guard, words", [
+    ("{max_accuracy_drop: 0.05, baseline: prune}", ["'prune' is not a step of this recipe", "export-onnx"]),
+    ("{max_accuracy_drop: 0.05, baseline: 3}", ["guard.baseline 3 is not an artifact of this run (0 to 2)"]),
+    ("{baseline: export-onnx}", ["max_accuracy_drop, which is not set"]),
+])
+def test_a_bad_baseline_is_refused_at_check(tmp_path, cli_run, tiny_text_model, sst2_small, guard, words):
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_text(tiny_text_model, None, sst2_small["eval"], STEPS) + f"guard: {guard}\n")
+    code, _, err = cli_run("check", str(path))
+    assert code == 2 and "guard.baseline" in err
+    for word in words:
+        assert word in err
 
 
 def test_broken_guard_exits_1_and_keeps_everything(tmp_path, cli_run, tiny_text_model, sst2_small):
