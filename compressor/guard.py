@@ -26,11 +26,11 @@ def worsening(artifact: dict[str, Any], reference: float, value: float) -> float
     return reference - value if artifact.get("higher_is_better", True) else value - reference
 
 
-def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]], baseline_index: int | None = None
-                ) -> dict[str, Any]:
-    """Compare the last artifact with the budgets; returns {passed, failures, checks}. The accuracy budget is
+def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]], baseline_index: int | None = None,
+                higher_is_better: dict[str, bool] | None = None) -> dict[str, Any]:
+    """Compare the last artifact with the budgets; returns {passed, failures, checks}. The accuracy budgets are
     measured from artifact `baseline_index` (guard.baseline, resolved by the plan), by default from the first
-    artifact that was measured."""
+    artifact that was measured; `higher_is_better` gives the direction of each metric in guard.metrics."""
     final = artifacts[-1]
     failures: list[str] = []
     crossed: int | None = None
@@ -59,6 +59,11 @@ def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]], baseline_inde
                 failures.append(f"{final['metric']} {'dropped' if final.get('higher_is_better', True) else 'rose'} "
                                 f"by {drop:.4f} from {base['name']} ({ref:.4f} → "
                                 f"{value:.4f}); the budget is {allowed:.4f}")
+    for name, budget in guard.metrics.items():
+        failure = _metric_budget(name, budget, (higher_is_better or {}).get(name, True), artifacts, baseline_index,
+                                 checks, unmeasured)
+        if failure:
+            failures.append(failure)
     if guard.max_size_mb is not None:
         size_mb = final["size_bytes"] / 1e6
         ok = size_mb <= guard.max_size_mb
@@ -77,3 +82,24 @@ def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]], baseline_inde
     failures += unmeasured
     return {"passed": not failures, "failures": failures, "checks": checks, "unmeasured": unmeasured,
             "crossed_at": crossed}
+
+
+def _metric_budget(name: str, budget: float, higher: bool, artifacts: list[dict[str, Any]],
+                   baseline_index: int | None, checks: list[dict[str, Any]], unmeasured: list[str]) -> str | None:
+    """One guard.metrics budget: appends its check (or what was not measured); returns its failure, if any."""
+    final = artifacts[-1]
+    base = next((a for a in artifacts if a.get(name) is not None
+                 and (baseline_index is None or a["index"] == baseline_index)), None)
+    if base is None or final.get(name) is None:
+        where = "the baseline" if base is None else f"the final artifact ({final['name']})"
+        unmeasured.append(f"guard.metrics.{name} is set but {where} has no measured {name}")
+        return None
+    ref, value = base[name], final[name]
+    drop = ref - value if higher else value - ref
+    passed = drop <= budget + 1e-12
+    checks.append({"check": f"metrics.{name}", "metric": name, "baseline": base["name"], "reference": ref,
+                   "value": value, "drop": drop, "allowed": budget, "higher_is_better": higher, "passed": passed})
+    if passed:
+        return None
+    return (f"{name} {'dropped' if higher else 'rose'} by {drop:.4f} from {base['name']} ({ref:.4f} → {value:.4f}); "
+            f"the budget is {budget:.4f}")

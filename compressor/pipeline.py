@@ -339,7 +339,7 @@ class Runner:
                                                 record=step_record)
             from compressor.guard import check_guard
 
-            record["guard"] = check_guard(plan.recipe.guard, artifacts, plan.guard_baseline)
+            record["guard"] = check_guard(plan.recipe.guard, artifacts, plan.guard_baseline, plan.guard_directions)
             record["status"] = "ok" if record["guard"]["passed"] else "guard_failed"
             if plan.recipe.bundle.formats:
                 try:

@@ -58,6 +58,8 @@ class Plan:
     matrix_values: dict[str, Any] | None = None
     #: guard.baseline as an artifact number (0: the input); None: the first artifact measured
     guard_baseline: int | None = None
+    #: the direction of each metric in guard.metrics (True: higher is better)
+    guard_directions: dict[str, bool] = field(default_factory=dict)
 
     @property
     def recipe_dir(self) -> Path:
@@ -312,6 +314,7 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
                                   "produces one", where="guard.max_accuracy_drop",
                                   hint="add data.eval, or remove the accuracy budget"))
     guard_baseline = _guard_baseline(recipe, steps, errors)
+    guard_directions = _guard_metrics(recipe, task, data, errors)
     if guard.max_latency_ms is not None and recipe.evaluate.latency is None:
         errors.append(RecipeError("max_latency_ms needs latency, which evaluate.latency: null turns off",
                                   where="guard.max_latency_ms", hint="remove `latency: null` from evaluate"))
@@ -343,7 +346,28 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
     if errors:
         raise RecipeErrors(errors)
     return Plan(recipe=recipe, recipe_path=recipe_path, source=source, data=data, steps=steps, warnings=warnings,
-                eval_task=eval_task, guard_baseline=guard_baseline)
+                eval_task=eval_task, guard_baseline=guard_baseline, guard_directions=guard_directions)
+
+
+def _guard_metrics(recipe: Recipe, task: Any, data: DataSource | None, errors: list[CompressorError]
+                   ) -> dict[str, bool]:
+    """guard.metrics: each a metric the task reports, with the data its evaluator needs; their directions."""
+    directions: dict[str, bool] = {}
+    known = {m.name: m.higher_is_better for m in task.metrics}
+    for name, budget in recipe.guard.metrics.items():
+        where = f"guard.metrics.{name}"
+        if name not in known:
+            errors.append(RecipeError(f"{task.name} models report no metric {name!r} (they report "
+                                      f"{', '.join(known)})", where=where, hint=f"use one of {', '.join(known)}"))
+        elif budget < 0:
+            errors.append(RecipeError(f"the budget of {name} is negative ({budget})", where=where,
+                                      hint="give the largest allowed drop, 0 or more"))
+        elif data is None or not data.has(recipe.evaluate.split):
+            errors.append(RecipeError(f"guard.metrics.{name} needs {name}, and without data.eval no evaluator "
+                                      "produces it", where=where, hint="add data.eval, or remove the budget"))
+        else:
+            directions[name] = known[name]
+    return directions
 
 
 def _guard_baseline(recipe: Recipe, steps: list[PlannedStep], errors: list[CompressorError]) -> int | None:
@@ -353,9 +377,9 @@ def _guard_baseline(recipe: Recipe, steps: list[PlannedStep], errors: list[Compr
         return None
     names = [s.name for s in steps]
     where = "guard.baseline"
-    if recipe.guard.max_accuracy_drop is None:
-        errors.append(RecipeError("guard.baseline is the reference of max_accuracy_drop, which is not set",
-                                  where=where, hint="add max_accuracy_drop, or remove baseline"))
+    if recipe.guard.max_accuracy_drop is None and not recipe.guard.metrics:
+        errors.append(RecipeError("guard.baseline is the reference of max_accuracy_drop and guard.metrics, and "
+                                  "neither is set", where=where, hint="add a budget, or remove baseline"))
         return None
     if isinstance(spec, int):
         if not 0 <= spec <= len(steps):

@@ -90,10 +90,14 @@ class GuardSpec(_Strict):
     max_accuracy_drop: float | None = Field(default=None, ge=0, le=1,
                                             description="Largest allowed drop of the task metric from the baseline.")
     relative: bool = Field(default=False, description="Read max_accuracy_drop as a fraction of the baseline.")
-    baseline: str | StrictInt | None = Field(default=None, description="The artifact max_accuracy_drop is measured "
-                                       "from: `input`, the name of a step used once in steps, or an artifact's "
-                                       "number in the report (0 the input, 1 the first step's output); default: "
-                                       "the first artifact measured, normally the input.")
+    baseline: str | StrictInt | None = Field(default=None, description="The artifact max_accuracy_drop and "
+                                       "metrics count from: `input`, the name of a step used once in steps, or an "
+                                       "artifact's number in the report (0 the input, 1 the first step's output); "
+                                       "default: the first artifact measured, normally the input.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Budgets for other metrics the task "
+                                      "reports: the largest allowed drop of each, in its own units and direction, "
+                                      "from the same baseline (text-generation: `{accuracy: 0.01}` keeps the "
+                                      "answers within 1 point while max_accuracy_drop reads perplexity).")
     max_latency_ms: float | None = Field(default=None, gt=0, description="Largest allowed p50 latency at batch 1.")
     max_size_mb: float | None = Field(default=None, gt=0, description="Largest allowed size on disk.")
 

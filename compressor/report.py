@@ -106,7 +106,7 @@ def render_markdown(record: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         g = record["guard"]
         for c in g["checks"]:
             verdict = "ok" if c["passed"] else "FAILED"
-            if c["check"] == "max_accuracy_drop":
+            if "drop" in c:  # max_accuracy_drop and guard.metrics
                 lines.append(f"- {c.get('metric', 'metric')} drop from {c['baseline']}: {c['drop']:+.4f} ({c['reference']:.4f} → "
                              f"{c['value']:.4f}), allowed {c['allowed']:.4f} — {verdict}")
             else:

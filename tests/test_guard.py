@@ -51,7 +51,7 @@ def test_a_named_baseline_moves_the_verdict():
 @pytest.mark.parametrize("guard, words", [
     ("{max_accuracy_drop: 0.05, baseline: prune}", ["'prune' is not a step of this recipe", "export-onnx"]),
     ("{max_accuracy_drop: 0.05, baseline: 3}", ["guard.baseline 3 is not an artifact of this run (0 to 2)"]),
-    ("{baseline: export-onnx}", ["max_accuracy_drop, which is not set"]),
+    ("{baseline: export-onnx}", ["max_accuracy_drop and guard.metrics, and neither is set"]),
 ])
 def test_a_bad_baseline_is_refused_at_check(tmp_path, cli_run, tiny_text_model, sst2_small, guard, words):
     path = tmp_path / "r.yaml"
@@ -88,3 +88,51 @@ def test_bundle_refuses_to_replace_a_non_bundle(tmp_path, cli_run, tiny_text_mod
     assert code == 0, err
     code, _, err = cli_run("bundle", str(tmp_path / "run"), "--out", str(tmp_path / "run" / "b"))
     assert code == 0, err  # an earlier bundle is replaced
+
+
+def test_a_budget_on_another_metric_reads_its_own_direction():
+    from compressor.guard import check_guard
+    from compressor.recipe import GuardSpec
+
+    # a language model: perplexity is the task's metric, the answers' accuracy another (higher is better)
+    artifacts = [{"index": i, "name": n, "metric": "perplexity", "perplexity": p, "accuracy": a,
+                  "higher_is_better": False, "size_bytes": 1}
+                 for i, (n, p, a) in enumerate([("input", 27.6, 0.0), ("export-onnx", 28.5, 0.87),
+                                                ("quantize-onnx", 29.0, 0.855)])]
+    directions = {"accuracy": True, "perplexity": False}
+    within = check_guard(GuardSpec(metrics={"accuracy": 0.02}, baseline="export-onnx"), artifacts, 1, directions)
+    assert within["passed"] and within["checks"][0]["drop"] == pytest.approx(0.015)
+    beyond = check_guard(GuardSpec(metrics={"accuracy": 0.01}), artifacts, 1, directions)
+    assert beyond["failures"] == ["accuracy dropped by 0.0150 from export-onnx (0.8700 → 0.8550); the budget is 0.0100"]
+    # from the input (accuracy 0.0) the answers improved: no drop
+    assert check_guard(GuardSpec(metrics={"accuracy": 0.01}), artifacts, None, directions)["passed"]
+    rose = check_guard(GuardSpec(metrics={"perplexity": 0.4}), artifacts, 1, directions)
+    assert rose["failures"] == ["perplexity rose by 0.5000 from export-onnx (28.5000 → 29.0000); the budget is 0.4000"]
+    missing = check_guard(GuardSpec(metrics={"accuracy": 0.01}), [dict(a, accuracy=None) for a in artifacts], 1,
+                          directions)
+    assert missing["unmeasured"] == ["guard.metrics.accuracy is set but the baseline has no measured accuracy"]
+
+
+@pytest.mark.parametrize("guard, words", [
+    ("{metrics: {f1: 0.01}}", ["guard.metrics.f1", "text-classification models report no metric 'f1'", "accuracy"]),
+    ("{metrics: {accuracy: -0.01}}", ["the budget of accuracy is negative"]),
+])
+def test_a_bad_metric_budget_is_refused_at_check(tmp_path, cli_run, tiny_text_model, sst2_small, guard, words):
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_text(tiny_text_model, None, sst2_small["eval"], STEPS) + f"guard: {guard}\n")
+    code, _, err = cli_run("check", str(path))
+    assert code == 2
+    for word in words:
+        assert word in err
+
+
+def test_a_metric_budget_runs_with_the_guard(tmp_path, compressor_cache, tiny_text_model, sst2_small):
+    from compressor.testing import run_recipe
+
+    text = recipe_text(tiny_text_model, None, sst2_small["eval"], STEPS) + (
+        "guard: {metrics: {accuracy: 1.0}, baseline: export-onnx}\n")
+    record = run_recipe(text, tmp_path)
+    check = record["guard"]["checks"][0]
+    assert check["check"] == "metrics.accuracy" and check["reference"] == record["artifacts"][1]["accuracy"]
+    assert record["guard"]["passed"]
+    assert "- accuracy drop from export-onnx:" in (tmp_path / "run" / "report.md").read_text()

@@ -132,12 +132,16 @@ def test_the_guard_reads_perplexity_as_lower_is_better(tmp_path, tiny_llama, sst
     steps = "  - uses: export-onnx\n    with: {atol: 1.0e-3}\n  - uses: quantize-onnx\n    with: {mode: int4}\n"
     path = tmp_path / "r.yaml"
     path.write_text(llm_recipe(tiny_llama, sst2_small, wikitext_slice, steps,
-                               extra="guard: {max_accuracy_drop: 0.0}\n"))
+                               extra="guard: {max_accuracy_drop: 0.0, metrics: {accuracy: 0.0}}\n"))
     code, out, err = cli_run("run", str(path), "--out", str(tmp_path / "run"))
     record = json.loads((tmp_path / "run" / "record.json").read_text())
-    check = record["guard"]["checks"][0]
-    assert check["drop"] == pytest.approx(record["artifacts"][-1]["perplexity"] - record["artifacts"][0]["perplexity"])
-    assert (code == 1) is (check["drop"] > 0)
+    check, answers = record["guard"]["checks"][:2]
+    first, last = record["artifacts"][0], record["artifacts"][-1]
+    assert check["drop"] == pytest.approx(last["perplexity"] - first["perplexity"])
+    # the answers' budget reads accuracy the other way: higher is better
+    assert answers["metric"] == "accuracy" and answers["higher_is_better"] is True
+    assert answers["drop"] == pytest.approx(first["accuracy"] - last["accuracy"])
+    assert (code == 1) is (check["drop"] > 0 or answers["drop"] > 0)
 
 
 @pytest.mark.parametrize("case, message", [
