@@ -23,7 +23,26 @@ def _value(artifact: dict[str, Any], key: str) -> float | None:
 def worsening(artifact: dict[str, Any], reference: float, value: float) -> float:
     """How much worse `value` is than `reference` for this artifact's metric (its record says which way is
     better: accuracy up, perplexity down); negative when it improved."""
-    return reference - value if artifact.get("higher_is_better", True) else value - reference
+    return _worse_by(reference, value, artifact.get("higher_is_better", True))
+
+
+def _worse_by(reference: float, value: float, higher_is_better: bool) -> float:
+    return reference - value if higher_is_better else value - reference
+
+
+def _reference(artifacts: list[dict[str, Any]], key: str, baseline_index: int | None) -> dict[str, Any] | None:
+    """The artifact a budget on `key` counts from: artifact `baseline_index` (None when it has no `key`), or
+    with no baseline named the first artifact that has one."""
+    if baseline_index is None:
+        return baseline(artifacts, key)
+    return next((a for a in artifacts if a["index"] == baseline_index and _value(a, key) is not None), None)
+
+
+def _over_budget(name: str, higher_is_better: bool, drop: float, base: dict[str, Any], reference: float,
+                 value: float, allowed: float) -> str:
+    """The failure of a budget on metric `name`."""
+    return (f"{name} {'dropped' if higher_is_better else 'rose'} by {drop:.4f} from {base['name']} "
+            f"({reference:.4f} → {value:.4f}); the budget is {allowed:.4f}")
 
 
 def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]], baseline_index: int | None = None,
@@ -37,9 +56,7 @@ def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]], baseline_inde
     unmeasured: list[str] = []
     checks: list[dict[str, Any]] = []
     if guard.max_accuracy_drop is not None:
-        base = (baseline(artifacts, "metric") if baseline_index is None else
-                next((a for a in artifacts if a["index"] == baseline_index and _value(a, "metric") is not None),
-                     None))
+        base = _reference(artifacts, "metric", baseline_index)
         value = _value(final, "metric")
         if base is None and value is not None and baseline_index is not None:
             unmeasured.append(f"guard.baseline, artifact {baseline_index}, has no measured {final['metric']}")
@@ -56,9 +73,8 @@ def check_guard(guard: GuardSpec, artifacts: list[dict[str, Any]], baseline_inde
                             and _value(a, "metric") is not None and worsening(a, ref, _value(a, "metric")) > allowed + 1e-12),
                            None)
             if drop > allowed + 1e-12:
-                failures.append(f"{final['metric']} {'dropped' if final.get('higher_is_better', True) else 'rose'} "
-                                f"by {drop:.4f} from {base['name']} ({ref:.4f} → "
-                                f"{value:.4f}); the budget is {allowed:.4f}")
+                failures.append(_over_budget(final["metric"], final.get("higher_is_better", True), drop, base, ref,
+                                             value, allowed))
     for name, budget in guard.metrics.items():
         failure = _metric_budget(name, budget, (higher_is_better or {}).get(name, True), artifacts, baseline_index,
                                  checks, unmeasured)
@@ -88,18 +104,14 @@ def _metric_budget(name: str, budget: float, higher: bool, artifacts: list[dict[
                    baseline_index: int | None, checks: list[dict[str, Any]], unmeasured: list[str]) -> str | None:
     """One guard.metrics budget: appends its check (or what was not measured); returns its failure, if any."""
     final = artifacts[-1]
-    base = next((a for a in artifacts if a.get(name) is not None
-                 and (baseline_index is None or a["index"] == baseline_index)), None)
-    if base is None or final.get(name) is None:
+    base, value = _reference(artifacts, name, baseline_index), _value(final, name)
+    if base is None or value is None:
         where = "the baseline" if base is None else f"the final artifact ({final['name']})"
         unmeasured.append(f"guard.metrics.{name} is set but {where} has no measured {name}")
         return None
-    ref, value = base[name], final[name]
-    drop = ref - value if higher else value - ref
+    ref = _value(base, name)
+    drop = _worse_by(ref, value, higher)
     passed = drop <= budget + 1e-12
     checks.append({"check": f"metrics.{name}", "metric": name, "baseline": base["name"], "reference": ref,
                    "value": value, "drop": drop, "allowed": budget, "higher_is_better": higher, "passed": passed})
-    if passed:
-        return None
-    return (f"{name} {'dropped' if higher else 'rose'} by {drop:.4f} from {base['name']} ({ref:.4f} → {value:.4f}); "
-            f"the budget is {budget:.4f}")
+    return None if passed else _over_budget(name, higher, drop, base, ref, value, budget)

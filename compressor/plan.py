@@ -306,15 +306,16 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
                                   where="bundle.formats", hint="end the steps with export-onnx, or remove bundle"))
     guard = recipe.guard
     split = recipe.evaluate.split
-    if split == "tune" and (data is None or not data.has(split)):
+    measures_metrics = data is not None and data.has(split)  # the task's evaluator has rows to score
+    if split == "tune" and not measures_metrics:
         errors.append(RecipeError("evaluate.split is tune, and the recipe gives no tuning rows",
                                   where="evaluate.split", hint="add data.validation: PATH or data.holdout: N"))
-    elif guard.max_accuracy_drop is not None and (data is None or not data.has(split)):
+    elif guard.max_accuracy_drop is not None and not measures_metrics:
         errors.append(RecipeError("max_accuracy_drop needs an accuracy, and without data.eval no evaluator "
                                   "produces one", where="guard.max_accuracy_drop",
                                   hint="add data.eval, or remove the accuracy budget"))
     guard_baseline = _guard_baseline(recipe, steps, errors)
-    guard_directions = _guard_metrics(recipe, task, data, errors)
+    guard_directions = _guard_metrics(recipe, task, measures_metrics, errors)
     if guard.max_latency_ms is not None and recipe.evaluate.latency is None:
         errors.append(RecipeError("max_latency_ms needs latency, which evaluate.latency: null turns off",
                                   where="guard.max_latency_ms", hint="remove `latency: null` from evaluate"))
@@ -349,9 +350,10 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
                 eval_task=eval_task, guard_baseline=guard_baseline, guard_directions=guard_directions)
 
 
-def _guard_metrics(recipe: Recipe, task: Any, data: DataSource | None, errors: list[CompressorError]
+def _guard_metrics(recipe: Recipe, task: Any, measures_metrics: bool, errors: list[CompressorError]
                    ) -> dict[str, bool]:
-    """guard.metrics: each a metric the task reports, with the data its evaluator needs; their directions."""
+    """guard.metrics: each a metric the task reports, on rows its evaluator has (`measures_metrics`); their
+    directions."""
     directions: dict[str, bool] = {}
     known = {m.name: m.higher_is_better for m in task.metrics}
     for name, budget in recipe.guard.metrics.items():
@@ -362,7 +364,7 @@ def _guard_metrics(recipe: Recipe, task: Any, data: DataSource | None, errors: l
         elif budget < 0:
             errors.append(RecipeError(f"the budget of {name} is negative ({budget})", where=where,
                                       hint="give the largest allowed drop, 0 or more"))
-        elif data is None or not data.has(recipe.evaluate.split):
+        elif not measures_metrics:
             errors.append(RecipeError(f"guard.metrics.{name} needs {name}, and without data.eval no evaluator "
                                       "produces it", where=where, hint="add data.eval, or remove the budget"))
         else:
