@@ -13,11 +13,14 @@ import argparse
 import json
 import logging
 import math
+import re
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/int8_choice.py
 #: llama.cpp's "mixed" layers (first and last eighth of the 30, and every third): what the builder's
 #: k_quant_mixed keeps at 8 bits
 MIXED = "layers\\.(0|1|2|3|5|8|11|14|17|20|23|26|27|28|29)/(attn/qkv_proj|mlp/down_proj)/"
@@ -85,6 +88,15 @@ CANDIDATES = [
     {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
      "calibration_windows": 8, "calibration_rows": 64, "int8_nodes": ["attn/qkv_proj", "lm_head"],
      "clip_search": True, "refit_scales": True, "int8_block_size": 64},
+    # 26: 22 with the 8-bit MatMuls chosen by measurement (bench/int8_choice.py: each MatMul's KL at 4 bits
+    # per extra byte, within 0.20x of the FP32 export) instead of named
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
+     "calibration_windows": 8, "calibration_rows": 64, "measured_int8": {"budget": 0.20, "probe": "alone"},
+     "clip_search": True, "refit_scales": True, "int8_block_size": 64},
+    # 27: 26 with each MatMul's cost measured leave-one-out (all rounded, this one float)
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
+     "calibration_windows": 8, "calibration_rows": 64, "measured_int8": {"budget": 0.20, "probe": "leave-one-out"},
+     "clip_search": True, "refit_scales": True, "int8_block_size": 64},
 ]
 
 
@@ -112,7 +124,8 @@ def main() -> int:
 
     from compressor.host import build_host
     from compressor.plan import build_plan
-    from compressor.plugins.quantize_onnx import calibration_sequences
+    from compressor.plugins.quantize_onnx import calibration_parts
+    from int8_choice import measured_int8_nodes
 
     class Ctx:  # what _int4 reports into, and the recipe's data for GPTQ's calibration rows
         notes: dict = {}
@@ -132,9 +145,18 @@ def main() -> int:
             target = Path(work) / "model.onnx"
             t0 = time.perf_counter()
             settings = {**cand, **({"calibration_text": str(valid)} if cand.get("calibration_text") else {})}
+            measure = settings.pop("measured_int8", None)
             config = QuantizeOnnxConfig(mode="int4", op_types=["MatMul", "Gather"], **settings)
-            sequences = (calibration_sequences(export, Ctx(), config)
-                         if config.algorithm == "gptq" else None)
+            windows, train = calibration_parts(export, Ctx(), config) if config.algorithm == "gptq" else ([], [])
+            sequences = windows + train if config.algorithm == "gptq" else None
+            measured = {}
+            if measure:
+                names, measured = measured_int8_nodes(export.model_file, config, windows, train, **measure)
+                config = config.model_copy(update={"int8_nodes": [re.escape(n) + "$" for n in names]})
+            for f in export.path.iterdir():  # the tokenizer and configs beside the model, for the evaluator
+                if f.name.startswith(("tokenizer", "special_tokens", "config", "generation", "chat_template",
+                                      "genai_config")):
+                    (Path(work) / f.name).write_bytes(f.read_bytes())
             if config.calibration_text:
                 measured = tokenizer(valid.read_text(encoding="utf-8"))["input_ids"][: args.tokens]
                 overlap = sum(any(s[j : j + 16] == measured[i : i + 16] for i in range(0, len(measured) - 15, 16))
@@ -142,13 +164,11 @@ def main() -> int:
                 print(f"calibration windows starting inside the measured tokens: {overlap}", flush=True)
             _int4(export.model_file, target, config, Ctx(), sequences)
             seconds = time.perf_counter() - t0
-            for f in export.path.iterdir():
-                if f.name.startswith(("tokenizer", "special_tokens", "config", "generation", "chat_template")):
-                    (Path(work) / f.name).write_bytes(f.read_bytes())
             art = Artifact(path=Path(work), format="onnx", task="text-generation")
             ppl = perplexity(_Model(art, args.threads), tokenizer, valid, args.tokens, args.window)["perplexity"]
             rows.append({**cand, "perplexity": ppl, "change": ppl / base - 1, "mb": target.stat().st_size / 1e6,
-                         "seconds": seconds})
+                         "seconds": seconds, **({"measured_int8": measured, "int8_nodes": config.int8_nodes}
+                                                if measured else {})})
             print(json.dumps(rows[-1]), flush=True)
     print(f"\nWikiText-2 valid, first {args.tokens} tokens in {args.window}-token windows; FP32 {base:.3f}\n")
     print("| algorithm | symmetric | block | accuracy_level | int8_nodes | perplexity | Δ | MB | quantize s |")

@@ -291,6 +291,13 @@ def calibration_window_starts(tokens: int, width: int, windows: int, seed: int) 
 def calibration_sequences(artifact: Artifact, ctx: Any, config: QuantizeOnnxConfig) -> list[list[int]]:
     """GPTQ's calibration token ids: a seeded sample of calibration_windows windows of calibration_text, then
     seeded train rows rendered as finetune renders them for the task."""
+    windows, rows = calibration_parts(artifact, ctx, config)
+    return windows + rows
+
+
+def calibration_parts(artifact: Artifact, ctx: Any, config: QuantizeOnnxConfig
+                      ) -> tuple[list[list[int]], list[list[int]]]:
+    """GPTQ's calibration token ids in two parts: the calibration_text windows and the train rows."""
     from compressor.evaluators.runtime import load_tokenizer
     from compressor.training import collate, sample_rows
 
@@ -309,9 +316,9 @@ def calibration_sequences(artifact: Artifact, ctx: Any, config: QuantizeOnnxConf
         if ctx.data is None or not ctx.data.has("train"):
             raise StepError("int4 gptq needs train rows to calibrate on", hint="add data.train to the recipe, or "
                                                                               "with.calibration_text")
-        for row in sample_rows(ctx.data.load("train"), rows, ctx.seed):
-            out.append(collate(tokenizer, [row], artifact.task, {}, artifact.max_length)["input_ids"][0].tolist())
-    return out
+        return out, [collate(tokenizer, [row], artifact.task, {}, artifact.max_length)["input_ids"][0].tolist()
+                     for row in sample_rows(ctx.data.load("train"), rows, ctx.seed)]
+    return out, []
 
 
 @contextlib.contextmanager

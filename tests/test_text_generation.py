@@ -379,3 +379,51 @@ def test_gptq_on_a_tiny_llama_stays_closer_to_the_float_model_than_minmax(tiny_r
             assert not [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
             assert ctx.notes["gptq_nodes"] == 15 and len(ctx.notes["shared_tables"]) == 1
     assert kl["gptq"] < 0.8 * kl["minmax"], kl
+
+
+def test_the_measured_int8_choice_of_bench_fits_its_budget(tiny_run, wikitext_slice, tmp_path):
+    """bench/int8_choice.py on the tiny Llama: with a third of the bytes that 8 bits everywhere would add, it
+    chooses some MatMuls but not all, the int4 model with them at 8 bits fits the budget, and the tied LM head
+    (most of the KL alone) is measured dearest."""
+    import importlib.util
+    import re
+
+    import onnx
+
+    from compressor.artifact import Artifact
+    from compressor.evaluators.runtime import load_tokenizer
+    from compressor.plugins.quantize_onnx import QuantizeOnnxConfig, _int4
+
+    spec = importlib.util.spec_from_file_location("int8_choice_bench", Path(__file__).resolve().parent.parent
+                                                  / "bench" / "int8_choice.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record, _ = tiny_run
+    export = Artifact.load(next(Path(s["path"]) for s in record["steps"] if s["uses"] == "export-onnx"))
+    ids = load_tokenizer(export.path)(wikitext_slice.read_text())["input_ids"]
+    windows = [ids[i : i + 128] for i in range(0, len(ids) - 127, 128)][:4]
+
+    class Ctx:
+        def report(self, **values):
+            pass
+
+    def quantize(name, **options):
+        config = QuantizeOnnxConfig(mode="int4", block_size=16, op_types=["MatMul", "Gather"], **options)
+        _int4(export.model_file, tmp_path / f"{name}.onnx", config, Ctx())
+        return tmp_path / f"{name}.onnx", config
+
+    all4, config = quantize("all4")
+    every8, _ = quantize("every8", int8_nodes=["MatMul"])
+    fp32 = export.model_file.stat().st_size
+    budget = (all4.stat().st_size + (every8.stat().st_size - all4.stat().st_size) // 3) / fp32
+    chosen, measured = bench.measured_int8_nodes(export.model_file, config, windows[:2], [], budget,
+                                                 probe_tokens=256)
+    weights = {t.name for t in onnx.load(str(export.model_file)).graph.initializer}
+    assert 0 < len(chosen) < measured["candidates"]
+    assert list(measured["cost_top"])[0] == "/lm_head/MatMul"
+    mixed, _ = quantize("mixed", int8_nodes=[re.escape(n) + "$" for n in chosen])
+    assert mixed.stat().st_size <= budget * fp32
+    written = onnx.load(str(mixed))
+    eight = [n.name for n in written.graph.node if n.op_type == "MatMulNBits"
+             and next(a.i for a in n.attribute if a.name == "bits") == 8]
+    assert sorted(eight) == sorted(f"{n}_Q8" for n in chosen) and weights
