@@ -149,9 +149,9 @@ def main() -> int:
             config = QuantizeOnnxConfig(mode="int4", op_types=["MatMul", "Gather"], **settings)
             windows, train = calibration_parts(export, Ctx(), config) if config.algorithm == "gptq" else ([], [])
             sequences = windows + train if config.algorithm == "gptq" else None
-            measured = {}
+            choice = {}
             if measure:
-                names, measured = measured_int8_nodes(export.model_file, config, windows, train, **measure)
+                names, choice = measured_int8_nodes(export.model_file, config, windows, train, **measure)
                 config = config.model_copy(update={"int8_nodes": [re.escape(n) + "$" for n in names]})
             for f in export.path.iterdir():  # the tokenizer and configs beside the model, for the evaluator
                 if f.name.startswith(("tokenizer", "special_tokens", "config", "generation", "chat_template",
@@ -167,8 +167,8 @@ def main() -> int:
             art = Artifact(path=Path(work), format="onnx", task="text-generation")
             ppl = perplexity(_Model(art, args.threads), tokenizer, valid, args.tokens, args.window)["perplexity"]
             rows.append({**cand, "perplexity": ppl, "change": ppl / base - 1, "mb": target.stat().st_size / 1e6,
-                         "seconds": seconds, **({"measured_int8": measured, "int8_nodes": config.int8_nodes}
-                                                if measured else {})})
+                         "seconds": seconds, **({"measured_int8": choice, "int8_nodes": config.int8_nodes}
+                                                if choice else {})})
             print(json.dumps(rows[-1]), flush=True)
     print(f"\nWikiText-2 valid, first {args.tokens} tokens in {args.window}-token windows; FP32 {base:.3f}\n")
     print("| algorithm | symmetric | block | accuracy_level | int8_nodes | perplexity | Δ | MB | quantize s |")

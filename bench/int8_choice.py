@@ -46,11 +46,11 @@ def fake_quantize(weight: np.ndarray, bits: int, block_size: int, symmetric: boo
 
 
 def matmul_costs(model: Any, source: Path, nodes: list[str], sequences: list[list[int]], block_size: int,
-                 symmetric: bool, rest: str = "float", threads: int = 0) -> dict[str, float]:
+                 symmetric: bool, probe: str = "alone", threads: int = 0) -> dict[str, float]:
     """What each named MatMul of `model` costs at 4 bits: the KL divergence (nats per token, mean over the tokens
-    of `sequences`) of the next-token distributions from the float model's. With `rest: float`, the MatMul
-    alone is rounded; with `rest: int4`, every named MatMul is rounded and the cost is what the KL falls by when
-    this one alone is left float (its worth at the operating point, where errors interact). `source` is the
+    of `sequences`) of the next-token distributions from the float model's. With `probe: alone`, the MatMul
+    alone is rounded; with `probe: leave-one-out`, every named MatMul is rounded and the cost is what the KL
+    falls by when this one alone is left float (its worth where the others' errors are). `source` is the
     model's file (its folder gives a builder graph's cache sizes)."""
     import onnxruntime as ort
     import torch
@@ -58,9 +58,9 @@ def matmul_costs(model: Any, source: Path, nodes: list[str], sequences: list[lis
 
     from compressor.generation_runtime import OnnxCausalLM
 
-    probe = ModelProto()
-    probe.CopyFrom(model)
-    graph = probe.graph
+    inputs_model = ModelProto()
+    inputs_model.CopyFrom(model)
+    graph = inputs_model.graph
     by_name = {n.name: n for n in graph.node}
     initializers = {t.name: t for t in graph.initializer}
     weights: dict[str, np.ndarray] = {}
@@ -73,15 +73,15 @@ def matmul_costs(model: Any, source: Path, nodes: list[str], sequences: list[lis
     graph.output.append(helper.make_empty_tensor_value_info("logits"))
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    del probe
+    session = ort.InferenceSession(inputs_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del inputs_model
     lm = OnnxCausalLM(source, session=session)
     feeds = []
     for ids in sequences:
         arr = np.asarray([ids], np.int64)
         feeds.append(lm.feeds(arr, np.ones_like(arr), lm.empty_past(1)))
     rounded = {w: fake_quantize(array, 4, block_size, symmetric) for w, array in weights.items()}
-    base = weights if rest == "float" else rounded
+    base = weights if probe == "alone" else rounded
 
     def log_probs(feed: dict[str, np.ndarray], values: dict[str, np.ndarray]) -> Any:
         return torch.log_softmax(torch.from_numpy(session.run(["logits"], {**feed, **values})[0][0]), -1)
@@ -94,11 +94,11 @@ def matmul_costs(model: Any, source: Path, nodes: list[str], sequences: list[lis
         return sum(float((p * (ref - log_probs(feed, {**base, **swapped}))).sum(dtype=torch.float64))
                    for feed, ref, p in zip(feeds, reference, probabilities)) / tokens
 
-    everything = kl({}) if rest == "int4" else 0.0
+    everything = kl({}) if probe == "leave-one-out" else 0.0
     costs = {}
     for name in nodes:
         weight = by_name[name].input[1]
-        costs[name] = (kl({weight: rounded[weight]}) if rest == "float"
+        costs[name] = (kl({weight: rounded[weight]}) if probe == "alone"
                        else everything - kl({weight: weights[weight]}))
     return costs
 
@@ -167,7 +167,7 @@ def measured_int8_nodes(model_file: Path, config: Any, windows: list[list[int]],
         room = allowed - all4.stat().st_size
     sequences = probe_sequences(windows, rows, probe_tokens)
     costs = matmul_costs(model, model_file, [n.name for n in candidates], sequences, config.block_size,
-                         config.symmetric, rest="float" if probe == "alone" else "int4")
+                         config.symmetric, probe)
     chosen = choose_int8(costs, extra, room)
     return chosen, {"budget_mb": round(allowed / 1e6, 2), "room_mb": round(room / 1e6, 2),
                     "used_mb": round(sum(extra[n] for n in chosen) / 1e6, 2), "probe": probe,

@@ -37,6 +37,21 @@ def shared_data_dir() -> Path:
     return Path.cwd().parent / "shared" / "data"
 
 
+def bench_module(name: str) -> Any:
+    """A script of the source tree's bench/ folder (`bench/NAME.py`) loaded as a module, once per process."""
+    import importlib.util
+    import sys
+
+    key = f"bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).resolve().parent.parent / "bench"
+                                                      / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[key] = module
+    return sys.modules[key]
+
+
 def require_data(*relative: str) -> Path:
     """shared_data_dir(), or skip the test saying which files are missing and how to point at them.
 

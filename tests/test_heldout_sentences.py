@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 from compressor.data import Example
+from compressor.testing import bench_module
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "answers_heldout_sentences.py"
 TEMPLATE = "Review: {text}"
 
 
 def _heldout_sentences():
-    spec = importlib.util.spec_from_file_location("answers_heldout_sentences", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.heldout_sentences
+    return bench_module("answers_heldout_sentences").heldout_sentences
 
 
 def _row(text: str) -> Example:

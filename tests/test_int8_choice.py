@@ -4,23 +4,14 @@ on a tiny Llama a choice that fits its budget."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "int8_choice.py"
+from compressor.testing import bench_module
 
 
 def _bench():
-    if "int8_choice" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("int8_choice", BENCH)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["int8_choice"] = module
-    return sys.modules["int8_choice"]
+    return bench_module("int8_choice")
 
 
 def _matmul_model(weight: np.ndarray):
