@@ -9,6 +9,13 @@ Every row is measured in this one process with the same threads, the same real d
 the same warm-up, and the latencies are taken in round-robin passes over all rows, so that a change
 in the machine's speed during the run affects every row alike. Writes bench/RESULTS.md and bench/results.json. Asserts nothing.
 
+Optimum's two models (its dynamic int8 and its O2 graph) are made in a side virtual environment, by
+bench/optimum_compat.py's side process, because optimum-onnx 0.1.0 requires transformers<4.58 and compressor
+runs on transformers 5. They come back as plain ONNX files and are timed and scored here, with this
+process's onnxruntime, like every other row; the side venv's versions (transformers, optimum-onnx,
+onnxruntime) are printed and saved in results.json. The side venv is built on the first run (see
+bench/optimum_compat.py) and reused after.
+
     python bench/compare.py [--runs 200] [--rounds 5] [--threads 2]
 
 It runs both recipes first (cached after their first run).
@@ -27,6 +34,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # optimum_compat, beside this file
+
 REPO = Path(__file__).resolve().parent.parent
 FUSION_COLUMNS = ("Attention", "SkipLayerNormalization", "BiasGelu", "EmbedLayerNormalization", "LayerNormalization")
 RECIPES = {"int8": REPO / "recipes" / "minilm-sst2-int8.yaml", "edge": REPO / "recipes" / "minilm-sst2-edge.yaml"}
@@ -42,17 +51,6 @@ def run_recipe(name: str) -> dict[str, Any]:
     return json.loads((out / "record.json").read_text())
 
 
-def optimum_o2(onnx_dir: Path, work: Path) -> Path:
-    """Optimum's graph optimizer at level O2 (its documented transformer fusions), written to work/model.onnx."""
-    from optimum.onnxruntime import ORTOptimizer
-    from optimum.onnxruntime.configuration import AutoOptimizationConfig
-
-    optimizer = ORTOptimizer.from_pretrained(str(onnx_dir), file_names=["model.onnx"])
-    optimizer.optimize(save_dir=str(work), optimization_config=AutoOptimizationConfig.O2())
-    (work / "model_optimized.onnx").rename(work / "model.onnx")
-    return work
-
-
 def fused_ops(model_file: Path) -> dict[str, int]:
     """How many of each fused transformer operator a graph holds."""
     import onnx
@@ -63,22 +61,33 @@ def fused_ops(model_file: Path) -> dict[str, int]:
     return {op: ops.count(op) for op in FUSED_OPS if ops.count(op)}
 
 
-def optimum_int8(onnx_dir: Path, work: Path) -> Path:
-    """Optimum's documented dynamic quantization path, with the config for this CPU's instruction set."""
-    from optimum.onnxruntime import ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
-
+def optimum_config_name() -> str:
+    """The AutoQuantizationConfig constructor for this CPU's instruction set, the one Optimum's docs would pick."""
     flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
     if "avx512_vnni" in flags:
-        config, name = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=False), "avx512_vnni"
-    elif "avx512f" in flags:
-        config, name = AutoQuantizationConfig.avx512(is_static=False, per_channel=False), "avx512"
-    else:
-        config, name = AutoQuantizationConfig.avx2(is_static=False, per_channel=False), "avx2"
-    quantizer = ORTQuantizer.from_pretrained(str(onnx_dir), file_name="model.onnx")
-    quantizer.quantize(save_dir=str(work), quantization_config=config)
-    (work / "config.name").write_text(name)
-    return work
+        return "avx512_vnni"
+    return "avx512" if "avx512f" in flags else "avx2"
+
+
+def optimum_models(onnx_dir: Path, work: Path, o2: bool = True) -> dict[str, Any]:
+    """Optimum's documented dynamic quantization path (ORTQuantizer with AutoQuantizationConfig for this CPU,
+    is_static=False, per_channel=False) in work/optimum and, with `o2`, its graph optimizer at level O2 (its
+    documented transformer fusions) in work/optimum-o2: each a plain model.onnx, made in the optimum side venv
+    (one process for both; optimum-onnx needs transformers<4.58). Returns {"int8": dir, "o2": dir or None,
+    "config": the AutoQuantizationConfig name, "side": the side venv's package versions}."""
+    from optimum_compat import optimum_produce
+
+    config = optimum_config_name()
+    jobs = [{"kind": "quantize", "dir": str(onnx_dir), "out": str(work / "optimum"), "config": config}]
+    if o2:
+        jobs.append({"kind": "optimize", "dir": str(onnx_dir), "out": str(work / "optimum-o2"), "level": "O2"})
+    side = optimum_produce(jobs)
+    return {"int8": work / "optimum", "o2": work / "optimum-o2" if o2 else None, "config": config, "side": side}
+
+
+def side_line(side: dict[str, str]) -> str:
+    """The side venv's versions that matter for the Optimum rows, as one phrase."""
+    return ", ".join(f"{k} {side[k]}" for k in ("transformers", "optimum-onnx", "onnxruntime") if k in side)
 
 
 def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
@@ -164,18 +173,18 @@ def main() -> None:
 
     measure("PyTorch FP32 eager", fp32_hf, model_bytes(fp32_hf))
     measure("ONNX Runtime FP32", fp32_onnx, model_bytes(fp32_onnx))
-    opt_dir = optimum_int8(fp32_onnx.path, work / "optimum")
-    (opt_dir / "model_quantized.onnx").rename(opt_dir / "model.onnx")
-    copy_companions(fp32_onnx, opt_dir)  # config and tokenizer beside Optimum's model
-    opt = fp32_onnx.derive(opt_dir, format="onnx")
+    # Optimum's int8 and O2 models, made in the side venv; timed and scored here like every other row.
+    # Its O2 graph is for the fusion comparison only: its ORTQuantizer cannot quantize the fused graph
+    # (onnxruntime's quantizer needs DefaultTensorType for contrib ops, which Optimum's quantization
+    # config does not pass), so there is no Optimum "O2 + int8" row to time.
+    optimum = optimum_models(fp32_onnx.path, work)
+    copy_companions(fp32_onnx, optimum["int8"])  # config and tokenizer beside Optimum's model
+    opt = fp32_onnx.derive(optimum["int8"], format="onnx")
     measure("Optimum dynamic int8 (ORTQuantizer)", opt, model_bytes(opt),
-            f"AutoQuantizationConfig.{(opt_dir / 'config.name').read_text()}(is_static=False)")
-    # Optimum's graph optimizer, for the fusion comparison only: its ORTQuantizer cannot quantize the
-    # fused graph (onnxruntime's quantizer needs DefaultTensorType for contrib ops, which Optimum's
-    # quantization config does not pass), so there is no Optimum "O2 + int8" row to time.
-    o2_dir = optimum_o2(fp32_onnx.path, work / "optimum-o2")
+            f"AutoQuantizationConfig.{optimum['config']}(is_static=False, per_channel=False), quantized in the "
+            f"optimum side venv ({side_line(optimum['side'])}), timed here")
     fusion = {"compressor optimize-onnx": fused_ops(steps["optimize-onnx"] / "model.onnx"),
-              "Optimum ORTOptimizer O2": fused_ops(o2_dir / "model.onnx")}
+              "Optimum ORTOptimizer O2": fused_ops(optimum["o2"] / "model.onnx")}
 
     # torch.ao dynamic int8, through compressor's own quantize-torch step (int8 weights in safetensors)
     from compressor.plugins.quantize_torch import QuantizeTorch, QuantizeTorchConfig
@@ -203,7 +212,9 @@ def main() -> None:
         if Path("/proc/cpuinfo").exists() else []
     results = {"date": date.today().isoformat(), "command": "python bench/compare.py " + " ".join(sys.argv[1:]),
                "cpu": cpu_name(), "cpu_flags": flags, "threads": args.threads, "runs": args.runs,
-               "libraries": env["libraries"], "python": env["python"], "rows": rows_out, "fusion": fusion,
+               "libraries": env["libraries"], "python": env["python"],
+               "optimum_side_venv": {"config": optimum["config"], "libraries": optimum["side"]},
+               "rows": rows_out, "fusion": fusion,
                "steps": {name: [{"uses": s["uses"], "notes": s["notes"]} for s in rec["steps"]]
                          for name, rec in records.items()},
                "recipe_reports": {name: [{k: a.get(k) for k in ("name", "format", "accuracy", "size_bytes",
@@ -216,6 +227,9 @@ def main() -> None:
              f"over all rows (each after 20 warm-up runs; figures are medians over the passes) · "
              f"SST-2 dev (872 sentences; batch-1 latency cycles through them) · python {env['python']} · "
              + ", ".join(f"{k} {v}" for k, v in env["libraries"].items()), "",
+             "Optimum's rows (its int8 model and its O2 graph) were made in a side venv, because optimum-onnx "
+             f"needs transformers<4.58: {side_line(optimum['side'])}; they are timed and scored in this process "
+             "like every other row.", "",
              "Latency is the model call (tokenization excluded), median (p50) and 90th percentile over the "
              "runs. Ratios are against ONNX Runtime FP32 measured in the same run; quote the ratios, since "
              "absolute times vary from machine to machine.", "",

@@ -3,6 +3,11 @@ hits every variant alike: rounds of `--runs` calls per variant, in turn, `--roun
 same real SST-2 dev sentences. Prints each variant's median and its ratio to Optimum's int8.
 Asserts nothing; the candidates are quantize-onnx mode: auto's (bench/NOTES.md).
 
+Optimum's int8 model is made in a side virtual environment (bench/optimum_compat.py builds it on the first
+run), because optimum-onnx 0.1.0 requires transformers<4.58 and compressor runs on transformers 5; it comes
+back as a plain ONNX file and is timed here, interleaved with the others, with this process's onnxruntime.
+The side venv's versions are printed above the table.
+
     python bench/int8_latency.py runs/bench-int8/artifacts/02-export-onnx [--rounds 10 --runs 100]
 """
 
@@ -19,22 +24,23 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def variants(onnx_dir: Path, work: Path, excluded: int = 2) -> dict[str, Path]:
-    """Optimum's documented path (its config for this CPU) and quantize-onnx mode: auto's candidates on
-    the fused model (optimize-onnx's output in the same run), the float-node ones from measured sensitivity."""
+def variants(onnx_dir: Path, work: Path, excluded: int = 2) -> tuple[dict[str, Path], dict[str, str]]:
+    """Optimum's documented path (its config for this CPU, made in the optimum side venv) and quantize-onnx
+    mode: auto's candidates on the fused model (optimize-onnx's output in the same run), the float-node ones
+    from measured sensitivity. Returns the models and the side venv's package versions."""
     import argparse
 
-    from compare import optimum_int8
+    from compare import optimum_models
     from compressor.artifact import Artifact
     from compressor.plugins.quantize_tune import Candidate, base_candidates, matmul_form, quantize_dynamic_file, \
         rank_nodes
     from compressor.data import DataSource
 
-    optimum = optimum_int8(onnx_dir, work / "optimum")
-    out = {f"Optimum {(optimum / 'config.name').read_text()} dynamic (unfused)": next(optimum.glob("*.onnx"))}
+    optimum = optimum_models(onnx_dir, work, o2=False)
+    out = {f"Optimum {optimum['config']} dynamic (unfused)": optimum["int8"] / "model.onnx"}
     fused = optimize_output(onnx_dir)
     if fused is None:
-        return out
+        return out, optimum["side"]
     source = matmul_form(fused / "model.onnx", work / "fused.onnx")
     rows = DataSource("tsv", {"eval": Path(__file__).resolve().parents[2] / "shared/data/sst2/dev.tsv"},
                       "sentence", "label").load("eval")[:32]
@@ -48,7 +54,7 @@ def variants(onnx_dir: Path, work: Path, excluded: int = 2) -> dict[str, Path]:
         target = work / f"{len(out)}.onnx"
         quantize_dynamic_file(source, target, candidate, None, [])
         out[f"fused, {candidate.name}"] = target
-    return out
+    return out, optimum["side"]
 
 
 def optimize_output(onnx_dir: Path) -> Path | None:
@@ -118,8 +124,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     feeds = dev_feeds(args.onnx_dir)
-    models = variants(args.onnx_dir, Path(tempfile.mkdtemp(prefix="int8-latency-")))
+    models, side = variants(args.onnx_dir, Path(tempfile.mkdtemp(prefix="int8-latency-")))
     times = time_interleaved(models, feeds, args.rounds, args.runs, args.threads)
+    from compare import side_line
+
+    print(f"Optimum's model made in the optimum side venv: {side_line(side)}; timed here")
     print_table(models, times, next(iter(models)), "vs optimum")
 
 

@@ -30,6 +30,9 @@ INTEGER_KERNEL_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerTo
                       "DynamicQuantizeLSTM", "QEmbedLayerNormalization"}
 #: Largest golden-logit difference allowed where the device's int8 kernel class is the one the golden
 #: outputs were computed with (same kernels: only float rounding and thread partitioning differ).
+#: What a generation bundle carries beside model.onnx and tokenizer.json: the cache shape for our loop, and
+#: what onnxruntime-genai's runtime (`og.Model(bundle)`) reads.
+GENERATION_FILES = ("genai_config.json", "config.json", "generation_config.json", "tokenizer_config.json")
 SAME_CLASS_TOLERANCE = 1e-3
 #: … and where it is another class. bench/cpu_classes.py ran the main job's int8 model (tuned and golden on
 #: x86 AVX512-VNNI) with onnxruntime's real ARM64 dot-product kernels under qemu on the 872 SST-2 dev
@@ -145,11 +148,11 @@ def write_bundle(artifact: Artifact, out: Path, record: dict[str, Any] | None = 
             from compressor import generation_runtime
 
             shutil.copy2(generation_runtime.__file__, tmp / "generation_runtime.py")
-            # a builder graph leaves the cache's head count and width symbolic; the loop reads them here
-            config = next((artifact.path / n for n in ("genai_config.json", "config.json")
-                           if (artifact.path / n).is_file()), None)
-            if config is not None:
-                shutil.copy2(config, tmp / config.name)
+            # a builder graph leaves the cache's head count and width symbolic; the loop reads them here, and
+            # with genai_config.json and the tokenizer's config onnxruntime-genai's own runtime runs the bundle
+            for name in GENERATION_FILES:
+                if (artifact.path / name).is_file():
+                    shutil.copy2(artifact.path / name, tmp / name)
         if (artifact.path / "required_operators.config").is_file():  # for a minimal onnxruntime build
             shutil.copy2(artifact.path / "required_operators.config", tmp / "required_operators.config")
         model = describe_model(tmp / artifact.model_file.name)

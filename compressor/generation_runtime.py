@@ -2,9 +2,10 @@
 
 This file runs on edge devices (a generation bundle copies it beside predict.py) and inside
 compressor (the text-generation evaluator, export-onnx's parity check), so that what is measured
-is what ships. The model is the layout optimum's `text-generation-with-past` export writes:
-inputs `input_ids`, `attention_mask` (past + new), `position_ids` and `past_key_values.N.key/value`
-of shape (batch, kv_heads, past, head_dim); outputs `logits` and `present.N.key/value`.
+is what ships. The model is the layout onnxruntime-genai's model builder writes (and Optimum's
+`text-generation-with-past` export): inputs `input_ids`, `attention_mask` (past + new), optionally
+`position_ids`, and `past_key_values.N.key/value` of shape (batch, kv_heads, past, head_dim); outputs
+`logits` and `present.N.key/value`.
 
 Where the genai_config.json beside the model says `past_present_share_buffer` (onnxruntime-genai's
 builder graphs, whose GroupQueryAttention writes the new positions into the cache it reads), one-sequence

@@ -1,8 +1,11 @@
 """A GGUF file as a recipe's input model: checked from its header, converted to an `hf` directory once.
 
-transformers reads GGUF (`from_pretrained(dir, gguf_file=NAME)`) and dequantizes the tensors to
-float32. The conversion takes tens of seconds, so its result is cached under the step cache, keyed
-on the file's bytes and the transformers version; the GGUF file itself is never written to.
+transformers reads GGUF (`from_pretrained(dir, gguf_file=NAME)`); asked to dequantize
+(`GgufConfig(dequantize=True)`), it unpacks every tensor to float32. transformers 5 still treats such a
+model as quantized and refuses to `save_pretrained` it, so its weights are moved into a plain model built
+from the same config without the quantization settings, which saves like any checkpoint. The conversion
+takes tens of seconds, so its result is cached under the step cache, keyed on the file's bytes and the
+transformers version; the GGUF file itself is never written to.
 """
 
 from __future__ import annotations
@@ -71,8 +74,8 @@ def convert_gguf(file: Path, cache_root: Path, log=print) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
-        model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model = plain_model(load_dequantized(file, torch.float32))
+        model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         os.replace(tmp, out)
     except InputError:
@@ -83,3 +86,31 @@ def convert_gguf(file: Path, cache_root: Path, log=print) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def load_dequantized(file: Path, dtype: object) -> object:
+    """The GGUF file's causal LM with every tensor unpacked to `dtype`."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    return AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype,
+                                                quantization_config=GgufConfig(gguf_file=file.name, dequantize=True))
+
+
+def plain_model(model: object) -> object:
+    """A model of the same config without its quantization settings, holding `model`'s (dense) weights:
+    one that `save_pretrained` writes as an ordinary float checkpoint."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    tied = set(getattr(plain, "_tied_weights_keys", None) or ())
+    if unexpected or [k for k in missing if k not in tied]:
+        raise ValueError(f"the dequantized weights do not fit the model: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}")
+    plain.generation_config = model.generation_config
+    return plain.eval()

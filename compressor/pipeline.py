@@ -74,9 +74,22 @@ def external_inputs(value: Any, recipe_dir: Path) -> list[str]:
 _CACHE_NAME = re.compile(r"^\.?(tmp-)?[0-9a-f]{16,64}(-\d+)?(\.json)?(\.tmp-\d+)?$|^(artifacts|metrics)$")
 
 
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether an exception, or one it was raised from, says the disk is full: an OSError's errno, or the
+    message of a library that wraps it (safetensors raises its own SafetensorError with the OS's text)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def failure_hint(exc: BaseException) -> str:
     """What to do about an unexpected exception from a step."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if disk_full(exc):
         return ("free disk space, or point COMPRESSOR_CACHE_DIR and --out at a larger disk, then run the same "
                 "command again: finished steps are cached and the run resumes")
     if isinstance(exc, MemoryError):
@@ -189,7 +202,7 @@ class Runner:
     def step_versions(self, step: str) -> dict[str, str]:
         """What a step's output may depend on besides its inputs: compressor's version, the version of the
         distribution that provides the step, and of every library that shapes results (torch,
-        transformers, optimum, onnxruntime, peft, torch-pruning, …). Part of its cache key, so that an
+        transformers, onnxruntime, peft, torch-pruning, …). Part of its cache key, so that an
         upgrade reruns the step rather than handing back what the old version made."""
         provider = self.host.step_provider.get(step)
         plugin = next((p for p in self.host.plugins if p.name == provider), None)

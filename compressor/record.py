@@ -7,8 +7,9 @@ import sys
 from importlib import metadata
 from typing import Any
 
-LIBRARIES = ("torch", "transformers", "tokenizers", "optimum", "optimum-onnx", "onnx", "onnxruntime",
-             "onnxruntime-gpu", "peft", "torch-pruning", "safetensors", "numpy", "pydantic", "pluggy")
+LIBRARIES = ("torch", "transformers", "huggingface_hub", "tokenizers", "onnx", "onnxscript", "onnxruntime",
+             "onnxruntime-gpu", "onnxruntime-genai", "peft", "torch-pruning", "safetensors", "numpy", "pydantic",
+             "pluggy")
 
 
 def cpu_name() -> str:

@@ -105,7 +105,7 @@ def build_tokenizer(words: list[str], out_dir: Path, lowercase: bool, size: int 
     vocab += [w for w, _ in counts.most_common(size) if w not in set(vocab)]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), do_lower_case=lowercase)
+    tok = BertTokenizerFast.from_pretrained(str(out_dir), do_lower_case=lowercase)
     tok.save_pretrained(str(out_dir))
     return tok
 
@@ -141,12 +141,27 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def build_tiny_llama(out_dir: Path, texts: list[str], seed: int = 0, chat: bool = True, **config: Any) -> Path:
-    """Save a tiny Llama (hidden 32, 2 layers, 4 query / 2 key-value heads, tied embeddings) with a byte-level
+#: Decoder families the tiny builder makes: (transformers config class, model class, settings of the family).
+TINY_DECODERS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None, "tie_word_embeddings": False}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"tie_word_embeddings": True, "head_dim": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"original_max_position_embeddings": 256,
+                                               "tie_word_embeddings": False}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 128}),
+}
+
+
+def build_tiny_llama(out_dir: Path, texts: list[str], seed: int = 0, chat: bool = True, family: str = "llama",
+                     **config: Any) -> Path:
+    """Save a tiny decoder of `family` (TINY_DECODERS; by default Llama: hidden 64, 2 layers, 4 query / 2
+    key-value heads 16 wide, as onnxruntime's GroupQueryAttention CPU kernel needs, tied embeddings) with a byte-level
     BPE tokenizer trained on `texts` and, with `chat`, a ChatML chat template."""
     import torch
+    import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())
@@ -161,13 +176,16 @@ def build_tiny_llama(out_dir: Path, texts: list[str], seed: int = 0, chat: bool 
         tok.chat_template = CHATML
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out_dir))
-    settings = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    settings = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                     tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                     pad_token_id=tok.pad_token_id)
+    config_class, model_class, family_settings = TINY_DECODERS[family]
+    settings.update(family_settings)
     settings.update(config)
     torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(**settings)).save_pretrained(str(out_dir), safe_serialization=True)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**settings))
+    model.save_pretrained(str(out_dir))
     return out_dir
 
 
@@ -302,13 +320,6 @@ def device_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama (GQA, tied embeddings, ChatML template) with a BPE tokenizer trained on SST-2 and WikiText-2."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tiny_llama_texts())
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_head16(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Llama with 16-wide heads (hidden 64), which onnxruntime's GroupQueryAttention kernel needs."""
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-16"), tiny_llama_texts(), hidden_size=64,
-                            intermediate_size=128)
 
 
 @pytest.fixture(scope="session")

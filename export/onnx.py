@@ -1,12 +1,17 @@
-"""`export-onnx`: `hf` → `onnx` with the optimum-onnx exporter (or, for decoder LLMs, onnxruntime-genai's
-model builder), then a parity check against PyTorch."""
+"""`export-onnx`: `hf` → `onnx`, then a parity check against PyTorch.
+
+Encoders (classifiers, taggers) go through `torch.onnx.export` (export/encoder.py) into the layout
+Optimum's ORTModel classes read; decoder LLMs through onnxruntime-genai's model builder, whose graph
+(fused GroupQueryAttention with rotary embeddings, fused RMSNorms) and genai_config.json the generation
+runtime, the int4 passes and onnxruntime-genai's own runtime read.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import io
-import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -19,10 +24,18 @@ from compressor.hookspecs import hookimpl
 from compressor.models import copy_tokenizer, onnx_opset
 from compressor.step import PlanContext, Step, StepConfig, StepContext
 
-#: Architectures the onnxruntime-genai 0.15 model builder writes (a subset we have run: Llama-family decoders).
-GENAI_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM",
-                       "GemmaForCausalLM", "Gemma2ForCausalLM", "OlmoForCausalLM", "GraniteForCausalLM")
-GENAI_HINT = "pip install 'onnxruntime-genai==0.15.2' (the newest builder that works with transformers 4.57)"
+#: Decoder architectures the onnxruntime-genai 0.18 model builder writes that compressor runs and tests
+#: (each through LoRA, merge, layer drop, export, int4 and a generation bundle on a tiny config). Not Gemma 2
+#: (its sliding-window GroupQueryAttention needs a cache preallocated to the window, which a prompt-only
+#: forward pass does not have) nor Gemma 3 (the 0.18 builder reads `rope_scaling`, which transformers 5's
+#: Gemma3 config no longer has).
+GENAI_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                       "Phi3ForCausalLM")
+GENAI_HINT = "pip install 'compressor[genai]' (onnxruntime-genai 0.18, its model builder)"
+#: The task layout that marks a decoder with a KV cache (what Optimum calls it).
+DECODER_LAYOUT = "text-generation-with-past"
+#: The encoder exporter `exporter: auto` picks: measured against dynamo on MiniLM (docs/results.md).
+DEFAULT_ENCODER_EXPORTER = "torchscript"
 
 #: Used for the parity check when the recipe has no data.
 FALLBACK_TEXTS = ["a gripping , beautifully made film .", "the plot is thin and the jokes fall flat .",
@@ -32,14 +45,22 @@ FALLBACK_TEXTS = ["a gripping , beautifully made film .", "the plot is thin and 
 class ExportOnnxConfig(StepConfig):
     """Settings of `export-onnx`."""
 
-    opset: int = Field(default=17, ge=11, le=23, description="ONNX opset version.")
+    opset: int = Field(default=17, ge=11, le=23, description="ONNX opset version (encoders; the builder sets its own).")
     atol: float = Field(default=1e-4, gt=0, le=10, description="Largest allowed |logit difference| between "
                                                               "PyTorch and ONNX Runtime in the parity check.")
     parity_rows: int = Field(default=32, ge=1, le=10_000, description="Real rows used by the parity check.")
-    exporter: Literal["optimum", "onnxruntime-genai"] = Field(
-        default="optimum", description="optimum-onnx's exporter, or (decoder LLMs) onnxruntime-genai's model "
-                                       "builder, whose graph has fused GroupQueryAttention with rotary embeddings "
-                                       "and fused RMSNorms: about 1.5x the int4 decode speed of the optimum graph.")
+    exporter: Literal["auto", "torchscript", "dynamo", "onnxruntime-genai"] = Field(
+        default="auto", description="auto: torch.onnx's TorchScript exporter for encoders, onnxruntime-genai's model "
+                                    "builder for decoder LLMs. torchscript / dynamo: torch.onnx's two exporters "
+                                    "(encoders). onnxruntime-genai: the builder (decoders), whose graph has fused "
+                                    "GroupQueryAttention with rotary embeddings and fused RMSNorms.")
+
+
+def resolved_exporter(config: ExportOnnxConfig, task: Any) -> str:
+    """The exporter this step uses for a model of `task`."""
+    if config.exporter != "auto":
+        return config.exporter
+    return "onnxruntime-genai" if task.export_task == DECODER_LAYOUT else DEFAULT_ENCODER_EXPORTER
 
 
 def parity_texts(ctx: StepContext, n: int) -> list[Any]:
@@ -67,95 +88,110 @@ def check_parity(reference: Artifact, candidate: Artifact, ctx: StepContext, ato
 
 
 class ExportOnnx(Step):
-    """Export a transformers model to ONNX (optimum-onnx) and check its logits against PyTorch."""
+    """Export a transformers model to ONNX (torch.onnx for encoders, onnxruntime-genai's builder for decoders)
+    and check its logits against PyTorch."""
 
     name = "export-onnx"
-    summary = "Export to ONNX with optimum-onnx, then check logits against PyTorch on real rows."
-    version = "2"  # 2: exporter
+    summary = "Export to ONNX (torch.onnx, or onnxruntime-genai's builder for LLMs), logits checked on real rows."
+    version = "3"  # 3: torch.onnx for encoders, the builder for decoders
     Config = ExportOnnxConfig
     accepts = ("hf",)
     produces = "onnx"
 
     def cache_extra(self, config: StepConfig) -> Any:
-        """The builder's version keys a builder export."""
-        assert isinstance(config, ExportOnnxConfig)
-        if config.exporter != "onnxruntime-genai":
-            return None
+        """The exporting library's version keys the export."""
         from importlib.metadata import PackageNotFoundError, version
 
-        try:
-            return {"onnxruntime-genai": version("onnxruntime-genai")}
-        except PackageNotFoundError:
-            return {"onnxruntime-genai": None}
+        found = {}
+        for package in ("torch", "onnxscript", "onnxruntime-genai"):
+            try:
+                found[package] = version(package)
+            except PackageNotFoundError:
+                found[package] = None
+        return found
 
     def supports(self, config: StepConfig, task: Any, model_config: dict[str, Any]) -> str | None:
-        """The model builder writes decoder LLMs with a KV cache, of the architectures it knows."""
+        """Encoders go through torch.onnx; decoders through the model builder, of the architectures it writes."""
         assert isinstance(config, ExportOnnxConfig)
-        if config.exporter != "onnxruntime-genai":
-            return None
+        exporter = resolved_exporter(config, task)
         arch = (model_config.get("architectures") or [None])[0]
-        if task.export_task != "text-generation-with-past" or arch not in GENAI_ARCHITECTURES:
-            return (f"exporter onnxruntime-genai writes decoder LLMs ({', '.join(GENAI_ARCHITECTURES)}); this is a "
-                    f"{task.name} model ({arch})")
+        if task.export_task != DECODER_LAYOUT:
+            if exporter == "onnxruntime-genai":
+                return f"exporter onnxruntime-genai writes decoder LLMs; this is a {task.name} model ({arch})"
+            return None
+        if exporter != "onnxruntime-genai":
+            return (f"decoder LLMs are exported by onnxruntime-genai's model builder (exporter: auto or "
+                    f"onnxruntime-genai), not {exporter}")
+        if arch not in GENAI_ARCHITECTURES:
+            return (f"the {arch} family is not one compressor exports with onnxruntime-genai's builder; "
+                    f"supported: {', '.join(GENAI_ARCHITECTURES)}")
         heads, hidden = model_config.get("num_attention_heads"), model_config.get("hidden_size")
         head_dim = model_config.get("head_dim") or (hidden // heads if heads and hidden else None)
         if head_dim and head_dim % 16:
-            return (f"exporter onnxruntime-genai writes onnxruntime's GroupQueryAttention, whose CPU kernel needs "
-                    f"heads a multiple of 16 wide; this model's are {head_dim}: use exporter: optimum")
+            return (f"onnxruntime-genai's builder writes onnxruntime's GroupQueryAttention, whose CPU kernel needs "
+                    f"heads a multiple of 16 wide; this model's are {head_dim}")
         return None
 
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
-        """The model builder must be installed."""
+        """The chosen exporter's package must be installed."""
         assert isinstance(config, ExportOnnxConfig)
-        if config.exporter == "onnxruntime-genai" and importlib.util.find_spec("onnxruntime_genai") is None:
-            raise RecipeError("exporter onnxruntime-genai needs the onnxruntime-genai package, which is not installed",
-                              where="with.exporter", hint=GENAI_HINT + ", or use exporter: optimum")
+        from compressor.tasks import task_for
+
+        exporter = resolved_exporter(config, task_for(ctx.task))
+        if exporter == "onnxruntime-genai" and importlib.util.find_spec("onnxruntime_genai") is None:
+            raise RecipeError("decoder LLMs are exported by onnxruntime-genai's model builder, which is not installed",
+                              where="with.exporter", hint=GENAI_HINT)
+        if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+            raise RecipeError("exporter dynamo needs the onnxscript package, which is not installed",
+                              where="with.exporter", hint="pip install onnxscript, or use exporter: torchscript")
 
     def run(self, artifact: Artifact, config: StepConfig, ctx: StepContext) -> Artifact:
         """Export into ctx.out_dir and raise StepError if the parity check fails."""
         assert isinstance(config, ExportOnnxConfig)
-        from optimum.exporters.onnx import main_export
-
-        logging.getLogger("optimum").setLevel(logging.ERROR)
         if artifact.info.get("quantized"):
             raise StepError(f"the model is quantized ({artifact.info['quantized']}); export the float model",
                             hint="put quantize-torch last, or quantize after export with quantize-onnx")
         if artifact.info.get("adapter"):
             raise StepError("the model carries an unmerged LoRA adapter",
                             hint="set merge: true on finetune, or add a merge-adapter step before export-onnx")
-        from compressor.evaluators.runtime import load_plugin_model
-
-        # a model in a plugin's own layout (say, low-rank Linears) cannot be re-read by optimum from
-        # its directory, so it is exported from the module the plugin's loader rebuilt
-        custom = load_plugin_model(artifact.path, artifact.task)
         from compressor.tasks import task_for
 
-        export_task = task_for(artifact.task).export_task
+        task = task_for(artifact.task)
+        exporter = resolved_exporter(config, task)
         opset = config.opset
         try:
-            if config.exporter == "onnxruntime-genai":
-                if custom is not None:
-                    raise StepError("exporter onnxruntime-genai reads transformers checkpoints, not a plugin's layout",
-                                    hint="use exporter: optimum")
-                opset = build_with_genai(artifact.path, ctx.out_dir)
-            elif custom is None:
-                main_export(str(artifact.path), output=str(ctx.out_dir), task=export_task, opset=config.opset,
-                            do_validation=False, local_files_only=True, library_name="transformers")
-            else:
-                from optimum.exporters.onnx import onnx_export_from_model
+            if exporter == "onnxruntime-genai":
+                from compressor.evaluators.runtime import load_plugin_model
 
-                onnx_export_from_model(custom.eval(), output=str(ctx.out_dir), task=export_task,
-                                       opset=config.opset, do_validation=False)
-                copy_tokenizer(artifact.path, ctx.out_dir)
+                if load_plugin_model(artifact.path, artifact.task) is not None:
+                    raise StepError("onnxruntime-genai's builder reads transformers checkpoints, not a plugin's layout",
+                                    hint="export the model before the plugin's step changes its layout")
+                opset = build_with_genai(artifact.path, ctx.out_dir)
+            else:
+                export_with_torch(artifact, task, ctx.out_dir, opset, exporter)
         except StepError:
             raise
-        except Exception as exc:  # the exporter raises many kinds; all mean the same to the user
-            raise StepError(f"ONNX export failed: {type(exc).__name__}: {exc}",
-                            hint="try another opset, or run with --debug for the exporter's traceback") from exc
-        out = artifact.derive(ctx.out_dir, format="onnx", opset=opset, exporter=config.exporter)
+        except Exception as exc:  # the exporters raise many kinds; all mean the same to the user
+            raise StepError(f"ONNX export failed ({exporter}): {type(exc).__name__}: {exc}",
+                            hint="try another opset or exporter, or run with --debug for the traceback") from exc
+        out = artifact.derive(ctx.out_dir, format="onnx", opset=opset, exporter=exporter)
         check_parity(artifact, out, ctx, config.atol, config.parity_rows, "ONNX logits differ from PyTorch",
-                     hint="raise with.atol if this difference is acceptable, or try another opset")
+                     hint="raise with.atol if this difference is acceptable, or try another opset or exporter")
         return out
+
+
+def export_with_torch(artifact: Artifact, task: Any, out_dir: Path, opset: int, exporter: str) -> None:
+    """An encoder through torch.onnx: model.onnx, the source's config.json and tokenizer files. A model in a
+    plugin's own layout (say, low-rank Linears) is exported from the module the plugin's loader rebuilt."""
+    from compressor.evaluators.runtime import load_tokenizer
+    from compressor.export.encoder import export_encoder
+    from compressor.models import load_model
+
+    model = load_model(artifact)
+    export_encoder(model, load_tokenizer(artifact.path), out_dir / "model.onnx", opset, exporter,
+                   per_token=task.word_level)
+    shutil.copy2(artifact.path / "config.json", out_dir / "config.json")
+    copy_tokenizer(artifact.path, out_dir)
 
 
 def build_with_genai(source: Path, out_dir: Path) -> int:
@@ -172,7 +208,7 @@ def build_with_genai(source: Path, out_dir: Path) -> int:
 
     model_file, data = out_dir / "model.onnx", out_dir / "model.onnx.data"
     if data.is_file() and data.stat().st_size < 1_800_000_000:
-        # one file where protobuf allows (2 GB): the rest of the chain reads it like optimum's export
+        # one file where protobuf allows (2 GB): the rest of the chain reads it like an encoder's export
         model = onnx.load(str(model_file))
         onnx.save_model(model, str(model_file))
         data.unlink()

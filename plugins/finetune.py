@@ -24,7 +24,8 @@ class FinetuneConfig(TrainConfig):
     lora_alpha: int = Field(default=16, ge=1, le=4096, description="LoRA scaling numerator (method: lora).")
     lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="LoRA dropout (method: lora).")
     lora_target_modules: list[str] | None = Field(
-        default=None, description="Modules that get adapters (method: lora); default: peft's choice for the model.")
+        default=None, description="Modules that get adapters (method: lora); default: peft's choice for the model "
+                    "type, or every Linear but the output head where peft has none.")
     merge: bool = Field(default=True, description="method: lora — also merge the adapter into the model; "
                                                   "the adapter is saved under adapter/ either way.")
 
@@ -153,6 +154,14 @@ def _select_parameters(model: Any, config: FinetuneConfig) -> tuple[list[Any], s
     return params, note
 
 
+def default_lora_targets(model: Any) -> str | None:
+    """None where peft knows the model type's modules; else peft's `all-linear` (every Linear but the
+    output head), for model types peft has no list for (Phi-3's fused qkv_proj / gate_up_proj, say)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as KNOWN
+
+    return None if getattr(model.config, "model_type", None) in KNOWN else "all-linear"
+
+
 def _wrap_lora(model: Any, task: str, config: FinetuneConfig) -> Any:
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -160,7 +169,7 @@ def _wrap_lora(model: Any, task: str, config: FinetuneConfig) -> Any:
 
     lora = LoraConfig(task_type=TaskType[task_for(task).peft_task_type],
                       r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.lora_target_modules)
+                      target_modules=config.lora_target_modules or default_lora_targets(model))
     return get_peft_model(model, lora)
 
 

@@ -135,6 +135,11 @@ class Prune(Step):
         if config.keep is not None and config.keep > n_layers:
             raise RecipeError(f"keep {config.keep} is more than the model's {n_layers} layers", where="with.keep")
         ratios = config.ratios()
+        if ratios["heads"] and not prune_decoder.is_decoder(mc) and not heads_prunable():
+            raise RecipeError("pruning attention heads needs transformers' prune_heads, which transformers 5 "
+                              "removed (a head-pruned model could no longer be reloaded)",
+                              where="with.head_ratio" if config.head_ratio is not None else "with.target",
+                              hint="prune FFN neurons (target: ffn) and whole layers (keep / keep_layers) instead")
         if isinstance(n_heads, int) and round(ratios["heads"] * n_heads) >= n_heads:
             raise RecipeError(f"head ratio {ratios['heads']} would remove all {n_heads} heads", where="with")
         if not any(ratios.values()) and config.keep_layers is None and config.keep is None:
@@ -197,14 +202,23 @@ def _encoder_layers(model: Any) -> Any:
         raise StepError(f"prune supports BERT-style encoders (encoder.layer); {type(model).__name__} has none") from None
 
 
+def heads_prunable() -> bool:
+    """Whether the installed transformers can prune heads and reload the result (`prune_heads`, config
+    `pruned_heads`): transformers 4 can, transformers 5 removed both."""
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    return hasattr(PreTrainedModel, "prune_heads") and "pruned_heads" in PretrainedConfig().to_dict()
+
+
 def _drop_layers(model: Any, keep: list[int]) -> None:
     import torch
 
     base = getattr(model, model.base_model_prefix)
     base.encoder.layer = torch.nn.ModuleList([base.encoder.layer[i] for i in keep])
     model.config.num_hidden_layers = len(keep)
-    old = model.config.pruned_heads or {}
-    model.config.pruned_heads = {new: old[k] for new, k in enumerate(keep) if k in old}
+    old = getattr(model.config, "pruned_heads", None) or {}
+    if old:
+        model.config.pruned_heads = {new: old[k] for new, k in enumerate(keep) if k in old}
 
 
 def _accumulate_gradients(model: Any, artifact: Artifact, config: PruneConfig, ctx: StepContext) -> None:

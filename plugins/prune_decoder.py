@@ -1,6 +1,7 @@
-"""`prune` on Llama-family decoder LLMs (llama, mistral, qwen2; a causal-LM task): whole decoder layers
-dropped by index or by measured block influence (ShortGPT, Men et al. 2024), and the MLP narrowed by the
-same number of intermediate channels in every layer. Attention heads are not pruned (GQA groups).
+"""`prune` on Llama-family decoder LLMs (llama, mistral, qwen2, qwen3, phi3; a causal-LM task): whole
+decoder layers dropped by index or by measured block influence (ShortGPT, Men et al. 2024), and the MLP
+narrowed by the same number of intermediate channels in every layer (where the MLP has separate gate, up
+and down projections: not phi3, whose gate_up_proj is one Linear). Attention heads are not pruned (GQA groups).
 
 Called by `plugins/prune.py` when the model is a decoder; torch is imported inside the functions.
 """
@@ -18,8 +19,10 @@ if TYPE_CHECKING:
     from compressor.artifact import Artifact
     from compressor.step import StepContext
 
-#: Model types whose decoder layers sit at `model.layers`, each with `self_attn` and a gate/up/down `mlp`.
-DECODERS = ("llama", "mistral", "qwen2")
+#: Model types whose decoder layers sit at `model.layers`, each with `self_attn` and an `mlp`.
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+#: Of those, the ones whose MLP has separate gate_proj / up_proj / down_proj Linears (what ffn pruning narrows).
+SPLIT_MLP = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def is_decoder(model_config: dict[str, Any] | Any) -> bool:
@@ -45,6 +48,10 @@ def check(config: PruneConfig, model_config: dict[str, Any], has_train: bool) ->
         raise RecipeError("prune does not remove attention heads of decoder LLMs (GQA groups); use keep/keep_layers "
                           "or ffn_ratio", where="with.head_ratio" if config.head_ratio is not None else "with.target",
                           hint="set target: ffn (or ffn_ratio), or keep / keep_layers to drop whole layers")
+    if config.ratios()["ffn"] and model_config.get("model_type") not in SPLIT_MLP:
+        raise RecipeError(f"prune narrows the MLPs of {', '.join(SPLIT_MLP)} decoders; a "
+                          f"{model_config.get('model_type')} MLP fuses gate and up into one Linear",
+                          where="with", hint="drop whole layers instead (keep or keep_layers)")
     if round(config.ratios()["ffn"] * width) >= width:
         raise RecipeError(f"ffn ratio {config.ratios()['ffn']} would remove all {width} MLP channels", where="with")
     # an explicit layer_choice is in data_splits, so the plan asks for the train rows itself

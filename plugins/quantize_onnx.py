@@ -543,7 +543,7 @@ def tied_tables(model: Any, matmuls: list[str]) -> dict[str, str]:
 def untie_transposed_weights(model: Any) -> list[str]:
     """MatMuls (weight input) and Gathers (table input) that read a weight through a Transpose of an
     initializer get the transposed weight as their own initializer. A tied LM head or embedding reads the
-    shared table so (optimum transposes it for the head, onnxruntime-genai's builder for the embedding), and
+    shared table so (onnxruntime-genai's builder transposes it for the embedding), and
     the int4 quantizer packs initializers only: it would leave the largest matrix of a small LLM in float.
     Returns the nodes changed; `share_tied_tables` dedupes the two quantized copies afterwards."""
     from onnx import numpy_helper

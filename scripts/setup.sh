@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up compressor on a fresh machine: a virtual environment in .venv with the pinned,
-# tested dependency set (constraints.txt), the CPU onnxruntime (with onnxruntime-genai's model builder)
-# and the test extras.
+# tested dependency set (constraints.txt: transformers 5, huggingface_hub 1.x, onnxruntime-genai 0.18),
+# the CPU onnxruntime (with onnxruntime-genai's model builder) and the test extras.
 # torch is pinned to 2.13.0: an unpinned torch would pull a multi-gigabyte CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."

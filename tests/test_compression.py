@@ -34,12 +34,11 @@ def test_prune_is_structural_and_reloads(tmp_path, compressor_cache, tiny4, sst2
     from transformers import AutoModelForSequenceClassification
 
     record = _run(tmp_path, tiny4, sst2_small,
-                  "  - uses: prune\n    with: {target: [ffn, heads], ratio: 0.5, keep_layers: [0, 3]}\n"
+                  "  - uses: prune\n    with: {target: ffn, ratio: 0.5, keep_layers: [0, 3]}\n"
                   "  - uses: export-onnx\n")
     out = Path(record["steps"][0]["path"])
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_hidden_layers == 2 and model.config.intermediate_size == 32
-    assert all(layer.attention.self.num_attention_heads == 2 for layer in model.bert.encoder.layer)
     before, after = load_file(str(tiny4 / "model.safetensors")), load_file(str(out / "model.safetensors"))
     # kept layer 1 is original layer 3; its FFN rows are a subset of the original rows, and the
     # output projection kept the matching columns
@@ -48,12 +47,11 @@ def test_prune_is_structural_and_reloads(tmp_path, compressor_cache, tiny4, sst2
     assert len(set(kept)) == 32
     w_out0 = before["bert.encoder.layer.3.output.dense.weight"]
     assert (abs(after["bert.encoder.layer.1.output.dense.weight"] - w_out0[:, kept]) < 1e-7).all()
-    # the kept heads' query rows come from the original in whole 8-row blocks
+    # attention is kept whole: kept layer 0's query projection is original layer 0's
     q, q0 = after["bert.encoder.layer.0.attention.self.query.weight"], before["bert.encoder.layer.0.attention.self.query.weight"]
-    blocks0 = [q0[h * 8:(h + 1) * 8] for h in range(4)]
-    assert all(any((abs(q[h * 8:(h + 1) * 8] - b) < 1e-7).all() for b in blocks0) for h in range(2))
+    assert (abs(q - q0) < 1e-7).all()
     notes = record["steps"][0]["notes"]
-    assert notes["macs_after"] < notes["macs_before"] * 0.4 and notes["params_after"] < notes["params_before"]
+    assert notes["macs_after"] < notes["macs_before"] * 0.45 and notes["params_after"] < notes["params_before"]
     assert record["steps"][1]["notes"]["parity_max_abs_diff"] < 1e-4
 
 
@@ -76,7 +74,8 @@ def test_prune_keeps_the_strongest_ffn_neurons(tmp_path, compressor_cache, tiny4
 @pytest.mark.parametrize("with_,words", [
     ("{keep_layers: [0, 7]}", ["layer index 7 is out of range: the model has 4 layers"]),
     ("{target: ffn, ratio: 1.0}", ["steps[0] (prune).with.ratio", "less than 1"]),
-    ("{target: heads, ratio: 0.9}", ["would remove all 4 heads"]),
+    ("{target: heads, ratio: 0.5}", ["steps[0] (prune).with.target", "transformers 5 removed",
+                                     "target: ffn"]),
     ("{keep: 2, keep_layers: [0]}", ["keep_layers or keep, not both"]),
     ("{}", ["nothing to prune"]),
 ])

@@ -44,6 +44,11 @@ def _serve(model_dir: Path) -> ThreadingHTTPServer:
 
         def do_GET(self) -> None:
             path = self.path.split("?")[0]
+            if path.startswith(f"/api/models/{REPO_ID}/tree/"):  # huggingface_hub 1.x lists the files here
+                tree = [{"type": "file", "path": name, "size": len(body), "oid": hashlib.sha1(body).hexdigest()}
+                        for name, body in sorted(files.items())]
+                self._reply(json.dumps(tree).encode(), "application/json")
+                return
             if path.startswith(f"/api/models/{REPO_ID}"):
                 info = {"id": REPO_ID, "modelId": REPO_ID, "sha": COMMIT, "private": False,
                         "siblings": [{"rfilename": name} for name in sorted(files)]}

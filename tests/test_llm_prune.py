@@ -35,7 +35,8 @@ def llama4(tmp_path_factory, sst2_small) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("llama4")
     texts = [line.split("\t")[0] for line in sst2_small["train"].read_text(encoding="utf-8").splitlines()[1:]]
-    plain = build_tiny_llama(root / "plain", texts, num_hidden_layers=4)
+    # hidden 32, MLP 64 wide: nothing here is exported, so the heads need not be 16 wide
+    plain = build_tiny_llama(root / "plain", texts, num_hidden_layers=4, hidden_size=32, intermediate_size=64)
     identity = root / "identity"
     shutil.copytree(plain, identity)
     model = AutoModelForCausalLM.from_pretrained(plain)

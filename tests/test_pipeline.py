@@ -71,7 +71,7 @@ def test_record_chains_hashes_and_versions(tiny_run):
     for step in steps:
         assert hash_dir(Path(step["path"])) == step["output_hash"]
     assert len(record["recipe_hash"]) == 64 and record["seed"] == 0 and record["data_hash"]
-    assert {"torch", "transformers", "onnxruntime", "optimum-onnx"} <= set(record["environment"]["libraries"])
+    assert {"torch", "transformers", "onnxruntime", "onnxruntime-genai"} <= set(record["environment"]["libraries"])
     assert record["status"] == "ok"
     assert any(p["name"] == "finetune" for p in record["plugins"])
 

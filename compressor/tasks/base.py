@@ -47,7 +47,8 @@ class Task:
     head_suffix: ClassVar[str]
     #: peft's TaskType member for adapters on this task.
     peft_task_type: ClassVar[str]
-    #: What optimum's ONNX exporter calls this task.
+    #: The ONNX layout of this task's export, by the name Optimum's exporter gives it (the ORTModel class that
+    #: reads it): `text-generation-with-past` marks a decoder with a KV cache.
     export_task: ClassVar[str]
     #: The metrics the evaluator reports; the first is the one guards, sweeps and reports compare.
     metrics: ClassVar[tuple[Metric, ...]]

@@ -50,7 +50,7 @@ def chat_wrap(tokenizer: Any, prompt: str, chat: bool | None) -> list[int]:
     if use:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding
     return list(tokenizer(prompt)["input_ids"])
 
 
