@@ -28,11 +28,11 @@ OP_MIN_ORT = {"MatMulNBits": "1.17", "GatherBlockQuantized": "1.20", "DynamicQua
 INTEGER_KERNEL_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "QLinearMatMul",
                       "QLinearConv", "ConvInteger", "QuantizeLinear", "DequantizeLinear", "MatMulNBits",
                       "DynamicQuantizeLSTM", "QEmbedLayerNormalization"}
-#: Largest golden-logit difference allowed where the device's int8 kernel class is the one the golden
-#: outputs were computed with (same kernels: only float rounding and thread partitioning differ).
 #: What a generation bundle carries beside model.onnx and tokenizer.json: the cache shape for our loop, and
 #: what onnxruntime-genai's runtime (`og.Model(bundle)`) reads.
 GENERATION_FILES = ("genai_config.json", "config.json", "generation_config.json", "tokenizer_config.json")
+#: Largest golden-logit difference allowed where the device's int8 kernel class is the one the golden
+#: outputs were computed with (same kernels: only float rounding and thread partitioning differ).
 SAME_CLASS_TOLERANCE = 1e-3
 #: … and where it is another class. bench/cpu_classes.py ran the main job's int8 model (tuned and golden on
 #: x86 AVX512-VNNI) with onnxruntime's real ARM64 dot-product kernels under qemu on the 872 SST-2 dev

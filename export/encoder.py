@@ -134,7 +134,7 @@ def name_head_counts(model: Any) -> int:
     transformers 5 splits heads with `view(batch, length, -1, head_dim)`, so the graph's shape is
     Concat(batch, length, -1, head_dim); onnxruntime's attention fusion reads the head count from that
     Concat, and a -1 there leaves it to guess (a pruned layer with fewer heads would not fuse). The count
-    is the projection's output width (its bias, else its weight) over head_dim. Returns the Reshapes changed."""
+    is the projection's output width (its MatMul weight's columns) over head_dim. Returns the Reshapes changed."""
     import numpy as np
     from onnx import numpy_helper
 
