@@ -1,5 +1,7 @@
 """torch.onnx's two exporters on one fine-tuned encoder: TorchScript (`dynamo=False`) against dynamo
-(`torch.export` + onnxscript), on the four things `export-onnx`'s default was chosen by:
+(`torch.export` + onnxscript), and both against optimum-onnx 0.1.0's export on transformers 4.57 (the
+exporter compressor used before transformers 5, run in bench/optimum_compat.py's side venv; `--no-optimum`
+leaves it out), on the four things `export-onnx`'s default was chosen by:
 
 - parity: the largest |logit difference| to PyTorch on the first 64 SST-2 dev sentences;
 - fusions: what onnxruntime's transformer optimizer (optimize-onnx's settings) fuses in each graph;
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-optimum", action="store_true", help="skip the optimum-onnx (transformers 4.57) row")
     args = parser.parse_args()
     import numpy as np
     import onnx
@@ -93,9 +96,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="exporters-"))
     results: dict[str, dict[str, Any]] = {}
     timed: dict[str, Path] = {}
-    for exporter in ("torchscript", "dynamo"):
+    exporters = ("torchscript", "dynamo") if args.no_optimum else ("torchscript", "dynamo", "optimum")
+    if not args.no_optimum:
+        from optimum_compat import optimum_produce
+
+        optimum_produce([{"kind": "export", "dir": str(args.model), "out": str(work / "optimum"),
+                          "task": "text-classification", "opset": 17}])
+    for exporter in exporters:
         raw = work / f"{exporter}.onnx"
-        export_encoder(model, tokenizer, raw, 17, exporter, per_token=False)
+        if exporter == "optimum":
+            (work / "optimum" / "model.onnx").replace(raw)
+        else:
+            export_encoder(model, tokenizer, raw, 17, exporter, per_token=False)
         parity = float(np.abs(onnx_logits(raw, tokenizer, texts[:64], args.threads) - reference).max())
         fused_file = work / f"{exporter}-fused.onnx"
         fused = fuse(raw, fused_file)

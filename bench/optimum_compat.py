@@ -226,6 +226,8 @@ def optimum_produce(jobs: list[dict[str, str]], venv: Path | None = None) -> dic
         {"kind": "quantize", "dir": ..., "out": ..., "config": "avx2"}  ORTQuantizer, dynamic, with
             AutoQuantizationConfig.<config>(is_static=False, per_channel=False)
         {"kind": "optimize", "dir": ..., "out": ..., "level": "O2"}     ORTOptimizer, AutoOptimizationConfig.<level>()
+        {"kind": "export", "dir": ..., "out": ..., "task": "text-classification", "opset": 17}
+            optimum's main_export of a transformers checkpoint `dir` (what export-onnx ran before transformers 5)
     """
     python = ensure_side_venv(venv or default_venv())
     with tempfile.TemporaryDirectory(prefix="optimum-produce-") as tmp:
@@ -240,6 +242,7 @@ def optimum_produce(jobs: list[dict[str, str]], venv: Path | None = None) -> dic
 
 def produce(request_file: Path) -> None:
     """Runs in the side venv: Optimum's quantizer or optimizer on each job's directory (see optimum_produce)."""
+    from optimum.exporters.onnx import main_export
     from optimum.onnxruntime import ORTOptimizer, ORTQuantizer
     from optimum.onnxruntime.configuration import AutoOptimizationConfig, AutoQuantizationConfig
 
@@ -247,6 +250,10 @@ def produce(request_file: Path) -> None:
     for job in request["jobs"]:
         out = Path(job["out"])
         out.mkdir(parents=True, exist_ok=True)
+        if job["kind"] == "export":
+            main_export(job["dir"], output=str(out), task=job["task"], opset=job["opset"], do_validation=False,
+                        local_files_only=True, library_name="transformers")
+            continue
         with tempfile.TemporaryDirectory(dir=out) as tmp:  # Optimum also saves config and tokenizer: not kept
             if job["kind"] == "quantize":
                 config = getattr(AutoQuantizationConfig, job["config"])(is_static=False, per_channel=False)

@@ -113,18 +113,17 @@ def export_encoder(model: Any, tokenizer: Any, out_file: Path, opset: int, expor
         if exporter == "torchscript":
             torch.onnx.export(wrapped, args, str(out_file), input_names=names, output_names=["logits"],
                               dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
+            import onnx
+
+            graph_model = onnx.load(str(out_file))
+            if name_head_counts(graph_model):
+                onnx.save_model(graph_model, str(out_file))
         else:
             batch, length = torch.export.Dim("batch_size", min=1), torch.export.Dim("sequence_length", min=1)
             shapes = tuple({0: batch, 1: length} for _ in names)
             program = torch.onnx.export(wrapped, args, input_names=names, output_names=["logits"],
                                         dynamic_shapes=shapes, opset_version=opset, dynamo=True, optimize=True)
             program.save(str(out_file), external_data=False)
-    if exporter == "torchscript":
-        import onnx
-
-        graph_model = onnx.load(str(out_file))
-        if name_head_counts(graph_model):
-            onnx.save_model(graph_model, str(out_file))
     return names
 
 
@@ -139,12 +138,12 @@ def name_head_counts(model: Any) -> int:
     from onnx import numpy_helper
 
     graph = model.graph
-    weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    initializers = {t.name: t for t in graph.initializer}  # read by dims; only shape constants are decoded
     producer = {o: n for n in graph.node for o in n.output}
 
     def constant(name: str) -> Any:
-        if name in weights:
-            return weights[name]
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
         node = producer.get(name)
         if node is not None and node.op_type == "Constant":
             return numpy_helper.to_array(node.attribute[0].t)
@@ -158,7 +157,7 @@ def name_head_counts(model: Any) -> int:
         heads, head_dim = constant(concat.input[2]), constant(concat.input[3])
         if heads is None or head_dim is None or heads.size != 1 or int(heads.ravel()[0]) != -1 or head_dim.size != 1:
             continue
-        width = projection_width(producer.get(node.input[0]), weights, producer)
+        width = projection_width(producer.get(node.input[0]), initializers, producer)
         if not width or width % int(head_dim.ravel()[0]):
             continue
         count = np.array([width // int(head_dim.ravel()[0])], dtype=np.int64)
@@ -170,11 +169,11 @@ def name_head_counts(model: Any) -> int:
     return changed
 
 
-def projection_width(node: Any, weights: dict[str, Any], producer: dict[str, Any]) -> int | None:
+def projection_width(node: Any, initializers: dict[str, Any], producer: dict[str, Any]) -> int | None:
     """The output width of a Linear exported as Add(bias, MatMul(x, W)) or MatMul(x, W): W's columns."""
     if node is not None and node.op_type == "Add":
         node = next((producer[i] for i in node.input if i in producer and producer[i].op_type == "MatMul"), None)
     if node is None or node.op_type != "MatMul":
         return None
-    weight = weights.get(node.input[1])
-    return int(weight.shape[1]) if weight is not None and weight.ndim == 2 else None
+    weight = initializers.get(node.input[1])
+    return int(weight.dims[1]) if weight is not None and len(weight.dims) == 2 else None
