@@ -137,36 +137,25 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"  {p.name:<20} {p.distribution} {p.version:<10} {state}")
 
 
-def _step_details(cls: Any) -> dict[str, Any]:
-    schema = cls.Config.model_json_schema()
-    fields = {}
-    for name, prop in schema.get("properties", {}).items():
-        info = {k: prop[k] for k in ("type", "default", "description", "minimum", "maximum", "exclusiveMinimum",
-                                     "exclusiveMaximum", "enum") if k in prop}
-        if "type" not in info and "anyOf" in prop:
-            info["type"] = " | ".join(str(a.get("type", a.get("$ref", "?"))) for a in prop["anyOf"])
-        if "type" not in info and "enum" not in info and "$ref" in prop:
-            ref = schema.get("$defs", {}).get(prop["$ref"].split("/")[-1], {})
-            info.update({k: ref[k] for k in ("enum", "type") if k in ref})
-        info["required"] = name in schema.get("required", [])
-        fields[name] = info
-    return {"name": cls.name, "summary": cls.summary, "version": cls.version, "accepts": list(cls.accepts),
-            "produces": cls.produces, "needs_data": list(cls.needs_data), "requires": list(cls.requires),
-            "deterministic": cls.deterministic, "config": fields}
-
-
 @cli.command()
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--markdown", is_flag=True, help="The reference page of compressor's own steps (docs/steps.md).")
 @click.pass_context
 @handle_errors
-def steps(ctx: click.Context, name: str | None, as_json: bool) -> None:
+def steps(ctx: click.Context, name: str | None, as_json: bool, markdown: bool) -> None:
     """List steps, or describe one step's formats and config fields."""
     from compressor.errors import RecipeError
+    from compressor.step_reference import field_bounds, field_kind, step_details, steps_markdown
 
     host = get_host(ctx)
+    if markdown:
+        builtin = {p.name for p in host.plugins if p.distribution == "compressor"}
+        own = {n: c for n, c in host.steps.items() if host.step_provider[n] in builtin}
+        click.echo(steps_markdown(own), nl=False)
+        return
     if name is None:
-        rows = [{**_step_details(c), "provider": host.step_provider[n]} for n, c in sorted(host.steps.items())]
+        rows = [{**step_details(c), "provider": host.step_provider[n]} for n, c in sorted(host.steps.items())]
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return
@@ -179,7 +168,7 @@ def steps(ctx: click.Context, name: str | None, as_json: bool) -> None:
         close = difflib.get_close_matches(name, list(host.steps), n=3)
         raise RecipeError(f"unknown step {name!r}", hint=("did you mean " + " or ".join(close) + "?") if close
                           else "`compressor steps` lists them")
-    details = {**_step_details(host.steps[name]), "provider": host.step_provider[name]}
+    details = {**step_details(host.steps[name]), "provider": host.step_provider[name]}
     if as_json:
         click.echo(json.dumps(details, indent=2))
         return
@@ -189,9 +178,7 @@ def steps(ctx: click.Context, name: str | None, as_json: bool) -> None:
         click.echo(f"  needs data: {', '.join(details['needs_data'])}")
     click.echo("  config (`with:`):")
     for field, info in details["config"].items():
-        bounds = " ".join(f"{k}={info[k]}" for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
-                          if k in info)
-        kind = "|".join(map(str, info["enum"])) if "enum" in info else info.get("type", "any")
+        bounds, kind = field_bounds(info), field_kind(info)
         default = "required" if info["required"] else f"default {json.dumps(info.get('default'))}"
         click.echo(f"    {field:<22} {kind} ({default}{', ' + bounds if bounds else ''})")
         click.echo(f"      {info.get('description', '')}")

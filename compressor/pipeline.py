@@ -410,7 +410,7 @@ class Runner:
         return Artifact.load(self.cache.artifact_dir(key))
 
     def _finish(self, record: dict[str, Any], t0: float) -> None:
-        from compressor.report import write_reports
+        from compressor.report_files import write_reports
 
         record["finished"] = datetime.now(timezone.utc).isoformat()
         record["seconds"] = time.perf_counter() - t0

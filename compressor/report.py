@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from compressor.cache import write_json_atomic, write_text_atomic
 from compressor.guard import _value, baseline
 
 
@@ -166,13 +164,3 @@ def search_markdown(step: dict[str, Any]) -> list[str]:
                      + ", ".join(f"`{n}` {v:.3g}" for n, v in top) + ".")
     return lines
 
-
-def write_reports(record: dict[str, Any], run_dir: Path) -> None:
-    """Write report.json and report.md into the run directory."""
-    rows = report_rows(record)
-    write_json_atomic(Path(run_dir) / "report.json", {"name": record["name"], "status": record["status"],
-                                                      "guard": record.get("guard"), "rows": rows})
-    write_text_atomic(Path(run_dir) / "report.md", render_markdown(record, rows))
-    from compressor.report_html import write_html_report
-
-    write_html_report([record], run_dir)

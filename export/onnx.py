@@ -75,9 +75,12 @@ def check_parity(reference: Artifact, candidate: Artifact, ctx: StepContext, ato
                  hint: str) -> None:
     """The task's parity check on real rows (for a classifier: the largest |logit difference|; for a generator
     also its greedy tokens); raise StepError when the difference exceeds `atol` or the task finds a problem."""
+    from compressor.evaluators.runtime import logits_parity
     from compressor.tasks import task_for
 
-    result = task_for(reference.task).parity(reference, candidate, parity_texts(ctx, rows), ctx.threads)
+    texts = parity_texts(ctx, rows)
+    result = (task_for(reference.task).parity(reference, candidate, texts, ctx.threads)
+              or logits_parity(reference, candidate, texts, ctx.threads))
     diff = result["max_abs_diff"]
     ctx.report(parity_max_abs_diff=diff, parity_atol=atol,
                **{f"parity_{k}": v for k, v in result.items() if k not in ("max_abs_diff", "problem")})
@@ -97,18 +100,6 @@ class ExportOnnx(Step):
     Config = ExportOnnxConfig
     accepts = ("hf",)
     produces = "onnx"
-
-    def cache_extra(self, config: StepConfig) -> Any:
-        """The exporting library's version keys the export."""
-        from importlib.metadata import PackageNotFoundError, version
-
-        found = {}
-        for package in ("torch", "onnxscript", "onnxruntime-genai"):
-            try:
-                found[package] = version(package)
-            except PackageNotFoundError:
-                found[package] = None
-        return found
 
     def supports(self, config: StepConfig, task: Any, model_config: dict[str, Any]) -> str | None:
         """Encoders go through torch.onnx; decoders through the model builder, of the architectures it writes."""

@@ -74,20 +74,6 @@ class PruneConfig(StepConfig):
         return {"ffn": ffn, "heads": heads}
 
 
-def layers_to_keep(config: PruneConfig, n_layers: int) -> list[int] | None:
-    """The kept layer indices, or None to keep all."""
-    if config.keep_layers is not None:
-        return sorted(set(config.keep_layers))
-    if config.keep is not None:
-        if config.keep >= n_layers:
-            return None
-        if config.keep == 1:
-            return [n_layers - 1]
-        step = (n_layers - 1) / (config.keep - 1)
-        return sorted({round(i * step) for i in range(config.keep)})
-    return None
-
-
 class Prune(Step):
     """Remove attention heads, FFN neurons and layers of a BERT-style encoder, or layers and MLP channels
     of a Llama-family decoder."""
@@ -178,7 +164,7 @@ class Prune(Step):
 def _prune_encoder(model: Any, artifact: Artifact, config: PruneConfig, ctx: StepContext) -> dict[str, Any]:
     """Drop layers, then heads and FFN neurons of a BERT-style encoder, in place; returns what is reported."""
     encoder = _encoder_layers(model)
-    keep = layers_to_keep(config, len(encoder))
+    keep = prune_decoder.layers_to_keep(config, len(encoder))
     if keep is not None:
         if max(keep) >= len(encoder):
             raise StepError(f"keep_layers index {max(keep)} is out of range for {len(encoder)} layers")

@@ -86,11 +86,24 @@ def prune(model: Any, artifact: Artifact, config: PruneConfig, ctx: StepContext)
     return notes
 
 
+def layers_to_keep(config: PruneConfig, n_layers: int) -> list[int] | None:
+    """The kept layer indices by `keep_layers` or `keep` (evenly spaced, last kept), or None to keep all;
+    for encoders and decoders alike."""
+    if config.keep_layers is not None:
+        return sorted(set(config.keep_layers))
+    if config.keep is not None:
+        if config.keep >= n_layers:
+            return None
+        if config.keep == 1:
+            return [n_layers - 1]
+        step = (n_layers - 1) / (config.keep - 1)
+        return sorted({round(i * step) for i in range(config.keep)})
+    return None
+
+
 def choose_layers(model: Any, artifact: Artifact, config: PruneConfig, ctx: StepContext,
                   notes: dict[str, Any]) -> list[int] | None:
     """The kept layer indices (None: keep all): keep_layers, evenly spaced, or the highest block influence."""
-    from compressor.plugins.prune import layers_to_keep
-
     n = len(decoder_layers(model))
     if config.keep_layers is not None and max(config.keep_layers) >= n:
         raise StepError(f"keep_layers index {max(config.keep_layers)} is out of range for {n} layers")

@@ -2,11 +2,13 @@
 
 torch's quantized Linear keeps packed parameters that safetensors cannot hold, so the artifact
 stores each int8 weight with its scale and zero point as plain tensors in `model.int8.safetensors`
-(no pickle); `compressor.models.load_torch_int8` rebuilds the quantized model from them.
+(no pickle), and config.json names the layers left in float (`compressor_torch_int8`); this plugin's
+`load_hf_model` hook rebuilds the quantized model from them wherever compressor loads that directory.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import Field
@@ -17,6 +19,8 @@ from compressor.hookspecs import hookimpl
 from compressor.step import Step, StepConfig, StepContext
 
 INT8_FILE = "model.int8.safetensors"
+#: config.json key of a quantize-torch directory: {"skip_modules": [...]}.
+CONFIG_KEY = "compressor_torch_int8"
 
 
 class QuantizeTorchConfig(StepConfig):
@@ -41,7 +45,7 @@ class QuantizeTorch(Step):
 
     name = "quantize-torch"
     summary = "Dynamic int8 Linear layers with torch.ao (stays a PyTorch model)."
-    version = "1"
+    version = "2"  # 2: config.json names the float layers; loaded through load_hf_model
     Config = QuantizeTorchConfig
     accepts = ("hf",)
     produces = "hf"
@@ -74,6 +78,7 @@ class QuantizeTorch(Step):
                     key.startswith(q + ".") for q in quantized):
                 tensors[key] = value.detach().contiguous()
         save_file(tensors, str(ctx.out_dir / INT8_FILE), metadata={"format": "compressor-torch-dynamic-int8"})
+        setattr(model.config, CONFIG_KEY, {"skip_modules": list(config.skip_modules)})
         model.config.save_pretrained(str(ctx.out_dir))
         copy_tokenizer(artifact.path, ctx.out_dir)
         ctx.report(quantized_linear_layers=len(quantized), skipped=config.skip_modules)
@@ -90,7 +95,7 @@ def load_torch_int8(path: Any, task: str, skip: list[str]) -> Any:
 
     cls = task_for(task).model_class()
     model = quantize_dynamic(cls.from_config(AutoConfig.from_pretrained(str(path))), skip)
-    tensors = load_file(str(path / INT8_FILE))
+    tensors = load_file(str(Path(path) / INT8_FILE))
     for name, module in model.named_modules():
         if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
             weight = torch._make_per_tensor_quantized_tensor(
@@ -100,10 +105,18 @@ def load_torch_int8(path: Any, task: str, skip: list[str]) -> Any:
     state = model.state_dict()  # holds the packed int8 weights just set
     unexpected = [k for k in tensors if k not in state]
     if unexpected:
-        raise StepError(f"{path / INT8_FILE} holds tensors the model does not have: {unexpected[:3]}")
+        raise StepError(f"{Path(path) / INT8_FILE} holds tensors the model does not have: {unexpected[:3]}")
     state.update(tensors)
     model.load_state_dict(state)
     return model.eval()
+
+
+@hookimpl
+def load_hf_model(path: str, task: str, config: dict[str, Any]) -> Any | None:
+    """Rebuild directories that `quantize-torch` wrote (their config.json carries CONFIG_KEY)."""
+    if CONFIG_KEY not in config:
+        return None
+    return load_torch_int8(Path(path), task, list(config[CONFIG_KEY].get("skip_modules", [])))
 
 
 @hookimpl

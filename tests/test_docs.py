@@ -62,3 +62,12 @@ def test_readme_layout_paths_exist():
     root = DOCS.parent.parent
     for path in re.findall(r"`((?:compressor|plugins|export|bench|tests|recipes|examples|docs)/[\w./-]*)`", readme):
         assert (root / path.rstrip("/")).exists() or "*" in path, f"README points at {path}, which does not exist"
+
+
+def test_step_reference_is_current(cli_run):
+    """docs/steps.md is what `compressor steps --markdown` prints now (regenerate it when a step changes)."""
+    code, out, _ = cli_run("steps", "--markdown")
+    assert code == 0
+    page = (DOCS.parent / "steps.md").read_text(encoding="utf-8")
+    assert out == page, "docs/steps.md is stale: run `compressor steps --markdown > docs/steps.md`"
+    assert "| `block_size` |" in page and "## `quantize-onnx`" in page

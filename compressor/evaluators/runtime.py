@@ -68,6 +68,16 @@ def load_torch_model(path: Path, task: str, adapter: str | None = None) -> Any:
     return model.eval()
 
 
+def logits_parity(reference: Artifact, candidate: Artifact, texts: list[Any], threads: int) -> dict[str, Any]:
+    """The largest |logit difference| between two artifacts of one task over `texts`, in batches of 8."""
+    ref, cand = load_runner(reference, threads), load_runner(candidate, threads)
+    worst = 0.0
+    for i in range(0, len(texts), 8):
+        enc = ref.encode(texts[i : i + 8])
+        worst = max(worst, float(np.abs(ref(enc) - cand(enc)).max()))
+    return {"max_abs_diff": worst, "problem": None}
+
+
 def load_runner(artifact: Artifact, threads: int) -> Runner:
     """A runner on the runtime the artifact targets."""
     tokenizer = load_tokenizer(artifact.path)
@@ -75,12 +85,7 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
         import torch
 
         torch.set_num_threads(threads)
-        if artifact.info.get("quantized") == "torch-dynamic-int8":
-            from compressor.plugins.quantize_torch import load_torch_int8
-
-            model = load_torch_int8(artifact.path, artifact.task, artifact.info.get("skip_modules", []))
-        else:
-            model = load_torch_model(artifact.path, artifact.task, artifact.info.get("adapter"))
+        model = load_torch_model(artifact.path, artifact.task, artifact.info.get("adapter"))
         from compressor.tasks import task_for
 
         names = list(task_for(artifact.task).model_inputs)

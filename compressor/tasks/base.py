@@ -103,19 +103,12 @@ class Task:
         """The task's metrics for predictions of every row."""
         raise NotImplementedError
 
-    def parity(self, reference: Any, candidate: Any, texts: list[Any], threads: int) -> dict[str, Any]:
+    def parity(self, reference: Any, candidate: Any, texts: list[Any], threads: int) -> dict[str, Any] | None:
         """How far a converted model (`candidate`) is from `reference` on real inputs: `max_abs_diff` of the
-        logits, and `problem` (a sentence) when something other than the size of a difference is wrong."""
-        import numpy as np
-
-        from compressor.evaluators.runtime import load_runner
-
-        ref, cand = load_runner(reference, threads), load_runner(candidate, threads)
-        worst = 0.0
-        for i in range(0, len(texts), 8):
-            enc = ref.encode(texts[i : i + 8])
-            worst = max(worst, float(np.abs(ref(enc) - cand(enc)).max()))
-        return {"max_abs_diff": worst, "problem": None}
+        logits, and `problem` (a sentence) when something other than the size of a difference is wrong.
+        None (the default) asks for the plain comparison, the largest |logit difference| over the texts
+        (`compressor.evaluators.runtime.logits_parity`); a task overrides this when logits alone cannot tell."""
+        return None
 
     def distill_targets(self, student_logits: Any, teacher_logits: Any, labels: Any) -> tuple[Any, Any, Any]:
         """The (student, teacher, label) rows that distillation compares: one per sequence by default."""
