@@ -1,7 +1,9 @@
 """An LLM recipe's answer accuracy on every eval row, for the given artifacts: less noisy than the first 200.
 
-    python bench/answers_all_rows.py recipes/smollm2-sst2-int4.yaml runs/smollm2-v11/artifacts/02-export-onnx \
-        runs/smollm2-v11/artifacts/03-quantize-onnx
+    python bench/answers_all_rows.py recipes/smollm2-sst2-int4.yaml RUN_DIR/artifacts/02-export-onnx \
+        RUN_DIR/artifacts/03-quantize-onnx
+
+(RUN_DIR: the run directory of that recipe, under runs/.)
 
 The recipe's evaluator (greedy answers, exact match) on all of `data.eval` (872 SST-2 dev rows), where the
 recipe's report reads `accuracy_rows` of them. Reporting only: nothing is chosen on these rows. Asserts
@@ -24,9 +26,9 @@ def main() -> int:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
 
-    from compressor.artifact import Artifact
+    from compressor.models.artifact import Artifact
     from compressor.host import build_host
-    from compressor.plan import build_plan
+    from compressor.recipe.plan import build_plan
     from compressor.tasks.text_generation import GenerationEvaluator
 
     rows = build_plan(args.recipe, build_host()).data.load("eval")

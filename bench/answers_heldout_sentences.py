@@ -1,7 +1,9 @@
 """An LLM recipe's answer accuracy on held-out SST-2 train *sentences*: a tuning split that looks like dev.
 
     python bench/answers_heldout_sentences.py recipes/smollm2-edge.yaml \
-        runs/smollm2-v11/artifacts/02-export-onnx runs/smollm2-edge/artifacts/05-quantize-onnx --rows 1000
+        INT4_RUN/artifacts/02-export-onnx EDGE_RUN/artifacts/05-quantize-onnx --rows 1000
+
+(INT4_RUN and EDGE_RUN: the run directories of recipes/smollm2-sst2-int4.yaml and recipes/smollm2-edge.yaml.)
 
 Why: SST-2's train file holds every phrase of its sentences (67,349 rows from about 6,900 sentences), so the
 recipe's tuning rows (`data.holdout`, a random sample) are mostly short phrases, and many of them are
@@ -69,12 +71,12 @@ def main() -> int:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
 
-    from compressor.artifact import Artifact
-    from compressor.data import TUNE
+    from compressor.models.artifact import Artifact
+    from compressor.models.data import TUNE
     from compressor.host import build_host
-    from compressor.plan import build_plan
+    from compressor.recipe.plan import build_plan
     from compressor.tasks import text_generation as generation
-    from compressor.training import sample_rows
+    from compressor.models.training import sample_rows
 
     plan = build_plan(args.recipe, build_host())
     train, tuning = plan.data.load("train"), plan.data.load(TUNE)

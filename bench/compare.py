@@ -7,16 +7,17 @@ and the fused operators in our optimize-onnx output against Optimum's ORTOptimiz
 
 Every row is measured in this one process with the same threads, the same real dev sentences and
 the same warm-up, and the latencies are taken in round-robin passes over all rows, so that a change
-in the machine's speed during the run affects every row alike. Writes bench/RESULTS.md and bench/results.json. Asserts nothing.
+in the machine's speed during the run affects every row alike. Prints the table and writes it with its figures
+to `--out` (default runs/compare/: compare.md and compare.json). Asserts nothing.
 
 Optimum's two models (its dynamic int8 and its O2 graph) are made in a side virtual environment, by
 bench/optimum_compat.py's side process, because optimum-onnx 0.1.0 requires transformers<4.58 and compressor
 runs on transformers 5. They come back as plain ONNX files and are timed and scored here, with this
 process's onnxruntime, like every other row; the side venv's versions (transformers, optimum-onnx,
-onnxruntime) are printed and saved in results.json. The side venv is built on the first run (see
+onnxruntime) are printed and saved in compare.json. The side venv is built on the first run (see
 bench/optimum_compat.py) and reused after.
 
-    python bench/compare.py [--runs 200] [--rounds 5] [--threads 2]
+    python bench/compare.py [--runs 200] [--rounds 5] [--threads 2] [--out runs/compare]
 
 It runs both recipes first (cached after their first run).
 """
@@ -91,7 +92,7 @@ def side_line(side: dict[str, str]) -> str:
 
 
 def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
-    """The issue's targets that this table measures: (target, measured, met)."""
+    """The targets this table measures (docs/results.md, encoder int8): (target, measured, met)."""
     by_name = {r["row"]: r for r in rows}
     optimum = by_name["Optimum dynamic int8 (ORTQuantizer)"]
     int8, edge = by_name[f"compressor {RECIPES['int8'].name}"], by_name[f"compressor {RECIPES['edge'].name}"]
@@ -116,15 +117,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="Round-robin timing passes over all rows.")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare", help="where compare.md/.json go")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from compressor.artifact import Artifact, copy_companions
-    from compressor.data import DataSource
-    from compressor.evaluators.base import EvalSettings
-    from compressor.evaluators.measure import model_bytes
-    from compressor.evaluators.logits import LogitsEvaluator
+    from compressor.models.artifact import Artifact, copy_companions
+    from compressor.models.data import DataSource
+    from compressor.evaluate.base import EvalSettings
+    from compressor.evaluate.measure import model_bytes
+    from compressor.evaluate.logits import LogitsEvaluator
     from compressor.tasks.text_classification import TextClassification
-    from compressor.record import cpu_name, environment
+    from compressor.run.record import cpu_name, environment
 
     records = {name: run_recipe(name) for name in RECIPES}
     steps = {s["uses"]: Path(s["path"]) for s in records["int8"]["steps"]}
@@ -140,7 +142,7 @@ def main() -> None:
 
     def measure(label: str, artifact: Artifact, size: int, note: str = "") -> None:
         """Accuracy now; latency later, interleaved with every other row's (see time_all)."""
-        from compressor.evaluators.runtime import load_runner
+        from compressor.models.loading import load_runner
 
         result = evaluator.evaluate(artifact, rows, settings)
         rows_out.append({"row": label, "accuracy": result["accuracy"], "size_bytes": size, "note": note})
@@ -153,7 +155,7 @@ def main() -> None:
         median over the passes."""
         import statistics
 
-        from compressor.evaluators.measure import latency
+        from compressor.evaluate.measure import latency
 
         texts = [r.text for r in rows]
         passes: list[list[dict[str, Any]]] = [[] for _ in runners]
@@ -220,7 +222,8 @@ def main() -> None:
                "recipe_reports": {name: [{k: a.get(k) for k in ("name", "format", "accuracy", "size_bytes",
                                                                 "parameters")}
                                          for a in rec["artifacts"]] for name, rec in records.items()}}
-    (REPO / "bench" / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compare.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     lines = ["# Benchmark: MiniLM-L6 fine-tuned on SST-2", "",
              f"`{results['command']}` on {results['date']} · {results['cpu']} ({', '.join(flags)}) · "
              f"{args.threads} threads · {args.runs} timed runs per batch size, in {args.rounds} round-robin passes "
@@ -250,12 +253,9 @@ def main() -> None:
         acc = f"{a['accuracy']:.4f}" if a.get("accuracy") is not None else "–"
         lines.append(f"| {a['name']} ({a['format']}) | {acc} | {a['size_bytes'] / 1e6:.2f} | "
                      f"{a['parameters'] or '–'} |")
-    lines += ["", "## Targets (issues 6 and 13) measured by this run", "", "| target | measured | met? |", "|---|---|---|"]
+    lines += ["", "## Targets measured by this run", "", "| target | measured | met? |", "|---|---|---|"]
     lines += [f"| {what} | {measured} | {'yes' if met else '**no**'} |" for what, measured, met in targets(rows_out)]
-    notes = REPO / "bench" / "NOTES.md"  # the hand-written analysis: the other targets, what was tried, why
-    if notes.is_file():
-        lines += ["", notes.read_text().rstrip()]
-    (REPO / "bench" / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    (args.out / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

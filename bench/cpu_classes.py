@@ -1,6 +1,6 @@
 """int8 results across CPU classes, measured under emulation (qemu-user; bench/emulation/setup.sh).
 
-ONNX Runtime's int8 kernels differ between CPU classes (compressor/cpu.py). This machine runs one
+ONNX Runtime's int8 kernels differ between CPU classes (compressor/run/cpu.py). This machine runs one
 class natively; qemu runs onnxruntime's real kernels of others: x86 AVX2 (saturating U8S8), x86 SSE,
 and ARM64 NEON / dot-product / i8mm. (qemu has no AVX-VNNI, AVX-512 or AMX.) Asserts nothing.
 
@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,8 @@ def logits(run_dir: Path, classes: list[str], work: Path, models: list[str]) -> 
     """Dev accuracy, agreement with this machine and largest logit difference, per class."""
     import numpy as np
 
-    from compressor.cpu import describe
-    from compressor.data import DataSource
+    from compressor.run.cpu import describe
+    from compressor.models.data import DataSource
 
     rows = DataSource("tsv", {"eval": DEV}, "sentence", "label").load("eval")
     gold = np.array([int(r.label) for r in rows])
@@ -109,21 +110,21 @@ def logits(run_dir: Path, classes: list[str], work: Path, models: list[str]) -> 
 def search(recipe: Path, out: Path) -> None:
     """Inside the emulator: run the recipe's steps through the cache (the class-dependent search reruns),
     then measure the float and the final artifact on the eval rows with this class's kernels."""
-    from compressor.cache import Cache
-    from compressor.cpu import describe
-    from compressor.evaluators.base import EvalSettings
+    from compressor.run.cache import Cache
+    from compressor.run.cpu import describe
+    from compressor.evaluate.base import EvalSettings
     from compressor.host import build_host
-    from compressor.pipeline import Runner
-    from compressor.plan import build_plan
+    from compressor.run.pipeline import Runner
+    from compressor.recipe.plan import build_plan
 
     host = build_host()
     plan = build_plan(recipe, host)
     runner = Runner(plan, host, out, Cache(), log=lambda s: print(s, flush=True))
     print(f"cpu: {describe()}", flush=True)
-    from compressor.artifact import hash_dir
+    from compressor.models.artifact import hash_dir
 
     current, current_hash, history, steps = plan.source, hash_dir(plan.source.path), [("input", plan.source)], []
-    from compressor.cache import make_key
+    from compressor.run.cache import make_key
 
     first_key = make_key(current_hash, plan.source.task, plan.source.labels, plan.source.info.get("has_head"))
     for i, planned in enumerate(plan.steps):
@@ -140,7 +141,7 @@ def search(recipe: Path, out: Path) -> None:
               "final": evaluator.evaluate(current, rows, settings),
               "search": next((s["notes"].get("search") for s in steps if "search" in s["notes"]), None)}
     (out / "cpu_class_search.json").write_text(json.dumps(result, indent=2, default=str))
-    from compressor.report import search_markdown
+    from compressor.report.markdown import search_markdown
 
     if result["search"]:
         print("\n".join(search_markdown({"index": len(steps) - 1, "uses": "quantize-onnx",
@@ -166,7 +167,7 @@ def main() -> None:
     p = sub.add_parser("logits")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--classes", default="avx2,sse41,arm64,arm64-dotprod,arm64-i8mm")
-    p.add_argument("--work", type=Path, default=Path("/tmp/cpu-classes"))
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cpu-classes")
     p.add_argument("--models", default="int8,float", help="int8 (the final model), float (before quantization)")
     p = sub.add_parser("search")
     p.add_argument("recipe", type=Path)

@@ -4,7 +4,7 @@ machine falls on every model alike.
     python bench/decode_interleaved.py A/model.onnx B/model.onnx ... [--rounds 5] [--prompt 128] [--tokens 128]
 
 Each round times every model in turn: a `--prompt`-token prompt, then `--tokens` greedy steps through
-compressor/generation_runtime.py (the loop the recipe measures with and the bundle ships, with its shared
+compressor/bundle/device/generation_runtime.py (the loop the recipe measures with and the bundle ships, with its shared
 cache buffer where the model's genai_config.json asks for one). Prints each model's best round and every
 round, the ratio of each best to the first model's, and the median over rounds of each round's ratio to
 the first model's in that round (the steadier figure on a machine whose speed drifts). Asserts nothing.
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main() -> int:
     """Time the models round by round and print the table."""
-    from compressor.generation_runtime import OnnxCausalLM
+    from compressor.bundle.device.generation_runtime import OnnxCausalLM
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", type=Path, nargs="+")

@@ -33,7 +33,7 @@ FUSED = ("Attention", "SkipLayerNormalization", "BiasGelu", "LayerNormalization"
 
 def dev_rows() -> list[Any]:
     """SST-2 dev rows."""
-    from compressor.data import DataSource
+    from compressor.models.data import DataSource
 
     return DataSource("tsv", {"eval": ROOT.parent / "shared/data/sst2/dev.tsv"}, "sentence", "label").load("eval")
 
@@ -42,7 +42,7 @@ def onnx_logits(model_file: Path, tokenizer: Any, texts: list[str], threads: int
     """Logits of an ONNX classifier for `texts`, in padded batches of 32."""
     import numpy as np
 
-    from compressor.evaluators.runtime import ort_session
+    from compressor.models.loading import ort_session
 
     session = ort_session(model_file, threads)
     names = {i.name for i in session.get_inputs()}

@@ -1,6 +1,8 @@
 """int4 settings for an LLM, chosen on WikiText-2 *valid* (never on test, which the recipe reports).
 
-    python bench/int4_candidates.py runs/smollm2-int4 [--tokens 4096] [--window 512]
+    python bench/int4_candidates.py RUN_DIR [--tokens 4096] [--window 512]
+
+(RUN_DIR: the run directory of recipes/smollm2-sst2-int4.yaml, under runs/.)
 
 Quantizes the run's ONNX FP32 export with each candidate (quantize-onnx mode: int4 settings: algorithm,
 symmetric, block size, accuracy level) and measures perplexity on wikitext-2/valid.txt with the same
@@ -13,14 +15,11 @@ import argparse
 import json
 import logging
 import math
-import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/int8_choice.py
 #: llama.cpp's "mixed" layers (first and last eighth of the 30, and every third): what the builder's
 #: k_quant_mixed keeps at 8 bits
 MIXED = "layers\\.(0|1|2|3|5|8|11|14|17|20|23|26|27|28|29)/(attn/qkv_proj|mlp/down_proj)/"
@@ -88,15 +87,6 @@ CANDIDATES = [
     {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
      "calibration_windows": 8, "calibration_rows": 64, "int8_nodes": ["attn/qkv_proj", "lm_head"],
      "clip_search": True, "refit_scales": True, "int8_block_size": 64},
-    # 26: 22 with the 8-bit MatMuls chosen by measurement (bench/int8_choice.py: each MatMul's KL at 4 bits
-    # per extra byte, within 0.20x of the FP32 export) instead of named
-    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
-     "calibration_windows": 8, "calibration_rows": 64, "measured_int8": {"budget": 0.20, "probe": "alone"},
-     "clip_search": True, "refit_scales": True, "int8_block_size": 64},
-    # 27: 26 with each MatMul's cost measured leave-one-out (all rounded, this one float)
-    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
-     "calibration_windows": 8, "calibration_rows": 64, "measured_int8": {"budget": 0.20, "probe": "leave-one-out"},
-     "clip_search": True, "refit_scales": True, "int8_block_size": 64},
 ]
 
 
@@ -112,8 +102,8 @@ def main() -> int:
     logging.disable(logging.WARNING)
     import onnx
 
-    from compressor.artifact import Artifact
-    from compressor.evaluators.runtime import load_tokenizer
+    from compressor.models.artifact import Artifact
+    from compressor.models.loading import load_tokenizer
     from compressor.plugins.quantize_onnx import QuantizeOnnxConfig, _int4
     from compressor.tasks.text_generation import _Model, perplexity
 
@@ -123,9 +113,8 @@ def main() -> int:
     tokenizer = load_tokenizer(export.path)
 
     from compressor.host import build_host
-    from compressor.plan import build_plan
+    from compressor.recipe.plan import build_plan
     from compressor.plugins.quantize_onnx import calibration_parts
-    from int8_choice import measured_int8_nodes
 
     class Ctx:  # what _int4 reports into, and the recipe's data for GPTQ's calibration rows
         notes: dict = {}
@@ -145,14 +134,9 @@ def main() -> int:
             target = Path(work) / "model.onnx"
             t0 = time.perf_counter()
             settings = {**cand, **({"calibration_text": str(valid)} if cand.get("calibration_text") else {})}
-            measure = settings.pop("measured_int8", None)
             config = QuantizeOnnxConfig(mode="int4", op_types=["MatMul", "Gather"], **settings)
             windows, train = calibration_parts(export, Ctx(), config) if config.algorithm == "gptq" else ([], [])
             sequences = windows + train if config.algorithm == "gptq" else None
-            choice = {}
-            if measure:
-                names, choice = measured_int8_nodes(export.model_file, config, windows, train, **measure)
-                config = config.model_copy(update={"int8_nodes": [re.escape(n) + "$" for n in names]})
             for f in export.path.iterdir():  # the tokenizer and configs beside the model, for the evaluator
                 if f.name.startswith(("tokenizer", "special_tokens", "config", "generation", "chat_template",
                                       "genai_config")):
@@ -167,8 +151,7 @@ def main() -> int:
             art = Artifact(path=Path(work), format="onnx", task="text-generation")
             ppl = perplexity(_Model(art, args.threads), tokenizer, valid, args.tokens, args.window)["perplexity"]
             rows.append({**cand, "perplexity": ppl, "change": ppl / base - 1, "mb": target.stat().st_size / 1e6,
-                         "seconds": seconds, **({"measured_int8": choice, "int8_nodes": config.int8_nodes}
-                                                if choice else {})})
+                         "seconds": seconds})
             print(json.dumps(rows[-1]), flush=True)
     print(f"\nWikiText-2 valid, first {args.tokens} tokens in {args.window}-token windows; FP32 {base:.3f}\n")
     print("| algorithm | symmetric | block | accuracy_level | int8_nodes | perplexity | Δ | MB | quantize s |")

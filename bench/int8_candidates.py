@@ -24,12 +24,12 @@ def main() -> None:
     """Quantize with every candidate, predict the dev and tuning rows, print the table."""
     import numpy as np
 
-    from compressor.artifact import Artifact
-    from compressor.data import DataSource
-    from compressor.evaluators.runtime import load_runner
-    from compressor.plugins.quantize_tune import (Candidate, base_candidates, matmul_form, quantize_dynamic_file,
+    from compressor.models.artifact import Artifact
+    from compressor.models.data import DataSource
+    from compressor.models.loading import load_runner
+    from compressor.plugins.quantize_onnx.tune import (Candidate, base_candidates, matmul_form, quantize_dynamic_file,
                                                   rank_nodes)
-    from compressor.training import sample_rows
+    from compressor.models.training import sample_rows
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)

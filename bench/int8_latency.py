@@ -1,7 +1,7 @@
 """Batch-1 latency of int8 variants of one ONNX model, measured interleaved so that machine drift
 hits every variant alike: rounds of `--runs` calls per variant, in turn, `--rounds` times, over the
 same real SST-2 dev sentences. Prints each variant's median and its ratio to Optimum's int8.
-Asserts nothing; the candidates are quantize-onnx mode: auto's (bench/NOTES.md).
+Asserts nothing; the candidates are quantize-onnx mode: auto's (docs/quantization.md).
 
 Optimum's int8 model is made in a side virtual environment (bench/optimum_compat.py builds it on the first
 run), because optimum-onnx 0.1.0 requires transformers<4.58 and compressor runs on transformers 5; it comes
@@ -31,10 +31,10 @@ def variants(onnx_dir: Path, work: Path, excluded: int = 2) -> tuple[dict[str, P
     import argparse
 
     from compare import optimum_models
-    from compressor.artifact import Artifact
-    from compressor.plugins.quantize_tune import Candidate, base_candidates, matmul_form, quantize_dynamic_file, \
+    from compressor.models.artifact import Artifact
+    from compressor.plugins.quantize_onnx.tune import Candidate, base_candidates, matmul_form, quantize_dynamic_file, \
         rank_nodes
-    from compressor.data import DataSource
+    from compressor.models.data import DataSource
 
     optimum = optimum_models(onnx_dir, work, o2=False)
     out = {f"Optimum {optimum['config']} dynamic (unfused)": optimum["int8"] / "model.onnx"}
@@ -73,7 +73,7 @@ def dev_feeds(onnx_dir: Path) -> list[dict[str, Any]]:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from compressor.data import DataSource
+    from compressor.models.data import DataSource
 
     rows = DataSource("tsv", {"eval": Path(__file__).resolve().parents[2] / "shared/data/sst2/dev.tsv"},
                       "sentence", "label").load("eval")
@@ -85,7 +85,7 @@ def time_interleaved(models: dict[str, Path], feeds: list[dict[str, Any]], round
                      threads: int) -> dict[str, list[float]]:
     """Batch-1 call times (ms) of each model: `rounds` passes of `runs` calls per model, each pass
     starting one model later, so that machine drift and neighbour effects hit every model alike."""
-    from compressor.evaluators.runtime import ort_session
+    from compressor.models.loading import ort_session
 
     sessions = {name: ort_session(path, threads) for name, path in models.items()}
     inputs = {name: {i.name for i in s.get_inputs()} for name, s in sessions.items()}

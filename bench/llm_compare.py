@@ -1,10 +1,13 @@
 """The LLM recipe against its peers, on the same fine-tuned SmolLM2, the same text and 2 threads, one run.
 
-    python bench/llm_compare.py runs/smollm2-int4 [--threads 2] [--out bench/LLM_RESULTS.md]
+    python bench/llm_compare.py RUN_DIR [--threads 2] [--out FILE.md]
+
+RUN_DIR is the run directory that `compressor run recipes/smollm2-sst2-int4.yaml` writes (under runs/);
+the table goes to --out (default RUN_DIR/llm_compare.md) and its figures beside it as JSON.
 
 Rows: PyTorch FP32 (the fine-tuned, merged model), ONNX FP32 (our export), the onnxruntime-genai model
-builder's `-p int4 -e cpu` with its defaults (onnxruntime-genai 0.15.2, the newest whose builder runs
-with transformers 4.57; built here from the same fine-tuned model), and our int4. Every model is
+builder's `-p int4 -e cpu` with its defaults (the installed onnxruntime-genai's builder, built here from the
+same fine-tuned model), and our int4. Every model is
 measured by the same evaluator the recipe uses: perplexity on WikiText-2 test (the recipe's tokens and
 windows), greedy-answer accuracy on SST-2 dev, and, in a fresh process per model, time to first token
 for a 128-token prompt, decode tokens/s over 128 new tokens at batch 1 (the same plain onnxruntime loop
@@ -47,14 +50,15 @@ def main() -> int:
     parser.add_argument("run", type=Path, help="run directory of recipes/smollm2-sst2-int4.yaml")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--accuracy-rows", type=int, default=None, help="default: the recipe's")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "LLM_RESULTS.md")
+    parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/llm_compare.md")
     args = parser.parse_args()
+    args.out = args.out or args.run / "llm_compare.md"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from compressor.artifact import Artifact
-    from compressor.data import DataSource
-    from compressor.evaluators.base import EvalSettings
-    from compressor.evaluators.measure import model_bytes
-    from compressor.record import environment
+    from compressor.models.artifact import Artifact
+    from compressor.models.data import DataSource
+    from compressor.evaluate.base import EvalSettings
+    from compressor.evaluate.measure import model_bytes
+    from compressor.run.record import environment
     from compressor.tasks.text_generation import GenerationEvaluator
 
     record = json.loads((args.run / "record.json").read_text())
@@ -99,7 +103,7 @@ def main() -> int:
              f"{fp32['perplexity_window']}-token windows. Accuracy: greedy answers to {fp32['accuracy_rows']} "
              f"SST-2 dev rows, exact match. Speed: batch 1, a {fp32['latency']['prompt_tokens']}-token prompt, "
              f"{fp32['latency']['new_tokens']} new tokens, every ONNX model in the same numpy + onnxruntime loop "
-             "(compressor/generation_runtime.py), each in a fresh process. The fine-tuned weights started as "
+             "(compressor/bundle/device/generation_runtime.py), each in a fresh process. The fine-tuned weights started as "
              "the Q4_1 GGUF (4-bit blocks of 32) dequantized to float32 before fine-tuning.", "",
              "| model | perplexity | Δ vs FP32 | accuracy | MB | ×smaller | TTFT ms | decode tok/s | ×FP32 decode "
              "| peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -34,8 +34,8 @@ def main() -> int:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
 
-    from compressor.artifact import Artifact
-    from compressor.evaluators.runtime import load_tokenizer
+    from compressor.models.artifact import Artifact
+    from compressor.models.loading import load_tokenizer
     from compressor.plugins.quantize_onnx import calibration_window_starts
     from compressor.tasks.text_generation import _Model
 

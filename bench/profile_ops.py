@@ -3,11 +3,13 @@ overhead, so compare shares, not absolute times. Asserts nothing; this is how th
 lookups and unfused attention were found, and why an int4 LLM decodes only 2.3-2.8x faster than FP32.
 
     python bench/profile_ops.py runs/minilm-sst2-edge/artifacts/08-quantize-onnx [--sentences 300]
-    python bench/profile_ops.py runs/smollm2-clip/artifacts/03-quantize-onnx [--prompt 128 --tokens 64]
+    python bench/profile_ops.py RUN_DIR/artifacts/03-quantize-onnx [--prompt 128 --tokens 64]
+
+(RUN_DIR: a run directory of an LLM recipe, such as recipes/smollm2-sst2-int4.yaml's, under runs/.)
 
 A classifier is run on real SST-2 dev sentences, per sentence. A causal LM with a KV cache is given a
 `--prompt`-token prompt and `--tokens` greedy steps through the runtime the recipe measures with
-(compressor/generation_runtime.py, with its shared cache buffer where the graph asks for one); only the decode steps count, per generated token, with a second table
+(compressor/bundle/device/generation_runtime.py, with its shared cache buffer where the graph asks for one); only the decode steps count, per generated token, with a second table
 of the MatMuls (MatMul or MatMulNBits) by projection, summed over the layers.
 """
 
@@ -36,7 +38,7 @@ def _run_classifier(session, model_dir: Path, sentences: int) -> int:
 
 
 def _run_decoder(session, model_dir: Path, prompt: int, tokens: int) -> int:
-    from compressor.generation_runtime import OnnxCausalLM
+    from compressor.bundle.device.generation_runtime import OnnxCausalLM
 
     lm = OnnxCausalLM(model_dir / "model.onnx", session=session)
     logits, cache = lm.prefill(list(range(1000, 1000 + prompt)), prompt + tokens)

@@ -61,7 +61,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # a bug or an unexpected library failure
             if debug:
                 raise
-            from compressor.pipeline import failure_hint
+            from compressor.run.pipeline import failure_hint
 
             _err(f"error: unexpected {type(exc).__name__}: {exc}\n  hint: {failure_hint(exc)}")
             sys.exit(EXIT_INTERNAL)
@@ -133,7 +133,7 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"compressor {__version__} · plugin API {PLUGIN_API_VERSION}")
     for p in host.plugins:
         provides = p.steps + [f"task {t}" for t in p.tasks]
-        state = f"FAILED: {p.error}" if p.error else ", ".join(provides) or "(no steps)"
+        state = f"FAILED: {p.error}" if p.error else ", ".join(provides) or "(hooks only)"
         click.echo(f"  {p.name:<20} {p.distribution} {p.version:<10} {state}")
 
 
@@ -146,7 +146,7 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
 def steps(ctx: click.Context, name: str | None, as_json: bool, markdown: bool) -> None:
     """List steps, or describe one step's formats and config fields."""
     from compressor.errors import RecipeError
-    from compressor.step_reference import field_bounds, field_kind, step_details, steps_markdown
+    from compressor.recipe.step_reference import field_bounds, field_kind, step_details, steps_markdown
 
     host = get_host(ctx)
     if markdown:
@@ -189,7 +189,7 @@ def steps(ctx: click.Context, name: str | None, as_json: bool, markdown: bool) -
 @handle_errors
 def schema(ctx: click.Context) -> None:
     """Print the JSON Schema of recipes (for editors), with every step's `with:`."""
-    from compressor.schema import recipe_schema
+    from compressor.recipe.json_schema import recipe_schema
 
     click.echo(json.dumps(recipe_schema(get_host(ctx)), indent=2))
 
@@ -217,7 +217,7 @@ def _print_plan(plan: Any) -> None:
 @handle_errors
 def check(ctx: click.Context, recipe: Path, overrides: tuple[str, ...]) -> None:
     """Check a recipe and print its plan, without loading any model weights."""
-    from compressor.sweep import Sweep, build_run
+    from compressor.recipe.sweep import Sweep, build_run
 
     plan = build_run(recipe, get_host(ctx), overrides)
     if isinstance(plan, Sweep):
@@ -279,12 +279,12 @@ def quiet_libraries() -> Iterator[None]:
 
 def _run(ctx: click.Context, recipe: Path, out: Path | None, overrides: tuple[str, ...], no_cache: bool,
          jobs: int, executor: str, ray_address: str | None) -> None:
-    from compressor.pipeline import run_plan
+    from compressor.run.pipeline import run_plan
 
     host = get_host(ctx)
     click.echo("plugins: " + ", ".join(f"{p.name} ({p.distribution} {p.version})" for p in host.plugins
                                        if not p.error), err=True)
-    from compressor.sweep import Sweep, build_run, run_sweep
+    from compressor.recipe.sweep import Sweep, build_run, run_sweep
 
     plan = build_run(recipe, host, overrides)
     if isinstance(plan, Sweep):
@@ -322,7 +322,7 @@ def _run(ctx: click.Context, recipe: Path, out: Path | None, overrides: tuple[st
 def report_cmd(ctx: click.Context, run_dirs: tuple[Path, ...], out: Path | None) -> None:
     """One HTML report (one Pareto front) over one or more run directories, e.g. ours against a baseline."""
     from compressor.errors import InputError
-    from compressor.report_html import write_html_report
+    from compressor.report.html import write_html_report
 
     records = []
     for run_dir in run_dirs:
@@ -350,7 +350,7 @@ def report_cmd(ctx: click.Context, run_dirs: tuple[Path, ...], out: Path | None)
 
 def _final_artifact(path: Path) -> Any:
     """The artifact a `compressor bundle` argument names: a run directory (its last artifact) or an artifact."""
-    from compressor.artifact import META_FILE, Artifact
+    from compressor.models.artifact import META_FILE, Artifact
     from compressor.errors import InputError
 
     if (path / "record.json").is_file():
@@ -375,7 +375,7 @@ def bundle(ctx: click.Context, source: Path, out: Path, fmt: str, tar: bool) -> 
     """Pack a run's final artifact (or any onnx/ort artifact) for a device with only onnxruntime."""
     import tempfile
 
-    from compressor.bundle import write_bundle
+    from compressor.bundle.writer import write_bundle
 
     artifact, record = _final_artifact(source)
     if fmt == "ort" and artifact.format == "onnx":
@@ -402,8 +402,8 @@ def verify(ctx: click.Context, path: Path) -> None:
     """Check a bundle: manifest schema, every checksum, the model loads, golden outputs match."""
     import tempfile
 
-    from compressor import bundle_runtime
-    from compressor.bundle import open_bundle
+    from compressor.bundle.device import runtime as bundle_runtime
+    from compressor.bundle.writer import open_bundle
     from compressor.errors import InputError
 
     with tempfile.TemporaryDirectory() as work:
@@ -424,8 +424,8 @@ def predict(ctx: click.Context, path: Path, texts: tuple[str, ...]) -> None:
     answer."""
     import tempfile
 
-    from compressor import bundle_runtime
-    from compressor.bundle import open_bundle
+    from compressor.bundle.device import runtime as bundle_runtime
+    from compressor.bundle.writer import open_bundle
     from compressor.errors import InputError
 
     with tempfile.TemporaryDirectory() as work:

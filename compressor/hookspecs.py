@@ -9,8 +9,8 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from compressor.artifact import Artifact
-    from compressor.evaluators.base import Evaluator
+    from compressor.models.artifact import Artifact
+    from compressor.evaluate.base import Evaluator
     from compressor.step import Step
     from compressor.tasks.base import Task
 
@@ -60,6 +60,24 @@ def load_hf_model(path: str, task: str, config: dict[str, Any]) -> Any | None:
     `hf` model (steps, evaluators, export-onnx); the first non-None model wins. A plugin whose step
     replaces modules (say, a Linear by two smaller ones) marks its models with a key in config.json
     and rebuilds them here, so that every later step can read them.
+    """
+
+
+@hookspec(firstresult=True)
+def convert_input_model(path: str, cache_dir: str, log: Callable[[str], None]) -> str | None:
+    """Turn a recipe's `model.path` that is not an `hf` directory (say, a GGUF file) into one: return the
+    directory, or None when the input is not this plugin's. Called at `check`, before the model is inspected.
+    Write under `cache_dir` (keyed on the input's content, so a second run reuses it) and never modify
+    the input; `log` prints a line for the user. The first non-None answer wins.
+    """
+
+
+@hookspec(firstresult=True)
+def load_forward(artifact: "Artifact", threads: int) -> tuple[Callable[[dict[str, Any]], Any], list[str]] | None:
+    """Run an artifact of a format that compressor's own runtimes do not run (PyTorch runs `hf`, ONNX
+    Runtime `onnx` and `ort`): return (forward, input names), where forward maps a batch of numpy inputs
+    to the logits as numpy; None for any other artifact. The first non-None answer wins. Raise
+    compressor.errors.InputError when the format is yours but this machine cannot run it (say, no GPU).
     """
 
 

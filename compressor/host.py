@@ -10,7 +10,7 @@ import importlib
 import os
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import Any, Callable
 
 import pluggy
 
@@ -36,6 +36,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("quantize-torch", "compressor.plugins.quantize_torch"),
     ("export-ort", "compressor.export.ort"),
     ("export-tensorrt", "compressor.export.tensorrt"),
+    ("gguf", "compressor.plugins.gguf"),
 )
 
 
@@ -106,7 +107,7 @@ def _check_step_class(cls: Any, plugin: str) -> None:
     if not (isinstance(config, type) and issubclass(config, StepConfig)):
         raise PluginLoadError(f"step {cls.name!r} has a Config that is not a compressor.step.StepConfig",
                               where=f"plugin {plugin!r}", hint="derive Config from compressor.step.StepConfig")
-    from compressor.artifact import FORMATS
+    from compressor.models.artifact import FORMATS
 
     for fmt in (*cls.accepts, cls.produces):
         if fmt not in FORMATS:
@@ -115,9 +116,26 @@ def _check_step_class(cls: Any, plugin: str) -> None:
 
 
 def _load_one(host: Host, name: str, dist: str, version: str, load: Any) -> None:
-    """Import one plugin, register it, and collect its steps and evaluators."""
+    """Import one plugin, register it, and collect its steps, tasks and evaluators (all or none of them)."""
     info = PluginInfo(name=name, distribution=dist, version=version)
     host.plugins.append(info)
+    if not _import_plugin(host, info, load):
+        return
+    register_step, register_task, register_evaluator = _registrars(host, info)
+    try:
+        for hook, register in ((host.pm.hook.register_steps, register_step),
+                               (host.pm.hook.register_tasks, register_task),
+                               (host.pm.hook.register_evaluators, register_evaluator)):
+            for impl in hook.get_hookimpls():
+                if impl.plugin_name == name:
+                    impl.function(register=register)
+    except Exception as exc:
+        _refuse(host, info, exc)
+
+
+def _import_plugin(host: Host, info: PluginInfo, load: Any) -> bool:
+    """Import the plugin and register its hooks with pluggy; False (with info.error set) when it cannot be."""
+    name = info.name
     try:
         plugin = load()
         api = getattr(plugin, "COMPRESSOR_PLUGIN_API", None)
@@ -133,10 +151,16 @@ def _load_one(host: Host, name: str, dist: str, version: str, load: Any) -> None
             raise
     except PluginLoadError as exc:
         info.error = exc.message
-        return
+        return False
     except Exception as exc:  # a broken third-party plugin must not take the host down
         info.error = f"{type(exc).__name__}: {exc}"
-        return
+        return False
+    return True
+
+
+def _registrars(host: Host, info: PluginInfo) -> tuple[Callable[[Any], None], ...]:
+    """The `register` callbacks handed to one plugin's register_steps, register_tasks and register_evaluators."""
+    name = info.name
 
     def claim(kind: str, key: str, registry: dict[str, Any], provider: dict[str, str], value: Any) -> None:
         """Register `value` under `key`, refusing a name another plugin already registered."""
@@ -166,28 +190,21 @@ def _load_one(host: Host, name: str, dist: str, version: str, load: Any) -> None
         for fmt in evaluator.formats:
             host.evaluators[(evaluator.task, fmt)] = evaluator
 
-    try:
-        for impl in host.pm.hook.register_steps.get_hookimpls():
-            if impl.plugin_name == name:
-                impl.function(register=register_step)
-        for impl in host.pm.hook.register_tasks.get_hookimpls():
-            if impl.plugin_name == name:
-                impl.function(register=register_task)
-        for impl in host.pm.hook.register_evaluators.get_hookimpls():
-            if impl.plugin_name == name:
-                impl.function(register=register_evaluator)
-    except Exception as exc:
-        # Refuse the whole plugin: none of its steps stay registered.
-        host.pm.unregister(name=name)
-        for step in info.steps:
-            host.steps.pop(step, None)
-            host.step_provider.pop(step, None)
-        info.steps = []
-        for task_name in info.tasks:
-            host.tasks.pop(task_name, None)
-            host.task_provider.pop(task_name, None)
-        info.tasks = []
-        info.error = exc.message if isinstance(exc, PluginLoadError) else f"{type(exc).__name__} while registering: {exc}"
+    return register_step, register_task, register_evaluator
+
+
+def _refuse(host: Host, info: PluginInfo, exc: Exception) -> None:
+    """Refuse the whole plugin after a failed registration: none of its steps or tasks stay registered."""
+    host.pm.unregister(name=info.name)
+    for step in info.steps:
+        host.steps.pop(step, None)
+        host.step_provider.pop(step, None)
+    info.steps = []
+    for task_name in info.tasks:
+        host.tasks.pop(task_name, None)
+        host.task_provider.pop(task_name, None)
+    info.tasks = []
+    info.error = exc.message if isinstance(exc, PluginLoadError) else f"{type(exc).__name__} while registering: {exc}"
 
 
 def _who(host: Host, plugin: str) -> str:

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
-    from compressor.artifact import Artifact
-    from compressor.data import DataSource
-    from compressor.recipe import Recipe
+    from compressor.models.artifact import Artifact
+    from compressor.models.data import DataSource
+    from compressor.recipe.schema import Recipe
 
 log = logging.getLogger("compressor")
 
@@ -118,7 +118,7 @@ class Step:
     def cache_extra(self, config: StepConfig) -> Any:
         """Anything besides the config that decides the output (e.g. the CPU's instruction set); keys the cache.
         The default: the content hash of each `content_fields` file that exists, or None."""
-        from compressor.artifact import hash_file
+        from compressor.models.artifact import hash_file
 
         files = {name: Path(value) for name in self.content_fields if (value := getattr(config, name, None))}
         return {name: hash_file(path) for name, path in files.items() if path.is_file()} or None

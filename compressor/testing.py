@@ -231,7 +231,7 @@ def register_plugin(host: Any, plugin: Any, name: str = "inline") -> None:
 def cache_dir(path: Path | None) -> Iterator[None]:
     """COMPRESSOR_CACHE_DIR set to `path` for the block only (unchanged when None); the caller's value is
     restored, so that tests do not depend on the order they run in."""
-    from compressor.cache import CACHE_ENV
+    from compressor.run.cache import CACHE_ENV
 
     if path is None:
         yield
@@ -252,8 +252,8 @@ def run_recipe(yaml_text: str, tmp_path: Path, host: Any = None, overrides: list
     """Write the recipe into tmp_path, run it into tmp_path/run, return the record (raises on failure).
     `cache`: the step cache to use for this run only (default: $COMPRESSOR_CACHE_DIR)."""
     from compressor.host import build_host
-    from compressor.pipeline import run_plan
-    from compressor.plan import build_plan
+    from compressor.run.pipeline import run_plan
+    from compressor.recipe.plan import build_plan
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     recipe = tmp_path / "recipe.yaml"

@@ -18,7 +18,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from compressor.artifact import Artifact
+from compressor.models.artifact import Artifact
 from compressor.errors import RecipeError, StepError
 from compressor.hookspecs import hookimpl
 from compressor.models import copy_tokenizer, onnx_opset
@@ -75,7 +75,7 @@ def check_parity(reference: Artifact, candidate: Artifact, ctx: StepContext, ato
                  hint: str) -> None:
     """The task's parity check on real rows (for a classifier: the largest |logit difference|; for a generator
     also its greedy tokens); raise StepError when the difference exceeds `atol` or the task finds a problem."""
-    from compressor.evaluators.runtime import logits_parity
+    from compressor.models.loading import logits_parity
     from compressor.tasks import task_for
 
     texts = parity_texts(ctx, rows)
@@ -152,7 +152,7 @@ class ExportOnnx(Step):
         opset = config.opset
         try:
             if exporter == "onnxruntime-genai":
-                from compressor.evaluators.runtime import load_plugin_model
+                from compressor.models.loading import load_plugin_model
 
                 if load_plugin_model(artifact.path, artifact.task) is not None:
                     raise StepError("onnxruntime-genai's builder reads transformers checkpoints, not a plugin's layout",
@@ -174,7 +174,7 @@ class ExportOnnx(Step):
 def export_with_torch(artifact: Artifact, task: Any, out_dir: Path, opset: int, exporter: str) -> None:
     """An encoder through torch.onnx: model.onnx, the source's config.json and tokenizer files. A model in a
     plugin's own layout (say, low-rank Linears) is exported from the module the plugin's loader rebuilt."""
-    from compressor.evaluators.runtime import load_tokenizer
+    from compressor.models.loading import load_tokenizer
     from compressor.export.encoder import export_encoder
     from compressor.models import load_model
 

@@ -13,7 +13,7 @@ from typing import Callable, Literal
 
 from pydantic import Field
 
-from compressor.artifact import Artifact, copy_companions
+from compressor.models.artifact import Artifact, copy_companions
 from compressor.errors import StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import Step, StepConfig, StepContext

@@ -17,8 +17,8 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from compressor.artifact import Artifact, copy_companions
-from compressor.errors import RecipeError, StepError
+from compressor.models.artifact import Artifact, copy_companions
+from compressor.errors import InputError, RecipeError, StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import PlanContext, Step, StepConfig, StepContext
 
@@ -157,6 +157,17 @@ def engine_forward(path: Path) -> Callable[[dict[str, Any]], Any]:
         return out.cpu().numpy()
 
     return forward
+
+
+@hookimpl
+def load_forward(artifact: Artifact, threads: int) -> tuple[Callable[[dict[str, Any]], Any], list[str]] | None:
+    """Run `engine` artifacts (TensorRT plans) on the GPU; None for every other format."""
+    if artifact.format != "engine":
+        return None
+    problem = gpu_problem()
+    if problem:
+        raise InputError(f"cannot run a TensorRT engine here: {problem}", where=str(artifact.path))
+    return engine_forward(artifact.model_file), list(artifact.info["build"]["inputs"])
 
 
 @hookimpl

@@ -13,12 +13,12 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from compressor.artifact import Artifact
-from compressor.data import TUNE, all_labels
+from compressor.models.artifact import Artifact
+from compressor.models.data import TUNE, all_labels
 from compressor.errors import RecipeError, StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import PlanContext, Step, StepConfig, StepContext
-from compressor.training import TrainConfig, sample_rows
+from compressor.models.training import TrainConfig, sample_rows
 
 
 class DistillConfig(TrainConfig):
@@ -115,11 +115,11 @@ class Distill(Step):
 
         import torch
 
-        from compressor.data import label_ids
-        from compressor.evaluators.runtime import load_tokenizer
+        from compressor.models.data import label_ids
+        from compressor.models.loading import load_tokenizer
         from compressor.models import load_model, save_model
         from compressor.tasks import task_for
-        from compressor.training import evaluate_in_memory, train
+        from compressor.models.training import evaluate_in_memory, train
 
         ctx.seed_everything()
         teacher_art = resolve_teacher(config.teacher, ctx)
@@ -203,7 +203,7 @@ def _check_teacher_vocabulary(path: Path, teacher_config: dict[str, Any], ctx: P
 
 def _vocabulary(path: Path) -> Any:
     """What decides a tokenizer's token ids: tokenizer.json's model and added tokens, else the vocabulary file."""
-    from compressor.artifact import TOKENIZER_VOCAB_FILES, hash_file
+    from compressor.models.artifact import TOKENIZER_VOCAB_FILES, hash_file
 
     file = path / "tokenizer.json"
     if file.is_file():
@@ -218,7 +218,7 @@ def _vocabulary(path: Path) -> Any:
 
 def _text_rows(config: DistillConfig, ctx: StepContext) -> list[Any]:
     """The text_file's rows (a seeded sample of text_rows), or none."""
-    from compressor.data import read_text_rows
+    from compressor.models.data import read_text_rows
 
     if config.text_file is None:
         return []
@@ -227,7 +227,7 @@ def _text_rows(config: DistillConfig, ctx: StepContext) -> list[Any]:
 
 def resolve_teacher(spec: str, ctx: StepContext) -> Artifact:
     """The teacher artifact: auto / input / a step name from this run / a model directory."""
-    from compressor.plan import inspect_model
+    from compressor.recipe.model_input import inspect_model
 
     if spec == "auto":
         found = [a for name, a in ctx.history if name == "finetune"]

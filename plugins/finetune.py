@@ -6,12 +6,12 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from compressor.artifact import Artifact
+from compressor.models.artifact import Artifact
 from compressor.errors import RecipeError, StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import PlanContext, Step, StepConfig, StepContext
-from compressor.data import all_labels
-from compressor.training import TrainConfig, sample_rows
+from compressor.models.data import all_labels
+from compressor.models.training import TrainConfig, sample_rows
 
 
 class FinetuneConfig(TrainConfig):
@@ -69,9 +69,9 @@ class Finetune(Step):
         import torch
         from transformers import AutoConfig
 
-        from compressor.data import label_ids
-        from compressor.evaluators.runtime import load_tokenizer
-        from compressor.training import train
+        from compressor.models.data import label_ids
+        from compressor.models.loading import load_tokenizer
+        from compressor.models.training import train
 
         assert isinstance(config, FinetuneConfig)
         ctx.seed_everything()
@@ -117,7 +117,7 @@ class Finetune(Step):
 
 def _load_with_head(artifact: Artifact, labels: list[str], AutoConfig: Any) -> Any:
     """Load the model with a task head sized for `labels` (a new head if it had none)."""
-    from compressor.evaluators.runtime import load_torch_model
+    from compressor.models.loading import load_torch_model
     from compressor.tasks import task_for
 
     if artifact.info.get("has_head", True) and (artifact.labels or not task_for(artifact.task).needs_labels):

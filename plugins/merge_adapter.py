@@ -10,7 +10,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from compressor.artifact import Artifact
+from compressor.models.artifact import Artifact
 from compressor.errors import CompressorError, RecipeError, StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import PlanContext, Step, StepConfig, StepContext
@@ -61,7 +61,7 @@ def read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:
     if weights.is_file():
         from safetensors import safe_open
 
-        from compressor.plan import check_safetensors
+        from compressor.recipe.model_input import check_safetensors
 
         check_safetensors(weights, "")
 

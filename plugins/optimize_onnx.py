@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from pydantic import Field
 
-from compressor.artifact import Artifact, copy_companions
+from compressor.models.artifact import Artifact, copy_companions
 from compressor.errors import RecipeError, StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import PlanContext, Step, StepConfig, StepContext

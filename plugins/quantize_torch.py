@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from compressor.artifact import Artifact
+from compressor.models.artifact import Artifact
 from compressor.errors import StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import Step, StepConfig, StepContext

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from pydantic import Field
 
-from compressor.artifact import Artifact
+from compressor.models.artifact import Artifact
 from compressor.errors import RecipeError, StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import PlanContext, Step, StepConfig, StepContext
@@ -63,7 +63,7 @@ class TrimVocab(Step):
         assert isinstance(config, TrimVocabConfig)
         import torch
 
-        from compressor.evaluators.runtime import load_tokenizer
+        from compressor.models.loading import load_tokenizer
         from compressor.models import load_model
 
         if tokenizer_model_type(artifact.path) != "WordPiece":
@@ -157,7 +157,7 @@ def _coverage(old_tokenizer: Any, ctx: StepContext, task: str, out_dir: Path) ->
     """Share of eval rows that tokenize to exactly the same pieces after trimming."""
     if ctx.data is None or not ctx.data.has("eval"):
         return {}
-    from compressor.evaluators.runtime import load_tokenizer
+    from compressor.models.loading import load_tokenizer
 
     new_tokenizer = load_tokenizer(out_dir)
     texts = [r.text for r in ctx.data.load("eval")]

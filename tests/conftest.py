@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -57,3 +60,65 @@ def trained_tiny(tmp_path_factory, tiny_encoder, sst2_small):
     record = run_recipe(recipe_text(tiny_encoder, sst2_small["train"], sst2_small["eval"], FLOAT_STEPS,
                                     labels=", labels: [negative, positive]"), tmp, cache=tmp / "cache")
     return {"tmp": tmp, "record": record, "model": tiny_encoder, "data": sst2_small}
+
+
+#: The tiny LLM's chain: full fine-tune, export, int4.
+LLM_STEPS = ("  - uses: finetune\n    with: {method: full, epochs: 2, learning_rate: 5.0e-3, batch_size: 16, "
+             "max_length: 96}\n"
+             "  - uses: export-onnx\n    with: {atol: 1.0e-3, parity_rows: 8}\n"
+             "  - uses: quantize-onnx\n    with: {mode: int4, block_size: 16, op_types: [MatMul, Gather]}\n")
+
+
+def llm_recipe(model: Path, data: dict[str, Path], corpus: Path, steps: str = LLM_STEPS, data_extra: str = "",
+               extra: str = "") -> str:
+    """SST-2 as prompts and completions, perplexity on `corpus`."""
+    return (f"version: 1\nname: tiny-llm\nmodel: {{path: {model}, task: text-generation}}\n"
+            f"data:\n  format: tsv\n  train: {data['train']}\n  eval: {data['eval']}\n  text: sentence\n"
+            f"  label: label\n  prompt: \"Review: {{text}}\\nSentiment:\"\n"
+            f"  completions: {{'0': negative, '1': positive}}\n{data_extra}"
+            f"steps:\n{steps}"
+            f"evaluate:\n  task: {{perplexity_file: {corpus}, perplexity_tokens: 1024, window: 128, "
+            f"accuracy_rows: 100, prompt_tokens: 32, new_tokens: 16, timing_runs: 1}}\n{extra}")
+
+
+#: A plugin module with one step, `noop`, for the fake distributions below.
+NOOP_STEP = '''
+import shutil
+from compressor.hookspecs import hookimpl
+from compressor.step import Step, StepConfig
+from pydantic import Field
+
+class NoopConfig(StepConfig):
+    note: str = Field(default="", description="Ignored.")
+
+class Noop(Step):
+    name = "{step}"
+    summary = "Copies the model unchanged."
+    Config = NoopConfig
+
+    def run(self, artifact, config, ctx):
+        for f in artifact.path.iterdir():
+            if f.is_file() and f.name != "artifact.json":
+                shutil.copy2(f, ctx.out_dir / f.name)
+        return artifact.derive(ctx.out_dir)
+
+@hookimpl
+def {hook}(register):
+    register(Noop)
+'''
+
+
+def make_dist(site: Path, dist: str, module: str, source: str, ep_name: str | None = None) -> None:
+    """A minimal installed distribution: a module plus a dist-info with one `compressor` entry point."""
+    (site / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
+    info = site / f"{dist}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[compressor]\n{ep_name or dist} = {module}\n")
+
+
+def site_cli(site: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m compressor ARGS` in a subprocess whose sys.path starts with the fake distributions of `site`."""
+    environ = {**os.environ, "PYTHONPATH": str(site), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "compressor", *args], capture_output=True, text=True,
+                          env=environ, timeout=120)

@@ -361,7 +361,8 @@ def test_a_full_disk(world: World, cli_run, monkeypatch):
 def test_plugin_problems_exit_3_naming_the_plugin(tmp_path, tiny_text_model, sst2_small):
     """A plugin that raises on import, or whose hook has a wrong signature: exit 3 when the recipe
     needs its step, with the plugin named; a duplicate step name is refused with both providers."""
-    from test_host import NOOP_STEP, cli, make_dist
+    from conftest import NOOP_STEP, make_dist
+    from conftest import site_cli as cli
 
     site = tmp_path / "site"
     site.mkdir()

@@ -58,9 +58,9 @@ def test_run_writes_verified_bundles(text_run, cli_run):
 def test_bundle_outputs_equal_the_evaluated_model(text_run):
     import numpy as np
 
-    from compressor import bundle_runtime
-    from compressor.artifact import Artifact
-    from compressor.evaluators.runtime import load_runner
+    from compressor.bundle.device import runtime as bundle_runtime
+    from compressor.models.artifact import Artifact
+    from compressor.models.loading import load_runner
 
     run, record = text_run
     texts = ["a gripping , beautifully made film .", "the plot is thin and the jokes fall flat ."]
@@ -94,8 +94,8 @@ def test_verify_on_another_cpu_class_says_so_and_applies_the_measured_tolerance(
     """An int8 bundle records the int8 kernel class its golden outputs, metrics and settings come from.
     On a device of another class (here COMPRESSOR_CPU_CLASS, as under an emulator) verify says so and
     allows the difference measured between classes; beyond it, it refuses and says why."""
-    from compressor.bundle import OTHER_CLASS_TOLERANCE, SAME_CLASS_TOLERANCE
-    from compressor.cpu import int8_kernel_class
+    from compressor.bundle.writer import OTHER_CLASS_TOLERANCE, SAME_CLASS_TOLERANCE
+    from compressor.run.cpu import int8_kernel_class
 
     bundle = _copy(text_run[0] / "bundle", tmp_path)
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -183,7 +183,7 @@ def test_export_ort_step_matches_onnx(tmp_path, compressor_cache, tiny_text_mode
 def test_fused_packed_model_bundles_for_onnx_and_ort(tmp_path, compressor_cache, tiny_text_model, sst2_small):
     """The edge recipe's tail (fusion, int8 QAttention, uint8-packed int4 tables) ships in both bundle
     formats; the manifest asks for the onnxruntime that reads packed tables, and both bundles verify."""
-    from compressor import bundle_runtime
+    from compressor.bundle.device import runtime as bundle_runtime
     from compressor.testing import run_recipe
 
     steps = ("  - uses: export-onnx\n  - uses: optimize-onnx\n  - uses: quantize-onnx\n"
@@ -202,8 +202,8 @@ def test_fused_packed_model_bundles_for_onnx_and_ort(tmp_path, compressor_cache,
 def test_token_classification_bundle(tmp_path, compressor_cache, tiny_token_model, conll_small, cli_run):
     """A trained NER model's bundle finds the entities the evaluator found: the bundle's entities, scored
     against the gold tags, give the entity F1 the record reports for the same artifact."""
-    from compressor import bundle_runtime
-    from compressor.data import DataSource
+    from compressor.bundle.device import runtime as bundle_runtime
+    from compressor.models.data import DataSource
     from compressor.tasks.token_classification import entity_spans
     from compressor.testing import run_recipe
 
@@ -231,6 +231,7 @@ def test_token_classification_bundle(tmp_path, compressor_cache, tiny_token_mode
     assert bundle_runtime.verify(bundle)["golden"] == 4
 
 
+@pytest.mark.slow
 def test_bundle_runs_in_a_clean_venv(text_run, tmp_path, cli_run, device_python):
     """The device proof: only numpy, onnxruntime and tokenizers installed; outputs equal compressor's."""
     python = device_python

@@ -86,6 +86,7 @@ def test_prune_bad_config_is_caught_by_check(tmp_path, cli_run, tiny4, sst2_smal
     assert code == 2 and all(w in err for w in words), err
 
 
+@pytest.mark.slow
 def test_distill_recovers_pruned_accuracy(tmp_path, compressor_cache, tiny_encoder, sst2_small):
     steps = ("  - uses: finetune\n    with: {epochs: 3, learning_rate: 2.0e-3}\n"
              "  - uses: prune\n    with: {target: ffn, ratio: 0.5, keep: 1}\n"
@@ -115,7 +116,7 @@ def test_trim_vocab_keeps_training_text_exact(tmp_path, compressor_cache, tiny_t
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from compressor.data import DataSource
+    from compressor.models.data import DataSource
 
     record = _run(tmp_path, tiny_text_model, sst2_small, "  - uses: trim-vocab\n  - uses: export-onnx\n")
     out = Path(record["steps"][0]["path"])

@@ -22,16 +22,17 @@ def test_every_hookspec_is_documented_with_its_signature():
     documented = dict(re.findall(r"^def (\w+)(\(.*\) -> .*)$", text, flags=re.M))
     specs = [getattr(hookspecs, n) for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "compressor_spec")]
     assert {s.__name__ for s in specs} == {"register_steps", "register_evaluators", "register_tasks", "register_commands",
-                                           "load_hf_model", "step_started", "step_finished", "run_finished"}
+                                           "load_hf_model", "convert_input_model", "load_forward", "step_started", "step_finished", "run_finished"}
     for spec in specs:
         assert spec.__name__ in documented, f"{spec.__name__} is missing from docs/plugins.md"
         assert f"def {spec.__name__}{documented[spec.__name__]}" == _signature(spec), spec.__name__
         assert f"### {spec.__name__}" in text
 
 
-def test_readme_plugin_example_registers(tmp_path):
-    readme = (DOCS.parent.parent / "README.md").read_text(encoding="utf-8")
-    code = re.search(r"```python\n(# my_package/my_step.py\n.*?)```", readme, flags=re.S).group(1)
+def test_the_plugin_example_registers(tmp_path):
+    """The plugin example of docs/plugins.md, as written there, registers its step."""
+    page = DOCS.read_text(encoding="utf-8")
+    code = re.search(r"```python\n(# my_package/my_step.py\n.*?)```", page, flags=re.S).group(1)
     module = tmp_path / "readme_plugin.py"
     module.write_text(code)
     import importlib.util
@@ -56,12 +57,31 @@ def test_readme_cli_table_lists_every_command():
     assert not missing, f"README's CLI table lacks {missing}"
 
 
-def test_readme_layout_paths_exist():
-    """Every source path the README points a reader at exists in the source tree."""
-    readme = (DOCS.parent.parent / "README.md").read_text(encoding="utf-8")
+def test_doc_paths_exist():
+    """Every source path the README and docs/ point a reader at exists in the source tree."""
     root = DOCS.parent.parent
-    for path in re.findall(r"`((?:compressor|plugins|export|bench|tests|recipes|examples|docs)/[\w./-]*)`", readme):
-        assert (root / path.rstrip("/")).exists() or "*" in path, f"README points at {path}, which does not exist"
+    for page in [root / "README.md", root / "CONTRIBUTING.md", *sorted(DOCS.parent.glob("*.md"))]:
+        text = page.read_text(encoding="utf-8")
+        for path in re.findall(r"`((?:compressor|plugins|export|bench|tests|recipes|examples|docs)/[\w./-]*)`", text):
+            assert (root / path.rstrip("/")).exists() or "*" in path, f"{page.name} points at {path}, which does not exist"
+
+
+def test_docs_keep_no_diary_and_no_machine_paths():
+    """The product speaks of the product: no session diary, no one machine's run directories or absolute paths."""
+    root = DOCS.parent.parent
+    pages = [root / "README.md", root / "CONTRIBUTING.md", *sorted(DOCS.parent.glob("*.md")),
+             *sorted((root / "bench").rglob("*.py")), *sorted((root / "recipes").glob("*.yaml"))]
+    diary = re.compile(r"[Ss]essions? [0-9]|(this|last|earlier|next|previous) session|runs/smollm2")
+    machine = re.compile(r"(?<![\w.~])/(work|root|home|tmp)/")
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        assert not diary.search(text), f"{page.relative_to(root)}: {diary.search(text).group(0)!r}"
+        assert not machine.search(text), f"{page.relative_to(root)}: an absolute path {machine.search(text).group(0)!r}"
+
+
+def test_readme_is_a_short_guide():
+    readme = (DOCS.parent.parent / "README.md").read_text(encoding="utf-8")
+    assert len(readme) <= 12_000, f"README.md has {len(readme)} characters; move detail into docs/"
 
 
 def test_step_reference_is_current(cli_run):

@@ -54,7 +54,7 @@ def test_a_decoder_family_goes_from_lora_to_an_int4_bundle(family, tmp_path, dec
     import numpy as np
     import onnxruntime_genai as og
 
-    from compressor import bundle_runtime
+    from compressor.bundle.device import runtime as bundle_runtime
     from compressor.testing import require_data
 
     corpus = require_data("wikitext-2/test.txt") / "wikitext-2" / "test.txt"

@@ -1,4 +1,4 @@
-"""GPTQ for MatMulNBits (plugins/gptq.py): onnxruntime's own layout and grid, and a smaller output error."""
+"""GPTQ for MatMulNBits (plugins/quantize_onnx/gptq.py): onnxruntime's own layout and grid, and a smaller output error."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _ort_blocks(weight: np.ndarray, bits: int, block: int, symmetric: bool):
 def test_with_an_identity_hessian_gptq_is_onnxruntimes_minmax_byte_for_byte(bits, symmetric):
     """No correlation between inputs: nothing to compensate, so the codes, scales and zero points are
     exactly onnxruntime's, which checks the grid and the packing."""
-    from compressor.plugins.gptq import gptq, pack
+    from compressor.plugins.quantize_onnx.gptq import gptq, pack
 
     weight = np.random.default_rng(0).standard_normal((256, 48)).astype(np.float32)
     expected = _ort_blocks(weight, bits, 32, symmetric)
@@ -39,7 +39,7 @@ def test_with_an_identity_hessian_gptq_is_onnxruntimes_minmax_byte_for_byte(bits
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gptq_lowers_the_output_error_on_unseen_inputs_of_the_same_kind(symmetric):
     """Correlated inputs (as a layer's are): the error XW − XQ on new inputs is well below min-max's."""
-    from compressor.plugins.gptq import gptq
+    from compressor.plugins.quantize_onnx.gptq import gptq
 
     rng = np.random.default_rng(1)
     k, n, block = 128, 64, 32
@@ -79,7 +79,7 @@ def _loud_channel_problem(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def _gptq_on_unseen(weight: np.ndarray, hessian: np.ndarray, unseen: np.ndarray, **options):
     """4-bit symmetric GPTQ of `weight` in LOUD_BLOCK blocks: its codes, scales, and the output error on
     `unseen` inputs."""
-    from compressor.plugins.gptq import gptq
+    from compressor.plugins.quantize_onnx.gptq import gptq
 
     (k, n), block = weight.shape, LOUD_BLOCK
     codes, scales, zeros = gptq(weight, hessian, 4, block, True, **options)

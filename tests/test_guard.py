@@ -35,8 +35,8 @@ def test_the_budget_is_measured_from_the_named_baseline(tmp_path, compressor_cac
 
 
 def test_a_named_baseline_moves_the_verdict():
-    from compressor.guard import check_guard
-    from compressor.recipe import GuardSpec
+    from compressor.run.guard import check_guard
+    from compressor.recipe.schema import GuardSpec
 
     # perplexity 20 (the input), 21 after fine-tuning, 21.9 quantized: +9.5% from the input, +4.3% from 21
     artifacts = [{"index": i, "name": n, "metric": "perplexity", "perplexity": v, "higher_is_better": False,
@@ -96,8 +96,8 @@ def test_bundle_refuses_to_replace_a_non_bundle(tmp_path, cli_run, tiny_text_mod
 
 
 def test_a_budget_on_another_metric_reads_its_own_direction():
-    from compressor.guard import check_guard
-    from compressor.recipe import GuardSpec
+    from compressor.run.guard import check_guard
+    from compressor.recipe.schema import GuardSpec
 
     # a language model: perplexity is the task's metric, the answers' accuracy another (higher is better)
     artifacts = [{"index": i, "name": n, "metric": "perplexity", "perplexity": p, "accuracy": a,

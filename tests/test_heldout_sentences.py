@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compressor.data import Example
+from compressor.models.data import Example
 from compressor.testing import bench_module
 
 TEMPLATE = "Review: {text}"

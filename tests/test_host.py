@@ -5,55 +5,16 @@ importlib.metadata discovery in a subprocess whose sys.path holds the fake distr
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from conftest import recipe_text
+from conftest import NOOP_STEP, make_dist, recipe_text
+from conftest import site_cli as cli
 
-NOOP_STEP = '''
-import shutil
-from compressor.hookspecs import hookimpl
-from compressor.step import Step, StepConfig
-from pydantic import Field
-
-class NoopConfig(StepConfig):
-    note: str = Field(default="", description="Ignored.")
-
-class Noop(Step):
-    name = "{step}"
-    summary = "Copies the model unchanged."
-    Config = NoopConfig
-
-    def run(self, artifact, config, ctx):
-        for f in artifact.path.iterdir():
-            if f.is_file() and f.name != "artifact.json":
-                shutil.copy2(f, ctx.out_dir / f.name)
-        return artifact.derive(ctx.out_dir)
-
-@hookimpl
-def {hook}(register):
-    register(Noop)
-'''
-
-
-def make_dist(site: Path, dist: str, module: str, source: str, ep_name: str | None = None) -> None:
-    """A minimal installed distribution: a module plus a dist-info with one `compressor` entry point."""
-    (site / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
-    info = site / f"{dist}-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[compressor]\n{ep_name or dist} = {module}\n")
-
-
-def cli(site: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "PYTHONPATH": str(site), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "compressor", *args], capture_output=True, text=True,
-                          env=environ, timeout=120)
+from compressor import PLUGIN_API_VERSION
 
 
 @pytest.fixture
@@ -85,6 +46,7 @@ def test_entry_point_plugin_is_found_and_listed(site):
     assert json.loads(result.stdout)["provider"] == "fakeplug"
 
 
+@pytest.mark.slow
 def test_entry_point_step_runs_in_a_recipe(site, tmp_path, tiny_text_model, sst2_small):
     make_dist(site, "fakeplug", "fakeplug_mod", NOOP_STEP.format(step="noop", hook="register_steps"))
     recipe = tmp_path / "r.yaml"
@@ -151,7 +113,7 @@ def test_incompatible_plugin_api_is_refused(site):
     source = NOOP_STEP.format(step="future", hook="register_steps") + "\nCOMPRESSOR_PLUGIN_API = '>=2,<3'\n"
     make_dist(site, "futureplug", "futureplug_mod", source)
     plugins = {p["name"]: p for p in json.loads(cli(site, "plugins", "--json").stdout)["plugins"]}
-    assert ">=2,<3" in plugins["futureplug"]["error"] and "1.0" in plugins["futureplug"]["error"]
+    assert ">=2,<3" in plugins["futureplug"]["error"] and PLUGIN_API_VERSION in plugins["futureplug"]["error"]
 
 
 def test_step_class_without_config_is_refused():
@@ -228,7 +190,7 @@ def test_a_step_that_breaks_the_contract_fails_naming_its_plugin(tmp_path, compr
                                                                   sst2_small, kind, words):
     import shutil
 
-    from compressor.artifact import hash_dir
+    from compressor.models.artifact import hash_dir
     from compressor.errors import StepError
     from compressor.host import build_host
     from compressor.testing import register_plugin, run_recipe

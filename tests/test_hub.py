@@ -108,6 +108,6 @@ def test_hub_id_resolves_from_huggingface_hubs_cache_offline(tmp_path, tiny_text
 
 @pytest.mark.parametrize("spec", ["models/minilm", "org/name@main"])
 def test_hub_id_pattern(spec):
-    from compressor.plan import HUB_ID
+    from compressor.recipe.model_input import HUB_ID
 
     assert HUB_ID.fullmatch(spec) and not HUB_ID.fullmatch("/abs/path") and not HUB_ID.fullmatch("a/b/c")

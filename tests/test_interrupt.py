@@ -20,6 +20,8 @@ import pytest
 
 from conftest import recipe_text
 
+pytestmark = pytest.mark.slow  # signals sent to real runs, then resumed
+
 STEPS = ("  - uses: prune\n    with: {ratio: 0.25}\n"
          "  - uses: finetune\n    with: {epochs: 3, max_train_rows: 800, batch_size: 8, learning_rate: 1.0e-3}\n"
          "  - uses: export-onnx\n  - uses: quantize-onnx\n")
@@ -151,7 +153,8 @@ def test_a_stop_signal_before_the_step_starts_leaves_no_temporary_directory(tmp_
     """The step's temporary directory exists before its `run` starts (the pipeline lists what is on disk
     in between); a signal landing there is caught by no step's cleanup, and seen once in CI as a left-over
     `.tmp-*`. The interrupted run removes its own temporary directories."""
-    from compressor import errors, pipeline
+    from compressor import errors
+    from compressor.run import pipeline
     from compressor.errors import Terminated
     from compressor.testing import run_recipe
 

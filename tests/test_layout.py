@@ -94,7 +94,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycles():
     known = module_files()
     graph = {name: imported(name, path, known) for name, path in known.items()}
-    assert graph["compressor.pipeline"] & {"compressor.plan", "compressor.cache"}, "the graph builder lost its way"
+    assert graph["compressor.run.pipeline"] & {"compressor.recipe.plan", "compressor.run.cache"}, "the graph builder lost its way"
     found = cycles(graph)
     detail = "; ".join(" ↔ ".join(c) + " (" + ", ".join(f"{m} → {sorted(graph[m] & set(c))}" for m in c) + ")"
                        for c in found)
@@ -103,3 +103,34 @@ def test_no_import_cycles():
 
 def test_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_tests_import_no_other_test_module():
+    """Shared test helpers live in compressor.testing or tests/conftest.py, never in another test module."""
+    offenders = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[-1].startswith("test_")
+                          or n.startswith("tests.test_")]
+    assert not offenders, offenders
+
+
+def test_modules_and_functions_stay_small():
+    """compressor/ modules stay under 500 lines and functions under 60, unless a comment on the line above
+    the function's `def` (or its decorators) says why it cannot be split."""
+    too_long = []
+    for path in sorted((REPO / "compressor").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        if len(lines) > 500:
+            too_long.append(f"{path.relative_to(REPO)}: {len(lines)} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                explained = first >= 2 and lines[first - 2].strip().startswith("#")
+                if length > 60 and not explained:
+                    too_long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {length} lines")
+    assert not too_long, too_long

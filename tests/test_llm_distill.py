@@ -174,9 +174,9 @@ def test_distilling_brings_a_perturbed_student_back_to_its_teacher(tiny_llama, s
     from compressor.plugins.distill import DistillConfig, make_loss
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from compressor.data import DataSource
+    from compressor.models.data import DataSource
     from compressor.host import build_host
-    from compressor.training import train
+    from compressor.models.training import train
 
     build_host()
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
@@ -235,7 +235,7 @@ def load_lm(path: Path) -> Any:
 def test_a_one_layer_student_learns_a_two_layer_teacher_on_plain_text(tmp_path, tiny_llama, wikitext_lines):
     from transformers import AutoTokenizer
 
-    from compressor.data import Example
+    from compressor.models.data import Example
     from compressor.testing import run_recipe
 
     teacher_dir = variant(tiny_llama, tmp_path / "teacher", seed=0, initializer_range=0.1)

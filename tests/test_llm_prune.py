@@ -86,7 +86,7 @@ def _load(path: Path):
 
 def test_block_influence_drops_the_layer_that_changes_nothing(tmp_path, compressor_cache, llama4, sst2_small):
     import torch
-    from compressor.plugins.prune_decoder import drop_layers
+    from compressor.plugins.prune.decoder import drop_layers
 
     record = _run(tmp_path, llama4["identity"], sst2_small["train"], "{keep: 3, calibration_rows: 16}")
     step = record["steps"][0]
@@ -167,7 +167,7 @@ def test_taylor_scores_narrow_the_mlp_of_a_decoder(tmp_path, compressor_cache, l
 
 def test_qwen2_layer_types_follow_the_kept_layers(tmp_path):
     import torch
-    from compressor.plugins.prune_decoder import drop_layers
+    from compressor.plugins.prune.decoder import drop_layers
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)

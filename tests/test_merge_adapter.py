@@ -103,6 +103,7 @@ def test_merge_adapter_bad_config(tmp_path, cli_run, tiny_text_model, sst2_small
     assert code == 2 and all(w in err for w in words), err
 
 
+@pytest.mark.slow
 def test_a_causal_lm_adapter_merges_as_peft_does(tmp_path, compressor_cache, tiny_llama, sst2_small):
     """A CAUSAL_LM LoRA adapter on the tiny Llama (GQA, tied embeddings): the merged model's next-token
     logits equal the PEFT model's, and the KV-cached ONNX export of it passes parity."""

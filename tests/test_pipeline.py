@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from compressor.artifact import hash_dir
+from compressor.models.artifact import hash_dir
 from conftest import recipe_text
 
 STEPS = ("  - uses: finetune\n    with: {epochs: 3, learning_rate: 2.0e-3, batch_size: 32}\n"
@@ -88,7 +88,7 @@ def test_reports(tiny_run):
 
 
 def test_bundle_checksums(tiny_run):
-    from compressor.artifact import hash_file
+    from compressor.models.artifact import hash_file
 
     bundle = tiny_run["dir"] / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())

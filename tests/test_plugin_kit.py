@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # installs and tests the example plugin package
+
 REPO = Path(__file__).resolve().parent.parent
 
 

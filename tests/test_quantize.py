@@ -124,8 +124,8 @@ def test_quantize_torch_roundtrip_equals_torch_ao(trained):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from compressor.artifact import Artifact
-    from compressor.evaluators.runtime import load_runner
+    from compressor.models.artifact import Artifact
+    from compressor.models.loading import load_runner
     from compressor.plugins.quantize_torch import quantize_dynamic
     from compressor.testing import run_recipe
 

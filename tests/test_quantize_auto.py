@@ -70,8 +70,8 @@ def test_search_moves_past_a_damaging_candidate(damaged, tmp_path, compressor_ca
     """int8 per tensor loses more than the budget on the tuning rows; the search records it, moves on and
     stops at the first candidate within the budget; the eval accuracy then stays close to the float model's."""
     from compressor.host import build_host
-    from compressor.pipeline import run_plan
-    from compressor.plan import build_plan
+    from compressor.run.pipeline import run_plan
+    from compressor.recipe.plan import build_plan
 
     path = _recipe(damaged, tmp_path, "{mode: auto, max_accuracy_drop: 0.02}")
     host = build_host()
@@ -96,9 +96,9 @@ def test_sensitive_node_is_measured_and_left_float(damaged, tmp_path, compressor
     """With per-tensor int8 as the only base candidate, the measured sensitivity ranks the scaled pooler
     layer first, and leaving it in float brings the model within budget."""
     from compressor.host import build_host
-    from compressor.pipeline import run_plan
-    from compressor.plan import build_plan
-    from compressor.plugins import quantize_tune
+    from compressor.run.pipeline import run_plan
+    from compressor.recipe.plan import build_plan
+    from compressor.plugins.quantize_onnx import tune as quantize_tune
 
     monkeypatch.setattr(quantize_tune, "base_candidates", lambda: [quantize_tune.Candidate("int8 per-tensor", "int8",
                                                                                           False)])
@@ -115,7 +115,7 @@ def test_sensitive_node_is_measured_and_left_float(damaged, tmp_path, compressor
 def test_nothing_within_budget_keeps_the_best_and_the_guard_fails(damaged, tmp_path, cli_run, monkeypatch):
     """Only damaging candidates and no exclusions: the search keeps the most accurate, says so, and the
     guard fails the run with exit 1, with the record, the report and the artifact written."""
-    from compressor.plugins import quantize_tune
+    from compressor.plugins.quantize_onnx import tune as quantize_tune
 
     monkeypatch.setattr(quantize_tune, "base_candidates", lambda: [
         quantize_tune.Candidate("int8 per-tensor", "int8", False),
@@ -152,7 +152,7 @@ def test_auto_needs_tuning_rows_and_a_budget(tmp_path, cli_run, tiny_encoder, ss
 def test_holdout_rows_are_left_out_of_training(tmp_path, sst2_small):
     """data.holdout: the tuning rows are seeded, disjoint from what `train` gives every other step, and the
     two together are the train file."""
-    from compressor.data import DataSource
+    from compressor.models.data import DataSource
 
     source = DataSource("tsv", {"train": sst2_small["train"]}, "sentence", "label", holdout=150, seed=7)
     train, tune = source.load("train"), source.load("tune")

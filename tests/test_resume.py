@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import recipe_text
-from test_host import make_dist
+import pytest
+from conftest import make_dist, recipe_text
+
+pytestmark = pytest.mark.slow  # real runs killed and resumed
 
 SLOW_STEP = '''
 import os, shutil, time

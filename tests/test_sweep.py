@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from compressor.report_html import pareto_front
+from compressor.report.html import pareto_front
 
 SWEEP = """version: 1
 name: tiny-sweep
@@ -86,7 +86,7 @@ def test_sweep_runs_every_variant_shares_prefixes_and_selects(sweep_run):
     passing = {n: sizes[n] for n in names if status[n] == "ok"}
     assert summary["selected"] == min(passing, key=passing.get)
     assert summary["bundles"][0]["path"].endswith("bundle")
-    from compressor.artifact import hash_file
+    from compressor.models.artifact import hash_file
 
     chosen = json.loads((tmp / "run" / "variants" / summary["selected"] / "record.json").read_text())
     assert hash_file(tmp / "run" / "bundle" / "model.onnx") == hash_file(Path(chosen["steps"][-1]["path"]) / "model.onnx")
@@ -137,6 +137,7 @@ def test_report_renders_in_headless_chromium(sweep_run, tmp_path):
     assert (pixels.sum(-1) < 200).sum() > 2000  # and text
 
 
+@pytest.mark.slow
 def test_guard_no_variant_passes_exits_1_with_the_report(tmp_path, cli_run, tiny_text_model, sst2_small):
     recipe = _sweep(tmp_path, tiny_text_model, sst2_small, limit=0.001)
     code, _, err = cli_run("run", str(recipe), "--out", str(tmp_path / "run"))
@@ -210,6 +211,7 @@ def _final_hashes(run_dir: Path) -> dict[str, list[str]]:
             for v in summary["variants"]} | {"selected": [summary["selected"]]}
 
 
+@pytest.mark.slow
 def test_parallel_jobs_give_the_local_results(sweep_run, tmp_path, tiny_text_model, sst2_small):
     """--jobs 2 in fresh processes with a fresh cache: the same artifacts, the same selection."""
     import os
@@ -224,6 +226,7 @@ def test_parallel_jobs_give_the_local_results(sweep_run, tmp_path, tiny_text_mod
     assert _final_hashes(tmp_path / "run") == _final_hashes(tmp / "run")
 
 
+@pytest.mark.slow
 def test_ray_executor_gives_the_local_results(sweep_run, tmp_path, tiny_text_model, sst2_small):
     """The same sweep as Ray tasks on a local Ray instance with 2 CPUs."""
     pytest.importorskip("ray", reason="the `ray` extra is not installed")

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _error_rate_plugin(name: str = "sentiment-error"):
     """A third-party task: SST-2 sentiment scored by error rate (lower is better), with its evaluator."""
-    from compressor.evaluators.logits import LogitsEvaluator
+    from compressor.evaluate.logits import LogitsEvaluator
     from compressor.hookspecs import hookimpl
     from compressor.tasks import Metric
     from compressor.tasks.text_classification import TextClassification
@@ -103,8 +103,8 @@ def _records(values: list[float], higher_is_better: bool, metric: str = "perplex
 @pytest.mark.parametrize("values, budget, passed", [([20.0, 20.4], 0.5, True), ([20.0, 20.6], 0.5, False),
                                                     ([20.0, 12.0], 0.0, True)])
 def test_the_guard_reads_the_metric_direction(values, budget, passed):
-    from compressor.guard import check_guard
-    from compressor.recipe import GuardSpec
+    from compressor.run.guard import check_guard
+    from compressor.recipe.schema import GuardSpec
 
     result = check_guard(GuardSpec(max_accuracy_drop=budget), _records(values, higher_is_better=False))
     assert result["passed"] is passed
@@ -118,8 +118,8 @@ def test_the_guard_reads_the_metric_direction(values, budget, passed):
 
 
 def test_sweep_selection_and_pareto_front_read_the_metric_direction():
-    from compressor.report_html import pareto_front, quality
-    from compressor.sweep import SELECT_KEYS, choose
+    from compressor.report.html import pareto_front, quality
+    from compressor.recipe.sweep import SELECT_KEYS, choose
 
     lower = _records([30.0, 25.0, 40.0], higher_is_better=False)
     assert min(lower, key=SELECT_KEYS["most_accurate"])["perplexity"] == 25.0

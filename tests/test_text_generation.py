@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 
 from compressor.testing import require_data
+from conftest import llm_recipe
 
-STEPS = ("  - uses: finetune\n    with: {method: full, epochs: 2, learning_rate: 5.0e-3, batch_size: 16, "
-         "max_length: 96}\n"
-         "  - uses: export-onnx\n    with: {atol: 1.0e-3, parity_rows: 8}\n"
-         "  - uses: quantize-onnx\n    with: {mode: int4, block_size: 16, op_types: [MatMul, Gather]}\n")
+pytestmark = pytest.mark.slow  # a tiny LLM trained, exported and quantized once for the module
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +22,6 @@ def wikitext_slice(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wikitext") / "test.txt"
     out.write_text("\n".join(src.read_text(encoding="utf-8").splitlines()[:200]) + "\n", encoding="utf-8")
     return out
-
-
-def llm_recipe(model: Path, data: dict[str, Path], corpus: Path, steps: str = STEPS, data_extra: str = "",
-               extra: str = "") -> str:
-    """SST-2 as prompts and completions, perplexity on `corpus`."""
-    return (f"version: 1\nname: tiny-llm\nmodel: {{path: {model}, task: text-generation}}\n"
-            f"data:\n  format: tsv\n  train: {data['train']}\n  eval: {data['eval']}\n  text: sentence\n"
-            f"  label: label\n  prompt: \"Review: {{text}}\\nSentiment:\"\n"
-            f"  completions: {{'0': negative, '1': positive}}\n{data_extra}"
-            f"steps:\n{steps}"
-            f"evaluate:\n  task: {{perplexity_file: {corpus}, perplexity_tokens: 1024, window: 128, "
-            f"accuracy_rows: 100, prompt_tokens: 32, new_tokens: 16, timing_runs: 1}}\n{extra}")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +38,7 @@ def tiny_run(tmp_path_factory, tiny_llama, sst2_small, wikitext_slice):
 def test_the_prompt_is_masked_and_the_answer_ends_the_turn(tiny_llama):
     from transformers import AutoTokenizer
 
-    from compressor.data import Example
+    from compressor.models.data import Example
     from compressor.tasks.text_generation import TextGeneration, chat_wrap
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
@@ -106,7 +92,7 @@ def test_int4_packs_the_matmuls_and_keeps_perplexity_close(tiny_run):
 
 
 def test_the_generation_bundle_streams_what_the_evaluator_generated(tiny_run, cli_run):
-    from compressor import bundle_runtime
+    from compressor.bundle.device import runtime as bundle_runtime
 
     record, run = tiny_run
     bundle = run / "bundle"
@@ -235,7 +221,7 @@ def test_bad_llm_inputs_exit_2_at_check(case, message, tmp_path, cli_run, tiny_l
 
 
 def test_a_symbolic_cache_dimension_is_read_from_the_config_beside_the_model(tmp_path):
-    from compressor.generation_runtime import _dim
+    from compressor.bundle.device.generation_runtime import _dim
 
     model = tmp_path / "model.onnx"
     assert _dim(3, model, "num_key_value_heads") == 3
@@ -297,7 +283,7 @@ def _shared_buffer_decodes_as_copies_do(model_file: Path) -> None:
     cache buffer per layer gives the logits that growing the cache by copies gives, token after token."""
     import numpy as np
 
-    from compressor.generation_runtime import OnnxCausalLM
+    from compressor.bundle.device.generation_runtime import OnnxCausalLM
 
     shared, copied = OnnxCausalLM(model_file, threads=1), OnnxCausalLM(model_file, threads=1)
     copied.share_buffer = False
@@ -318,7 +304,7 @@ def test_a_shared_table_computes_what_the_two_copies_computed(tiny_llama, tmp_pa
     import numpy as np
     import onnx
 
-    from compressor.generation_runtime import OnnxCausalLM
+    from compressor.bundle.device.generation_runtime import OnnxCausalLM
     from compressor.plugins.quantize_onnx import (QuantizeOnnxConfig, blockwise_int4, pack_gather_tables,
                                                   share_tied_tables, untie_transposed_weights)
     from compressor.export.onnx import build_with_genai
@@ -349,9 +335,9 @@ def test_gptq_on_a_tiny_llama_stays_closer_to_the_float_model_than_minmax(tiny_r
     import numpy as np
     import onnx
 
-    from compressor.artifact import Artifact
-    from compressor.evaluators.runtime import load_tokenizer
-    from compressor.generation_runtime import OnnxCausalLM
+    from compressor.models.artifact import Artifact
+    from compressor.models.loading import load_tokenizer
+    from compressor.bundle.device.generation_runtime import OnnxCausalLM
     from compressor.plugins.quantize_onnx import QuantizeOnnxConfig, _int4
 
     record, _ = tiny_run
@@ -392,47 +378,3 @@ def test_gptq_on_a_tiny_llama_stays_closer_to_the_float_model_than_minmax(tiny_r
             assert not [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
             assert ctx.notes["gptq_nodes"] == 11 and len(ctx.notes["shared_tables"]) == 1
     assert kl["gptq"] < 0.8 * kl["minmax"], kl
-
-
-def test_the_measured_int8_choice_of_bench_fits_its_budget(tiny_run, wikitext_slice, tmp_path):
-    """bench/int8_choice.py on the tiny Llama: with a third of the bytes that 8 bits everywhere would add, it
-    chooses some MatMuls but not all, the int4 model with them at 8 bits fits the budget, and the tied LM head
-    (most of the KL alone) is measured dearest."""
-    import re
-
-    import onnx
-
-    from compressor.artifact import Artifact
-    from compressor.evaluators.runtime import load_tokenizer
-    from compressor.plugins.quantize_onnx import QuantizeOnnxConfig, _int4
-    from compressor.testing import bench_module
-
-    bench = bench_module("int8_choice")
-    record, _ = tiny_run
-    export = Artifact.load(next(Path(s["path"]) for s in record["steps"] if s["uses"] == "export-onnx"))
-    ids = load_tokenizer(export.path)(wikitext_slice.read_text())["input_ids"]
-    windows = [ids[i : i + 128] for i in range(0, len(ids) - 127, 128)][:4]
-
-    class Ctx:
-        def report(self, **values):
-            pass
-
-    def quantize(name, **options):
-        config = QuantizeOnnxConfig(mode="int4", block_size=16, op_types=["MatMul", "Gather"], **options)
-        _int4(export.model_file, tmp_path / f"{name}.onnx", config, Ctx())
-        return tmp_path / f"{name}.onnx", config
-
-    all4, config = quantize("all4")
-    every8, _ = quantize("every8", int8_nodes=["MatMul"])
-    fp32 = export.model_file.stat().st_size
-    budget = (all4.stat().st_size + (every8.stat().st_size - all4.stat().st_size) // 3) / fp32
-    chosen, measured = bench.measured_int8_nodes(export.model_file, config, windows[:2], [], budget,
-                                                 probe_tokens=256)
-    assert 0 < len(chosen) < measured["candidates"]
-    assert list(measured["cost_top"])[0] == "/lm_head/MatMul"
-    mixed, _ = quantize("mixed", int8_nodes=[re.escape(n) + "$" for n in chosen])
-    assert mixed.stat().st_size <= budget * fp32
-    written = onnx.load(str(mixed))
-    eight = [n.name for n in written.graph.node if n.op_type == "MatMulNBits"
-             and next(a.i for a in n.attribute if a.name == "bits") == 8]
-    assert sorted(eight) == sorted(f"{n}_Q8" for n in chosen)

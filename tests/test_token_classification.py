@@ -28,7 +28,7 @@ def test_entity_f1_values():
 
 
 def test_conll_reader_counts(tmp_path):
-    from compressor.data import DataSource
+    from compressor.models.data import DataSource
     from compressor.testing import shared_data_dir
 
     src = DataSource("conll", {"eval": shared_data_dir() / "conll2003" / "valid.txt"}, "tokens", "tags")

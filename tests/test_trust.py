@@ -19,11 +19,11 @@ EXPORT = "  - uses: export-onnx\n"
 def _run(tmp_path: Path, text: str, name: str, environment=None, monkeypatch=None) -> tuple[dict, list[str]]:
     """Run a recipe in-process; with `environment`, Runner sees that environment instead of this machine's."""
     from compressor.host import build_host
-    from compressor.pipeline import run_plan
-    from compressor.plan import build_plan
+    from compressor.run.pipeline import run_plan
+    from compressor.recipe.plan import build_plan
 
     if environment is not None:
-        monkeypatch.setattr("compressor.pipeline.environment", lambda: environment)
+        monkeypatch.setattr("compressor.run.pipeline.environment", lambda: environment)
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(text)
     lines: list[str] = []
@@ -33,7 +33,7 @@ def _run(tmp_path: Path, text: str, name: str, environment=None, monkeypatch=Non
 
 
 def test_a_library_upgrade_reruns_the_steps(tmp_path, compressor_cache, tiny_text_model, sst2_small, monkeypatch):
-    from compressor.record import environment
+    from compressor.run.record import environment
 
     text = recipe_text(tiny_text_model, None, sst2_small["eval"], EXPORT)
     first, _ = _run(tmp_path, text, "first")
@@ -50,7 +50,7 @@ def test_measurements_are_not_shared_between_cpus(tmp_path, compressor_cache, ti
                                                  monkeypatch):
     """A cache shared by machines (Ray on a shared filesystem): another CPU class reuses the artifacts, but
     measures them itself."""
-    from compressor.record import environment
+    from compressor.run.record import environment
 
     text = recipe_text(tiny_text_model, None, sst2_small["eval"], EXPORT)
     _, lines = _run(tmp_path, text, "here")
@@ -134,8 +134,8 @@ def test_training_threads_are_apart_from_measurement_threads(tmp_path, compresso
 
 def test_the_input_length_travels_with_the_artifact(tmp_path, compressor_cache, tiny_encoder, sst2_small):
     """finetune's max_length is what every later artifact is evaluated and bundled with."""
-    from compressor.artifact import Artifact
-    from compressor.evaluators.runtime import load_runner
+    from compressor.models.artifact import Artifact
+    from compressor.models.loading import load_runner
     from compressor.testing import run_recipe
 
     steps = "  - uses: finetune\n    with: {max_length: 12, max_train_rows: 64}\n" + EXPORT + "  - uses: quantize-onnx\n"
@@ -152,7 +152,7 @@ def test_the_input_length_travels_with_the_artifact(tmp_path, compressor_cache, 
 
 def test_every_tokenizer_file_check_accepts_is_carried_by_steps(tmp_path):
     """A model whose tokenizer is only `tokenizer.model` passes check, so hf → hf steps must copy it."""
-    from compressor.artifact import TOKENIZER_FILES, TOKENIZER_VOCAB_FILES
+    from compressor.models.artifact import TOKENIZER_FILES, TOKENIZER_VOCAB_FILES
     from compressor.models import copy_tokenizer
 
     assert set(TOKENIZER_VOCAB_FILES) <= set(TOKENIZER_FILES)

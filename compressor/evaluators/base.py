@@ -1,43 +1,8 @@
-"""The evaluator contract and the scoring of one artifact."""
+"""Deprecated import path: compressor.evaluators.base moved to compressor.evaluate.base (plugin API 1.1); it goes in the next release."""
 
-from __future__ import annotations
+import warnings
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from compressor.evaluate.base import *  # noqa: F401,F403
 
-from compressor.artifact import Artifact
-from compressor.data import Example
-
-
-@dataclass
-class EvalSettings:
-    """How an artifact is measured (from the recipe's `evaluate:`)."""
-
-    threads: int = 2
-    batch_sizes: tuple[int, ...] = (1, 32)
-    runs: int = 50
-    warmup: int = 5
-    latency: bool = True
-    max_rows: int | None = None
-    #: the task's own evaluation settings (recipe evaluate.task, checked by the task's EvalConfig)
-    task: dict[str, Any] = field(default_factory=dict)
-
-
-class Evaluator(Protocol):
-    """What `register_evaluators` accepts: a task, the formats it can run, a metric, and `evaluate`."""
-
-    task: ClassVar[str]
-    formats: ClassVar[tuple[str, ...]]
-    metric: ClassVar[str]
-
-    def evaluate(self, artifact: Artifact, rows: list[Example], settings: EvalSettings) -> dict[str, Any]:
-        """Return at least `{metric: value}`; latency keys may be added."""
-
-
-def predict_batches(runner: Any, texts: list[Any], batch_size: int = 32) -> list[tuple[Any, Any]]:
-    """Encoded batches with their logits, in order."""
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = runner.encode(texts[i : i + batch_size])
-        out.append((enc, runner(enc)))
-    return out
+warnings.warn("compressor.evaluators.base moved to compressor.evaluate.base; import it from there (this path goes in the next release)",
+              DeprecationWarning, stacklevel=2)

@@ -107,7 +107,7 @@ class Task:
         """How far a converted model (`candidate`) is from `reference` on real inputs: `max_abs_diff` of the
         logits, and `problem` (a sentence) when something other than the size of a difference is wrong.
         None (the default) asks for the plain comparison, the largest |logit difference| over the texts
-        (`compressor.evaluators.runtime.logits_parity`); a task overrides this when logits alone cannot tell."""
+        (`compressor.models.loading.logits_parity`); a task overrides this when logits alone cannot tell."""
         return None
 
     def distill_targets(self, student_logits: Any, teacher_logits: Any, labels: Any) -> tuple[Any, Any, Any]:

@@ -22,7 +22,7 @@ def register_tasks(register: Callable[[Any], None]) -> None:
 @hookimpl
 def register_evaluators(register: Callable[[Any], None]) -> None:
     """The classifiers are measured by the logits evaluator, on every format; generators by their own."""
-    from compressor.evaluators.logits import LogitsEvaluator
+    from compressor.evaluate.logits import LogitsEvaluator
     from compressor.tasks.text_classification import TextClassification
     from compressor.tasks.text_generation import GenerationEvaluator
     from compressor.tasks.token_classification import TokenClassification

@@ -34,7 +34,7 @@ class TextClassification(Task):
 
     def score(self, rows: list[Any], predictions: list[Any], labels: list[str]) -> dict[str, float]:
         """Accuracy against the rows' labels (names, or ids as SST-2 writes them)."""
-        from compressor.data import label_ids
+        from compressor.models.data import label_ids
 
         mapping = label_ids(labels, {r.label for r in rows})
         hits = sum(p == mapping[r.label] for p, r in zip(predictions, rows))

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from compressor.artifact import Artifact
+from compressor.models.artifact import Artifact
 from compressor.tasks.base import DistillPairs, Metric, Task
 
 IGNORE = -100
@@ -118,7 +118,7 @@ class TextGeneration(Task):
         tokens (16 new ones, through the KV cache) for the first four prompts."""
         import numpy as np
 
-        from compressor.evaluators.runtime import load_tokenizer
+        from compressor.models.loading import load_tokenizer
 
         tokenizer = load_tokenizer(reference.path)
         prompts = [chat_wrap(tokenizer, str(t), None) for t in texts]
@@ -185,7 +185,7 @@ class GenerationEvaluator:
 
     def evaluate(self, artifact: Artifact, rows: list[Any], settings: Any) -> dict[str, Any]:
         """Every measurement the recipe's evaluate.task asks for."""
-        from compressor.evaluators.runtime import load_tokenizer
+        from compressor.models.loading import load_tokenizer
 
         config = GenerationEvalConfig.model_validate(getattr(settings, "task", None) or {})
         tokenizer = load_tokenizer(artifact.path)
@@ -231,7 +231,7 @@ def _timing_prompt(tokenizer: Any, config: GenerationEvalConfig) -> list[int]:
 
 def timing(artifact: Artifact, prompt: list[int], new_tokens: int, threads: int, runs: int) -> dict[str, Any]:
     """generation_timing in a fresh process: speed, and the peak RSS of that model alone."""
-    cmd = [sys.executable, "-m", "compressor.evaluators.generation_timing", artifact.format, str(artifact.path),
+    cmd = [sys.executable, "-m", "compressor.evaluate.generation_timing", artifact.format, str(artifact.path),
            "--prompt", ",".join(map(str, prompt)), "--new-tokens", str(new_tokens), "--threads", str(threads),
            "--runs", str(runs)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -258,19 +258,19 @@ def perplexity(model: "_Model", tokenizer: Any, file: Path, tokens: int, window:
 
 
 class _Model:
-    """The artifact loaded for scoring: PyTorch for `hf`, compressor.generation_runtime for `onnx`."""
+    """The artifact loaded for scoring: PyTorch for `hf`, compressor.bundle.device.generation_runtime for `onnx`."""
 
     def __init__(self, artifact: Artifact, threads: int):
         self.format = artifact.format
         if artifact.format == "hf":
             import torch
 
-            from compressor.evaluators.runtime import load_torch_model
+            from compressor.models.loading import load_torch_model
 
             torch.set_num_threads(threads)
             self.torch = load_torch_model(artifact.path, artifact.task, artifact.info.get("adapter"))
         else:
-            from compressor.generation_runtime import OnnxCausalLM
+            from compressor.bundle.device.generation_runtime import OnnxCausalLM
 
             self.onnx = OnnxCausalLM(artifact.model_file, threads=threads)
 
@@ -289,7 +289,7 @@ class _Model:
     def window_nll(self, ids: list[int]) -> tuple[float, int]:
         import numpy as np
 
-        from compressor.generation_runtime import nll_from_logits
+        from compressor.bundle.device.generation_runtime import nll_from_logits
 
         return nll_from_logits(self.logits(ids)[:-1], np.asarray(ids[1:]))
 
@@ -311,7 +311,7 @@ def _torch_greedy(model: Any, prompts: list[list[int]], max_new: int, stop: set[
     """The same left-padded greedy loop as generation_runtime's, on PyTorch with its KV cache."""
     import torch
 
-    from compressor.generation_runtime import take
+    from compressor.bundle.device.generation_runtime import take
 
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])

@@ -70,7 +70,7 @@ def test_lowrank_between_prune_and_export(tmp_path, compressor_cache, tiny_text_
     sizes = {a["name"]: a["size_bytes"] for a in record["artifacts"]}
     assert sizes["lowrank"] < sizes["prune"]
     # the saved model reloads (through load_hf_model) to the same weights the step computed
-    from compressor.artifact import Artifact
+    from compressor.models.artifact import Artifact
 
     model = load_model(Artifact.load(Path(low["path"])))
     layer = model.bert.encoder.layer[0].intermediate.dense

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from pydantic import Field, model_validator
 
-from compressor.artifact import Artifact
+from compressor.models.artifact import Artifact
 from compressor.errors import RecipeError, StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import PlanContext, Step, StepConfig, StepContext

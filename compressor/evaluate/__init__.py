@@ -1,0 +1,1 @@
+"""Built-in evaluators: task metrics on PyTorch (`hf`) and ONNX Runtime (`onnx`) artifacts."""

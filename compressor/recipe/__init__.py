@@ -1,0 +1,1 @@
+"""The recipe: its schema (YAML → pydantic), the plan checked before any work, sweeps, the step reference."""

@@ -1,0 +1,1 @@
+"""A run's reports: rows and report.md (markdown), report.html (html), the files of a run (files)."""
