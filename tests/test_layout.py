@@ -134,3 +134,29 @@ def test_modules_and_functions_stay_small():
                 if length > 60 and not explained:
                     too_long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {length} lines")
     assert not too_long, too_long
+
+
+def test_the_old_import_paths_warn_and_still_work():
+    """Plugin API 1.0's module paths still give the same objects for one release, each with a DeprecationWarning."""
+    import subprocess
+    import sys
+
+    probe = """
+import importlib, warnings
+old = {"compressor.artifact": ("compressor.models.artifact", "Artifact"),
+       "compressor.data": ("compressor.models.data", "DataSource"),
+       "compressor.evaluators.base": ("compressor.evaluate.base", "Evaluator"),
+       "compressor.evaluators.runtime": ("compressor.models.loading", "load_runner")}
+for path, (new, name) in old.items():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = importlib.import_module(path)
+    assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), path
+    assert getattr(module, name) is getattr(importlib.import_module(new), name), path
+from compressor.evaluators.runtime import Runner
+from compressor.models.loading import LoadedModel
+assert Runner is LoadedModel
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -13,7 +13,7 @@ import numpy as np
 from compressor.models.artifact import Artifact
 from compressor.errors import InputError
 
-class Runner:
+class LoadedModel:
     """A loaded model plus its tokenizer: `encode(texts)` then `__call__(batch)` → logits."""
 
     def __init__(self, artifact: Artifact, tokenizer: Any, forward: Callable[[dict[str, np.ndarray]], np.ndarray],
@@ -78,7 +78,7 @@ def logits_parity(reference: Artifact, candidate: Artifact, texts: list[Any], th
     return {"max_abs_diff": worst, "problem": None}
 
 
-def load_runner(artifact: Artifact, threads: int) -> Runner:
+def load_runner(artifact: Artifact, threads: int) -> LoadedModel:
     """A runner on the runtime the artifact targets."""
     tokenizer = load_tokenizer(artifact.path)
     if artifact.format == "hf":
@@ -94,7 +94,7 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
             with torch.inference_mode():
                 return model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
 
-        return Runner(artifact, tokenizer, forward, names)
+        return LoadedModel(artifact, tokenizer, forward, names)
     if artifact.format in ("onnx", "ort"):
         session = ort_session(artifact.model_file, threads)
         names = [i.name for i in session.get_inputs()]
@@ -102,13 +102,13 @@ def load_runner(artifact: Artifact, threads: int) -> Runner:
         def forward(batch: dict[str, np.ndarray]) -> np.ndarray:
             return session.run(None, {k: v.astype(np.int64) for k, v in batch.items()})[0]
 
-        return Runner(artifact, tokenizer, forward, names)
+        return LoadedModel(artifact, tokenizer, forward, names)
     from compressor.host import current_host
 
     found = current_host().pm.hook.load_forward(artifact=artifact, threads=threads)
     if found is not None:
         forward, names = found
-        return Runner(artifact, tokenizer, forward, list(names))
+        return LoadedModel(artifact, tokenizer, forward, list(names))
     raise InputError(f"no runtime for format {artifact.format!r} here", where=str(artifact.path))
 
 

@@ -71,11 +71,11 @@ class OnnxCausalLM:
         out = self.session.run(self.output_names, self.feeds(ids, mask, past))
         return out[0], out[1:]
 
-    def prefill(self, prompt: list[int], capacity: int) -> tuple[np.ndarray, "Cache"]:
+    def prefill(self, prompt: list[int], capacity: int) -> tuple[np.ndarray, "KVCache"]:
         """The last position's logits after `prompt` (one sequence) and the cache to `decode` from, with room
         for `capacity` positions in all (prompt included) where the cache is a shared buffer."""
         ids = np.asarray([prompt], np.int64)
-        cache = Cache(mask=np.ones_like(ids))
+        cache = KVCache(mask=np.ones_like(ids))
         if self.share_buffer:
             import onnxruntime as ort
 
@@ -85,7 +85,7 @@ class OnnxCausalLM:
         logits, cache.past = self.forward(ids, cache.mask, self.empty_past(1))
         return logits[0, -1], cache
 
-    def decode(self, token: int, cache: "Cache") -> np.ndarray:
+    def decode(self, token: int, cache: "KVCache") -> np.ndarray:
         """The logits after one more token; the cache grows (in place where it is a shared buffer)."""
         ids = np.asarray([[token]], np.int64)
         cache.mask = np.ones((1, cache.mask.shape[1] + 1), np.int64)
@@ -94,7 +94,7 @@ class OnnxCausalLM:
         logits, cache.past = self.forward(ids, cache.mask, cache.past)
         return logits[0, -1]
 
-    def _bound_run(self, ids: np.ndarray, cache: "Cache") -> np.ndarray:
+    def _bound_run(self, ids: np.ndarray, cache: "KVCache") -> np.ndarray:
         binding = self.session.io_binding()
         for name, value in self.feeds(ids, cache.mask, []).items():
             binding.bind_cpu_input(name, value)
@@ -139,7 +139,7 @@ class OnnxCausalLM:
         return nll_from_logits(logits[0, :-1], arr[0, 1:])
 
 
-class Cache:
+class KVCache:
     """One sequence's KV cache: growing numpy arrays, or fixed buffers that the graph writes in place."""
 
     def __init__(self, mask: np.ndarray):
