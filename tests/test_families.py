@@ -49,7 +49,8 @@ def decoder_recipe(model: Path, data: dict[str, Path], corpus: Path) -> str:
 
 
 @needs_genai
-@pytest.mark.parametrize("family", DECODERS)
+# the inner loop (-m "not slow") runs the first family of each kind; the full suite runs them all
+@pytest.mark.parametrize("family", [DECODERS[0], *(pytest.param(f, marks=pytest.mark.slow) for f in DECODERS[1:])])
 def test_a_decoder_family_goes_from_lora_to_an_int4_bundle(family, tmp_path, decoder_texts, sst2_small, cli_run):
     import numpy as np
     import onnxruntime_genai as og
@@ -117,7 +118,7 @@ def tiny_encoder_family(out_dir: Path, family: str, base: Path) -> Path:
     return out_dir
 
 
-@pytest.mark.parametrize("family", ENCODERS)
+@pytest.mark.parametrize("family", [ENCODERS[0], *(pytest.param(f, marks=pytest.mark.slow) for f in ENCODERS[1:])])
 def test_an_encoder_family_exports_fuses_and_quantizes(family, tmp_path, tiny_text_model, sst2_small):
     import onnx
 

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from conftest import recipe_text
 
+pytestmark = pytest.mark.slow  # hypothesis draws hundreds of recipes
+
 KEYS = ["version", "name", "model", "path", "task", "labels", "data", "format", "train", "eval", "text", "label",
         "steps", "uses", "with", "epochs", "ratio", "mode", "evaluate", "latency", "guard", "bundle", "seed",
         "matrix", "formats", "each_step", "max_accuracy_drop", "finetune", "prune", "quantize-onnx", "x"]

@@ -12,6 +12,8 @@ import pytest
 
 from compressor.report.html import pareto_front
 
+pytestmark = pytest.mark.slow  # every sweep test runs several real variants
+
 SWEEP = """version: 1
 name: tiny-sweep
 model: {{path: {model}, task: text-classification}}
@@ -137,7 +139,6 @@ def test_report_renders_in_headless_chromium(sweep_run, tmp_path):
     assert (pixels.sum(-1) < 200).sum() > 2000  # and text
 
 
-@pytest.mark.slow
 def test_guard_no_variant_passes_exits_1_with_the_report(tmp_path, cli_run, tiny_text_model, sst2_small):
     recipe = _sweep(tmp_path, tiny_text_model, sst2_small, limit=0.001)
     code, _, err = cli_run("run", str(recipe), "--out", str(tmp_path / "run"))
@@ -211,7 +212,6 @@ def _final_hashes(run_dir: Path) -> dict[str, list[str]]:
             for v in summary["variants"]} | {"selected": [summary["selected"]]}
 
 
-@pytest.mark.slow
 def test_parallel_jobs_give_the_local_results(sweep_run, tmp_path, tiny_text_model, sst2_small):
     """--jobs 2 in fresh processes with a fresh cache: the same artifacts, the same selection."""
     import os
@@ -226,7 +226,6 @@ def test_parallel_jobs_give_the_local_results(sweep_run, tmp_path, tiny_text_mod
     assert _final_hashes(tmp_path / "run") == _final_hashes(tmp / "run")
 
 
-@pytest.mark.slow
 def test_ray_executor_gives_the_local_results(sweep_run, tmp_path, tiny_text_model, sst2_small):
     """The same sweep as Ray tasks on a local Ray instance with 2 CPUs."""
     pytest.importorskip("ray", reason="the `ray` extra is not installed")
