@@ -2,7 +2,7 @@
 # run_as.sh CLASS SCRIPT.py [ARGS...]
 #
 # Runs a Python script so that onnxruntime's MLAS int8 kernels of CPU class CLASS are used.
-# (bench/emulation/setup.sh installs what it needs into $EMU, default /work/emu.)
+# (bench/emulation/setup.sh installs what it needs into $EMU, default ~/.cache/compressor-emu.)
 #
 #   native | avx512vnni  host CPU, no emulation (x86 AVX512-VNNI kernels: exact int32)
 #   avx2                 qemu-x86_64 -cpu Haswell-noTSX  (AVX2+FMA, no AVX-512/VNNI: vpmaddubsw, saturates)
@@ -16,9 +16,9 @@
 #   avxvnni | avx512 | amx   NOT available: qemu TCG (7.2 and 10.0) implements neither AVX-VNNI nor AVX-512/AMX.
 #
 # Env:
-#   PY        x86 python to use (any x86_64 venv's python), default /work/emu/venv/bin/python
+#   PY        x86 python to use (any x86_64 venv's python), default $EMU/venv/bin/python
 #   ARM_PY    python inside the arm64 rootfs, default /opt/venv/bin/python (numpy, onnx, onnxruntime 1.31.1)
-#   ARM_ROOT  arm64 rootfs, default /work/emu/arm64
+#   ARM_ROOT  arm64 rootfs, default $EMU/arm64
 #   QEMU_X86  qemu-x86_64 binary, default /usr/bin/qemu-x86_64-static (10.0.2 from bookworm-backports)
 #   ARM_PYTHONPATH  PYTHONPATH for the arm64 python (the host's PYTHONPATH is dropped there: x86 extensions)
 #   COMPRESSOR_CPU_CLASS  exported with the class name the project uses, unless already set
@@ -33,7 +33,9 @@ usage() { sed -n '2,30p' "$0" >&2; exit 2; }
 CLASS=$1; shift
 SCRIPT=$1; shift
 
-EMU=${EMU:-/work/emu}
+EMU=${EMU:-${XDG_CACHE_HOME:-$HOME/.cache}/compressor-emu}
+# the checkout's parent (the checkout and ../shared): bind-mounted at the same path inside the arm64 rootfs
+SHARE=$(cd "$(dirname "$0")/../../.." && pwd)
 PY=${PY:-$EMU/venv/bin/python}
 ARM_PY=${ARM_PY:-/opt/venv/bin/python}
 ARM_ROOT=${ARM_ROOT:-$EMU/arm64}
@@ -58,21 +60,21 @@ arm_qemu() {  # $1 = qemu -cpu string, $2 = project class name, rest = script ar
     fi
     install -m 755 "$QEMU_ARM" "$ARM_ROOT/usr/local/bin/qemu-aarch64-static"
     local abs; abs=$(readlink -f "$SCRIPT")
-    case "$abs" in /work/*|/tmp/*) ;; *) echo "run_as.sh: arm64 script must live under /work or /tmp (bind-mounted): $abs" >&2; exit 3;; esac
-    local cwd=$PWD; case "$cwd" in /work/*|/work|/tmp/*|/tmp) ;; *) cwd=/;; esac
+    case "$abs" in "$SHARE"/*|/tmp/*) ;; *) echo "run_as.sh: arm64 script must live under $SHARE or /tmp (bind-mounted): $abs" >&2; exit 3;; esac
+    local cwd=$PWD; case "$cwd" in "$SHARE"/*|"$SHARE"|/tmp/*|/tmp) ;; *) cwd=/;; esac
     export COMPRESSOR_CPU_CLASS=${COMPRESSOR_CPU_CLASS:-$cls}
     export QEMU_CPU=$cpu
-    # private mount namespace: proc/sys/dev and /work,/tmp bind mounts vanish when the run ends
+    # private mount namespace: proc/sys/dev and the $SHARE and /tmp bind mounts vanish when the run ends
     exec unshare --mount --propagation private -- /bin/bash -c '
-        set -e; R=$1; shift
+        set -e; R=$1; S=$2; shift 2
         mount -t proc proc "$R/proc"; mount --rbind /sys "$R/sys"; mount --rbind /dev "$R/dev"
-        mkdir -p "$R/work"; mount --bind /work "$R/work"; mount --bind /tmp "$R/tmp"
+        mkdir -p "$R$S"; mount --bind "$S" "$R$S"; mount --bind /tmp "$R/tmp"
         cp -f /etc/resolv.conf "$R/etc/resolv.conf" 2>/dev/null || true
         cwd=$1; shift
         exec chroot "$R" /usr/bin/env -u PYTHONPATH -u PYTHONHOME -u VIRTUAL_ENV -u LD_LIBRARY_PATH -u LD_PRELOAD \
             PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin HOME=/root ${ARM_PYTHONPATH:+PYTHONPATH=$ARM_PYTHONPATH} \
             /bin/sh -c '"'"'cd "$1"; shift; exec /usr/local/bin/qemu-aarch64-static -cpu "$QEMU_CPU" "$@"'"'"' sh "$cwd" "$@"
-    ' bash "$ARM_ROOT" "$cwd" "$ARM_PY" "$abs" "$@"
+    ' bash "$ARM_ROOT" "$SHARE" "$cwd" "$ARM_PY" "$abs" "$@"
 }
 
 case "$CLASS" in

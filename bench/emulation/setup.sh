@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Sets up the emulated CPU classes that bench/cpu_classes.py measures on, in $EMU (default /work/emu):
+# Sets up the emulated CPU classes that bench/cpu_classes.py measures on, in $EMU (default ~/.cache/compressor-emu):
 # qemu-user 10 from bookworm-backports, an x86 venv, and an arm64 Debian rootfs with onnxruntime.
 # Idempotent; ~8 min, most of it debootstrap. Needs root, Debian bookworm, deb.debian.org and PyPI.
 HERE=$(cd "$(dirname "$0")" && pwd)
 set -euo pipefail
-EMU=${EMU:-/work/emu}; ORT=${ORT:-1.31.1}
+EMU=${EMU:-${XDG_CACHE_HOME:-$HOME/.cache}/compressor-emu}; ORT=${ORT:-1.31.1}
 mkdir -p $EMU/src
 cp -f "$HERE/run_as.sh" $EMU/run_as.sh; cp -f "$HERE/satcheck.py" "$HERE/cpuid.c" $EMU/src/
 
@@ -38,7 +38,7 @@ if [ ! -x $R/usr/bin/python3 ]; then
     debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
         bookworm $R http://deb.debian.org/debian
 fi
-mkdir -p $R/opt/wheels $R/work
+mkdir -p $R/opt/wheels
 # download on the host (the host's pip has the right proxy CA / mirrors; pip inside the chroot does not)
 $EMU/venv/bin/pip download -q --only-binary=:all: --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 \
     --platform manylinux_2_17_aarch64 --python-version 3.11 --implementation cp --abi cp311 \
