@@ -126,7 +126,7 @@ def search(recipe: Path, out: Path) -> None:
     current, current_hash, history, steps = plan.source, hash_dir(plan.source.path), [("input", plan.source)], []
     from compressor.run.cache import make_key
 
-    first_key = make_key(current_hash, plan.source.task, plan.source.labels, plan.source.info.get("has_head"))
+    first_key = make_key(current_hash, plan.source.task, plan.source.labels, plan.source.info.has_head)
     for i, planned in enumerate(plan.steps):
         current, record = runner.run_step(planned, current, current_hash, history,
                                           key_basis=first_key if i == 0 else None)
@@ -136,12 +136,12 @@ def search(recipe: Path, out: Path) -> None:
     rows = runner.eval_rows()
     evaluator = host.evaluator_for(current.task, "onnx")
     settings = EvalSettings(threads=2, latency=False)
-    floating = next(a for name, a in reversed(history[:-1]) if a.format == "onnx" and not a.info.get("quantized"))
+    floating = next(a for name, a in reversed(history[:-1]) if a.format == "onnx" and not a.info.quantized)
     result = {"cpu": describe(), "float": evaluator.evaluate(floating, rows, settings),
               "final": evaluator.evaluate(current, rows, settings),
               "search": next((s["notes"].get("search") for s in steps if "search" in s["notes"]), None)}
     (out / "cpu_class_search.json").write_text(json.dumps(result, indent=2, default=str))
-    from compressor.report.markdown import search_markdown
+    from compressor.plugins.quantize_onnx.report import search_markdown
 
     if result["search"]:
         print("\n".join(search_markdown({"index": len(steps) - 1, "uses": "quantize-onnx",

@@ -12,6 +12,8 @@ import click
 
 from compressor import PLUGIN_API_VERSION, __version__
 from compressor.errors import CompressorError
+from compressor.models.formats import ONNX
+from compressor.serve import options as serve_options
 
 EXIT_INTERNAL = 4
 
@@ -198,7 +200,7 @@ def _print_plan(plan: Any) -> None:
     click.echo(f"recipe {plan.recipe.name!r}: {plan.recipe_path}")
     click.echo(f"  model: {plan.source.path} ({plan.source.format}, {plan.source.task}"
                + (f", labels {plan.source.labels}" if plan.source.labels
-                  else "" if plan.source.info.get("has_head") else ", no task head") + ")")
+                  else "" if plan.source.info.has_head else ", no task head") + ")")
     if plan.data:
         click.echo(f"  data: {plan.data.format} " + ", ".join(f"{k}={v}" for k, v in plan.data.splits.items()))
         if plan.data.has("tune"):
@@ -367,31 +369,47 @@ def _final_artifact(path: Path) -> Any:
 @cli.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True)
+@click.option("--format", "fmt", default=ONNX, show_default=True,
+              help="A registered format ONNX Runtime runs (onnx, ort); converted from an onnx artifact when needed.")
 @click.option("--tar", is_flag=True, help="Also write OUT.tar.gz.")
 @click.pass_context
 @handle_errors
 def bundle(ctx: click.Context, source: Path, out: Path, fmt: str, tar: bool) -> None:
     """Pack a run's final artifact (or any onnx/ort artifact) for a device with only onnxruntime."""
+    import shutil
     import tempfile
 
     from compressor.bundle.writer import write_bundle
+    from compressor.errors import InputError
+    from compressor.models.formats import bundle_format_errors, format_named
 
+    get_host(ctx)
     artifact, record = _final_artifact(source)
-    if fmt == "ort" and artifact.format == "onnx":
-        from compressor.export.ort import to_ort
-
-        work = Path(tempfile.mkdtemp(prefix=".compressor-ort-"))
-        try:
-            result = write_bundle(to_ort(artifact, work, **artifact.info), out, record, tar=tar)
-        finally:
-            import shutil
-
-            shutil.rmtree(work, ignore_errors=True)
-    else:
+    problems = bundle_format_errors([fmt], artifact.format, f"artifact {artifact.path}")
+    if problems:
+        raise InputError(problems[0].message, where="--format", hint=problems[0].hint)
+    if fmt == artifact.format:
         result = write_bundle(artifact, out, record, tar=tar)
+    else:
+        work = Path(tempfile.mkdtemp(prefix=f".compressor-{fmt}-"))
+        try:
+            result = write_bundle(format_named(fmt).from_onnx(artifact, work), out, record, tar=tar)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     click.echo(f"bundle: {result['path']} ({', '.join(result['files'])}); needs onnxruntime >= "
                f"{result['min_onnxruntime']}" + (f"; archive {result['tar']}" if result["tar"] else ""))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@serve_options
+@handle_errors
+def serve(path: Path, **settings: Any) -> None:
+    """Serve a bundle (directory or .tar.gz) over HTTP: OpenAI- and KServe v2-compatible routes, micro-batching
+    and continuous batching, /health and Prometheus /metrics (pip install 'compressor[serve]')."""
+    from compressor.serve import run
+
+    run(path, settings)
 
 
 @cli.command()
@@ -431,7 +449,7 @@ def predict(ctx: click.Context, path: Path, texts: tuple[str, ...]) -> None:
     with tempfile.TemporaryDirectory() as work:
         try:
             predictor = bundle_runtime.Predictor(open_bundle(path, Path(work)))
-            if predictor.lm is not None:  # a generator streams its answers as plain text
+            if predictor.streams:  # a generator streams its answers as plain text
                 for text in texts:
                     for piece in predictor.stream(text):
                         click.echo(piece, nl=False)

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     import click
 
     from compressor.models.artifact import Artifact
+    from compressor.models.formats import Format
     from compressor.evaluate.base import Evaluator
     from compressor.step import Step
     from compressor.tasks.base import Task
@@ -44,6 +45,15 @@ def register_tasks(register: Callable[["Task"], None]) -> None:
     A task says how its models are loaded (Auto class), adapted (PEFT task type), exported, fed,
     trained and scored (metrics with a direction), and what a bundle of it answers. A task name
     already registered by another plugin is refused with both providers named.
+    """
+
+
+@hookspec
+def register_formats(register: Callable[["Format"], None]) -> None:
+    """Contribute artifact formats: call `register(Format(...))` for each format this plugin's steps write
+    (compressor.models.formats.Format: its model file, whether ONNX Runtime runs it, how a bundle of it is
+    made from an `onnx` artifact). Called before the plugin's steps are registered, so that their
+    `accepts` and `produces` may name it; a name already registered is refused with both providers named.
     """
 
 

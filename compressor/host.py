@@ -16,6 +16,7 @@ import pluggy
 
 from compressor import PLUGIN_API_VERSION, hookspecs
 from compressor.errors import PluginLoadError
+import compressor.models.formats as formats
 from compressor.step import Step, StepConfig
 
 ENTRY_POINT_GROUP = "compressor"
@@ -49,6 +50,7 @@ class PluginInfo:
     version: str
     steps: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
+    formats: list[str] = field(default_factory=list)
     error: str | None = None
 
 
@@ -63,6 +65,8 @@ class Host:
     tasks: dict[str, Any] = field(default_factory=dict)
     task_provider: dict[str, str] = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
+    formats: dict[str, formats.Format] = field(default_factory=formats.reset)
+    format_provider: dict[str, str] = field(default_factory=lambda: {f.name: "core" for f in formats.CORE_FORMATS})
 
     @property
     def broken(self) -> list[PluginInfo]:
@@ -71,7 +75,7 @@ class Host:
 
     def evaluator_for(self, task: str, fmt: str) -> Any | None:
         """The evaluator registered for this task and artifact format, if any."""
-        return self.evaluators.get((task, fmt))
+        return self.evaluators.get((task, fmt)) or self.evaluators.get((task, "*"))
 
     def task(self, name: str) -> Any:
         """The registered task called `name`; a RecipeError naming the known tasks otherwise."""
@@ -107,12 +111,12 @@ def _check_step_class(cls: Any, plugin: str) -> None:
     if not (isinstance(config, type) and issubclass(config, StepConfig)):
         raise PluginLoadError(f"step {cls.name!r} has a Config that is not a compressor.step.StepConfig",
                               where=f"plugin {plugin!r}", hint="derive Config from compressor.step.StepConfig")
-    from compressor.models.artifact import FORMATS
-
+    known = formats.registered()
     for fmt in (*cls.accepts, cls.produces):
-        if fmt not in FORMATS:
+        if fmt not in known:
             raise PluginLoadError(f"step {cls.name!r} names unknown format {fmt!r}", where=f"plugin {plugin!r}",
-                                  hint=f"formats are {', '.join(FORMATS)}")
+                                  hint=f"registered formats are {', '.join(known)}; a plugin adds one with the "
+                                       "register_formats hook")
 
 
 def _load_one(host: Host, name: str, dist: str, version: str, load: Any) -> None:
@@ -121,9 +125,10 @@ def _load_one(host: Host, name: str, dist: str, version: str, load: Any) -> None
     host.plugins.append(info)
     if not _import_plugin(host, info, load):
         return
-    register_step, register_task, register_evaluator = _registrars(host, info)
+    register_format, register_step, register_task, register_evaluator = _registrars(host, info)
     try:
-        for hook, register in ((host.pm.hook.register_steps, register_step),
+        for hook, register in ((host.pm.hook.register_formats, register_format),
+                               (host.pm.hook.register_steps, register_step),
                                (host.pm.hook.register_tasks, register_task),
                                (host.pm.hook.register_evaluators, register_evaluator)):
             for impl in hook.get_hookimpls():
@@ -159,7 +164,8 @@ def _import_plugin(host: Host, info: PluginInfo, load: Any) -> bool:
 
 
 def _registrars(host: Host, info: PluginInfo) -> tuple[Callable[[Any], None], ...]:
-    """The `register` callbacks handed to one plugin's register_steps, register_tasks and register_evaluators."""
+    """The `register` callbacks handed to one plugin's register_formats, register_steps, register_tasks and
+    register_evaluators."""
     name = info.name
 
     def claim(kind: str, key: str, registry: dict[str, Any], provider: dict[str, str], value: Any) -> None:
@@ -171,6 +177,13 @@ def _registrars(host: Host, info: PluginInfo) -> tuple[Callable[[Any], None], ..
                 where=f"plugin {name!r}", hint=f"disable one of them with --disable-plugin {name}")
         registry[key] = value
         provider[key] = name
+
+    def register_format(fmt: Any) -> None:
+        if not isinstance(fmt, formats.Format):
+            raise PluginLoadError(f"registered {fmt!r}, which is not a compressor.models.formats.Format",
+                                  where=f"plugin {name!r}", hint="register a Format(name, summary, ...) instance")
+        claim("format", fmt.name, host.formats, host.format_provider, fmt)
+        info.formats.append(fmt.name)
 
     def register_step(cls: Any) -> None:
         _check_step_class(cls, name)
@@ -190,7 +203,7 @@ def _registrars(host: Host, info: PluginInfo) -> tuple[Callable[[Any], None], ..
         for fmt in evaluator.formats:
             host.evaluators[(evaluator.task, fmt)] = evaluator
 
-    return register_step, register_task, register_evaluator
+    return register_format, register_step, register_task, register_evaluator
 
 
 def _refuse(host: Host, info: PluginInfo, exc: Exception) -> None:
@@ -204,6 +217,10 @@ def _refuse(host: Host, info: PluginInfo, exc: Exception) -> None:
         host.tasks.pop(task_name, None)
         host.task_provider.pop(task_name, None)
     info.tasks = []
+    for fmt in info.formats:
+        host.formats.pop(fmt, None)
+        host.format_provider.pop(fmt, None)
+    info.formats = []
     info.error = exc.message if isinstance(exc, PluginLoadError) else f"{type(exc).__name__} while registering: {exc}"
 
 

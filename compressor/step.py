@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from compressor.models.formats import HF
+
 if TYPE_CHECKING:
     from compressor.models.artifact import Artifact
     from compressor.models.data import DataSource
@@ -102,9 +104,9 @@ class Step:
     #: The pydantic model validating the recipe's `with:` mapping.
     Config: ClassVar[type[StepConfig]] = StepConfig
     #: Artifact formats this step can read.
-    accepts: ClassVar[tuple[str, ...]] = ("hf",)
+    accepts: ClassVar[tuple[str, ...]] = (HF,)
     #: The artifact format this step writes.
-    produces: ClassVar[str] = "hf"
+    produces: ClassVar[str] = HF
     #: Data splits the step reads (`train`, `eval`); the plan checks the recipe provides them.
     needs_data: ClassVar[tuple[str, ...]] = ()
     #: Importable modules the step needs beyond compressor's own dependencies.
@@ -114,6 +116,20 @@ class Step:
     #: Config fields that name a file the step reads (resolved by `resolve_config`): the cache is keyed on the
     #: file's content, so an edited file under the same name is not served from the cache.
     content_fields: ClassVar[tuple[str, ...]] = ()
+    #: Notes (keys given to ctx.report) that `report_sections` renders: the report's steps table leaves them out.
+    section_notes: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def report_sections(cls, step: dict[str, Any]) -> list[str]:
+        """Markdown lines this step adds to the run's report after the steps table (report.html shows them
+        too), from its entry in record.json (`step["notes"]` holds what it reported); none by default."""
+        return []
+
+    @classmethod
+    def bundle_facts(cls, notes: dict[str, Any]) -> dict[str, Any]:
+        """Keys this step adds to a bundle's manifest.json from what it reported (say, the CPU its settings
+        were chosen on); none by default."""
+        return {}
 
     def cache_extra(self, config: StepConfig) -> Any:
         """Anything besides the config that decides the output (e.g. the CPU's instruction set); keys the cache.

@@ -296,7 +296,8 @@ def tiny_llama_texts() -> list[str]:
 @pytest.fixture(scope="session")
 def device_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The python of a fresh venv holding only what a bundle needs on the device: numpy, onnxruntime and
-    tokenizers at the pinned versions (no torch, no transformers, no compressor)."""
+    tokenizers, and the server libraries of serve.py (fastapi, uvicorn, prometheus_client, jinja2), at the pinned
+    versions (no torch, no transformers, no compressor)."""
     import subprocess
     import sys
 
@@ -307,7 +308,8 @@ def device_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for line in (Path(__file__).resolve().parent.parent / "constraints.txt").read_text().splitlines():
         name, _, version = line.partition("==")
         pins[name.strip().lower()] = version.strip()
-    packages = [f"{n}=={pins[n]}" if n in pins else n for n in ("numpy", "onnxruntime", "tokenizers")]
+    packages = [f"{n}=={pins[n]}" if n in pins else n
+                for n in ("numpy", "onnxruntime", "tokenizers", "fastapi", "uvicorn", "prometheus_client", "jinja2")]
     install = subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], capture_output=True, text=True,
                              timeout=600)
     assert install.returncode == 0, install.stderr[-2000:]

@@ -139,10 +139,10 @@ class ExportOnnx(Step):
     def run(self, artifact: Artifact, config: StepConfig, ctx: StepContext) -> Artifact:
         """Export into ctx.out_dir and raise StepError if the parity check fails."""
         assert isinstance(config, ExportOnnxConfig)
-        if artifact.info.get("quantized"):
-            raise StepError(f"the model is quantized ({artifact.info['quantized']}); export the float model",
+        if artifact.info.quantized:
+            raise StepError(f"the model is quantized ({artifact.info.quantized}); export the float model",
                             hint="put quantize-torch last, or quantize after export with quantize-onnx")
-        if artifact.info.get("adapter"):
+        if artifact.info.adapter:
             raise StepError("the model carries an unmerged LoRA adapter",
                             hint="set merge: true on finetune, or add a merge-adapter step before export-onnx")
         from compressor.tasks import task_for

@@ -14,6 +14,7 @@ from typing import Callable, Literal
 from pydantic import Field
 
 from compressor.models.artifact import Artifact, copy_companions
+from compressor.models.formats import Format
 from compressor.errors import StepError
 from compressor.hookspecs import hookimpl
 from compressor.step import Step, StepConfig, StepContext
@@ -59,6 +60,11 @@ def to_ort(artifact: Artifact, out_dir: Path, style: str = "fixed", **info: obje
     return artifact.derive(out_dir, format="ort", **info)
 
 
+def bundle_copy(artifact: Artifact, out_dir: Path) -> Artifact:
+    """An `onnx` artifact as the `ort` artifact a bundle in this format holds (its metadata kept)."""
+    return to_ort(artifact, out_dir, **artifact.info.to_dict())
+
+
 class ExportOrt(Step):
     """Convert to ONNX Runtime's mobile (.ort) format."""
 
@@ -76,7 +82,7 @@ class ExportOrt(Step):
 
         try:
             out = to_ort(artifact, ctx.out_dir, config.optimization, optimization=config.optimization,
-                         **{k: v for k, v in artifact.info.items() if k in ("opset", "quantized")})
+                         opset=artifact.info.opset, quantized=artifact.info.quantized)
         except StepError:
             raise
         except Exception as exc:
@@ -91,3 +97,10 @@ class ExportOrt(Step):
 def register_steps(register: Callable[[type[Step]], None]) -> None:
     """The `export-ort` step."""
     register(ExportOrt)
+
+
+@hookimpl
+def register_formats(register: Callable[[Format], None]) -> None:
+    """`ort`: ONNX Runtime's mobile format; a bundle in it is converted from the final `onnx` model."""
+    register(Format("ort", "ONNX Runtime's mobile format (.ort), run by ONNX Runtime", model_file="model.ort",
+                    onnxruntime=True, from_onnx=bundle_copy))

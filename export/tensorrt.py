@@ -20,6 +20,7 @@ from pydantic import Field
 from compressor.models.artifact import Artifact, copy_companions
 from compressor.errors import InputError, RecipeError, StepError
 from compressor.hookspecs import hookimpl
+from compressor.models.formats import Format
 from compressor.step import PlanContext, Step, StepConfig, StepContext
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -81,7 +82,7 @@ class ExportTensorrt(Step):
         problem = gpu_problem()
         if problem:
             raise StepError(f"export-tensorrt cannot run here: {problem}")
-        if config.precision == "int8" and artifact.info.get("quantized") != "int8-static-qdq":
+        if config.precision == "int8" and artifact.info.quantized != "int8-static-qdq":
             raise StepError("precision int8 needs a QDQ model", hint="add quantize-onnx with mode: static before it")
         import onnx
 
@@ -167,7 +168,14 @@ def load_forward(artifact: Artifact, threads: int) -> tuple[Callable[[dict[str, 
     problem = gpu_problem()
     if problem:
         raise InputError(f"cannot run a TensorRT engine here: {problem}", where=str(artifact.path))
-    return engine_forward(artifact.model_file), list(artifact.info["build"]["inputs"])
+    return engine_forward(artifact.model_file), list(artifact.info.build["inputs"])
+
+
+@hookimpl
+def register_formats(register: Callable[[Format], None]) -> None:
+    """`engine`: a TensorRT plan, run on the GPU by this plugin's load_forward."""
+    register(Format("engine", "a TensorRT engine (plan), run on an NVIDIA GPU by export-tensorrt",
+                    model_file="model.engine"))
 
 
 @hookimpl

@@ -41,8 +41,8 @@ class ConvertFp16(Step):
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        if artifact.info.get("quantized"):
-            raise StepError(f"the model is quantized ({artifact.info['quantized']}); fp16 converts float models",
+        if artifact.info.quantized:
+            raise StepError(f"the model is quantized ({artifact.info.quantized}); fp16 converts float models",
                             hint="use convert-fp16 instead of, not after, quantize-onnx")
         copy_companions(artifact, ctx.out_dir)
         model = onnx.load(str(artifact.model_file))
@@ -52,7 +52,7 @@ class ConvertFp16(Step):
         onnx.save(converted, str(ctx.out_dir / "model.onnx"))
         ctx.report(repaired_duplicate_nodes=repaired)
         return artifact.derive(ctx.out_dir, format="onnx", precision="fp16",
-                               **{k: v for k, v in artifact.info.items() if k in ("opset",)})
+                               opset=artifact.info.opset)
 
 
 def drop_duplicate_nodes(graph: Any) -> int:

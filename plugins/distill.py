@@ -247,7 +247,7 @@ def resolve_teacher(spec: str, ctx: StepContext) -> Artifact:
 
 
 def _usable(artifact: Artifact, what: str) -> Artifact:
-    if not artifact.info.get("has_head", True):
+    if artifact.info.has_head is False:
         raise StepError(f"{what} has no task head to teach with",
                         hint="fine-tune first (a `finetune` step), or give with.teacher: PATH")
     return artifact

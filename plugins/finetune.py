@@ -120,7 +120,7 @@ def _load_with_head(artifact: Artifact, labels: list[str], AutoConfig: Any) -> A
     from compressor.models.loading import load_torch_model
     from compressor.tasks import task_for
 
-    if artifact.info.get("has_head", True) and (artifact.labels or not task_for(artifact.task).needs_labels):
+    if artifact.info.has_head is not False and (artifact.labels or not task_for(artifact.task).needs_labels):
         return load_torch_model(artifact.path, artifact.task)
     cls = task_for(artifact.task).model_class()
     config = AutoConfig.from_pretrained(str(artifact.path), num_labels=len(labels),

@@ -126,8 +126,8 @@ class MergeAdapter(Step):
 
         from compressor.models import load_model, save_model
 
-        if artifact.info.get("quantized"):
-            raise StepError(f"the model is already quantized ({artifact.info['quantized']}); adapters merge into "
+        if artifact.info.quantized:
+            raise StepError(f"the model is already quantized ({artifact.info.quantized}); adapters merge into "
                             "float weights", hint="put merge-adapter before the quantization step")
         base = load_model(artifact)
         specs = config.all()

@@ -103,7 +103,7 @@ class OptimizeOnnx(Step):
 
         from compressor.export.onnx import check_parity
 
-        if artifact.info.get("quantized") or artifact.info.get("precision") == "fp16":
+        if artifact.info.quantized or artifact.info.precision == "fp16":
             raise StepError("the model is already quantized or fp16; the fusions match float graphs",
                             hint="put optimize-onnx right after export-onnx")
         model_config = json.loads((artifact.path / "config.json").read_text())
@@ -131,7 +131,7 @@ class OptimizeOnnx(Step):
         after = Counter(n.op_type for n in optimized.model.graph.node)
         fused = {op: after[op] for op in FUSED_OPS if after[op] > before[op]}
         out = artifact.derive(ctx.out_dir, format="onnx", fused=fused,
-                              **{k: v for k, v in artifact.info.items() if k in ("opset",)})
+                              opset=artifact.info.opset)
         ctx.report(model_type=model_type, fused=fused, nodes_before=sum(before.values()),
                    nodes_after=sum(after.values()))
         if config.attention and not fused.get("Attention") and not fused.get("MultiHeadAttention"):

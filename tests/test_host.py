@@ -30,7 +30,7 @@ def test_builtin_plugins_use_the_public_hooks():
     host = build_host(entry_points=[])
     assert {"finetune", "export-onnx", "quantize-onnx"} <= set(host.steps)
     assert host.step_provider["finetune"] == "finetune"
-    assert ("text-classification", "onnx") in host.evaluators
+    assert host.evaluator_for("text-classification", "onnx") is host.evaluators[("text-classification", "*")]
     assert not host.broken
 
 

@@ -160,3 +160,33 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+#: Where the core may spell a built-in's name: the list of built-in plugins, the module that defines the
+#: core's own formats, and compressor.testing (ready-made tiny models of the built-in tasks for plugin tests).
+NAMES_ALLOWED_IN = {"compressor/host.py", "compressor/models/formats.py", "compressor/testing.py"}
+#: String constants that equal a built-in name but mean something else there.
+NAMES_MEANING_ELSE = {("compressor/run/record.py", "onnx"): "the onnx library's distribution name"}
+
+
+def builtin_names() -> set[str]:
+    """The names of the built-in steps, tasks and formats (every plugin's registrations, by the real host)."""
+    from compressor.host import build_host
+
+    host = build_host(entry_points=[])
+    return set(host.steps) | set(host.tasks) | set(host.formats)
+
+
+def test_the_core_names_no_builtin_step_task_or_format():
+    names = builtin_names()
+    assert {"quantize-onnx", "text-generation", "ort", "hf"} <= names  # the walk below would find something
+    hits = []
+    for path in sorted((REPO / "compressor").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel in NAMES_ALLOWED_IN or rel.startswith("compressor/tasks/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
+                    and (rel, node.value) not in NAMES_MEANING_ELSE):
+                hits.append(f"{rel}:{node.lineno} {node.value!r}")
+    assert not hits, "the core names built-ins (ask the registered step, task or format instead): " + ", ".join(hits)

@@ -65,7 +65,7 @@ def test_the_smollm2_bundle_answers_in_a_clean_venv(smollm2_run, cli_run, device
     answer = bundle_runtime.Predictor(bundle).predict([question])[0]["text"]
     assert "Paris" in answer
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["output"] == "generate" and Path(bundle / "model.onnx").stat().st_size < 120e6
+    assert manifest["output"] == "generation" and Path(bundle / "model.onnx").stat().st_size < 120e6
     device = tmp_path / "device"
     shutil.copytree(bundle, device)
     verify = subprocess.run([str(device_python), "predict.py", "--verify"], cwd=device, capture_output=True,

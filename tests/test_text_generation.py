@@ -97,7 +97,7 @@ def test_the_generation_bundle_streams_what_the_evaluator_generated(tiny_run, cl
     record, run = tiny_run
     bundle = run / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["output"] == "generate" and (bundle / "generation_runtime.py").is_file()
+    assert manifest["output"] == "generation" and (bundle / "generation_runtime.py").is_file()
     assert manifest["generation"]["prompt_format"].startswith("<|im_start|>user\n{prompt}")
     code, out, err = cli_run("verify", str(bundle))
     assert code == 0, err

@@ -4,6 +4,7 @@ Also the safe reading of `.tar.gz` bundles."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -14,7 +15,9 @@ from typing import Any
 
 from compressor import __version__
 from compressor.bundle.device import runtime as bundle_runtime
+from compressor.bundle.device import server as bundle_server
 from compressor.models.artifact import Artifact, hash_file
+from compressor.models.formats import bundle_formats, format_named
 from compressor.run.cache import write_json_atomic
 from compressor.errors import InputError
 
@@ -28,9 +31,6 @@ OP_MIN_ORT = {"MatMulNBits": "1.17", "GatherBlockQuantized": "1.20", "DynamicQua
 INTEGER_KERNEL_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "QLinearMatMul",
                       "QLinearConv", "ConvInteger", "QuantizeLinear", "DequantizeLinear", "MatMulNBits",
                       "DynamicQuantizeLSTM", "QEmbedLayerNormalization"}
-#: What a generation bundle carries beside model.onnx and tokenizer.json: the cache shape for our loop, and
-#: what onnxruntime-genai's runtime (`og.Model(bundle)`) reads.
-GENERATION_FILES = ("genai_config.json", "config.json", "generation_config.json", "tokenizer_config.json")
 #: Largest golden-logit difference allowed where the device's int8 kernel class is the one the golden
 #: outputs were computed with (same kernels: only float rounding and thread partitioning differ).
 SAME_CLASS_TOLERANCE = 1e-3
@@ -50,6 +50,11 @@ and tokenizers; nothing else.
     pip install numpy onnxruntime tokenizers
     python predict.py --verify          # checksums, model load, golden outputs
     python predict.py "{example}"
+
+Serve it over HTTP (OpenAI- and KServe v2-compatible; 127.0.0.1 unless --host says otherwise):
+
+    pip install fastapi uvicorn prometheus_client jinja2
+    python serve.py --port 8000
 
 Labels: {labels}. Measured before shipping ({measured_on}): {metrics}.
 """
@@ -96,29 +101,6 @@ def describe_model(model_file: Path) -> dict[str, Any]:
 
 #: New tokens per golden input of a generation bundle.
 GOLDEN_NEW_TOKENS = 16
-#: Marks where the user's prompt goes when the chat template is rendered once, at bundle time.
-_SENTINEL = "\u241fPROMPT\u241f"
-
-
-def generation_spec(artifact: Artifact) -> dict[str, Any]:
-    """How the device turns a prompt into token ids and when it stops: the chat template rendered once
-    around a placeholder (the device has no jinja), the stop ids and a default answer length."""
-    from compressor.models.loading import load_tokenizer
-    from compressor.tasks.text_generation import _generation_config, stop_ids
-
-    tokenizer = load_tokenizer(artifact.path)
-    spec: dict[str, Any] = {"prompt_format": "{prompt}", "add_special_tokens": True,
-                            "stop_ids": sorted(stop_ids(tokenizer, _generation_config(artifact.path))),
-                            "pad_id": tokenizer.pad_token_id or 0, "max_new_tokens": 128}
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], add_generation_prompt=True,
-                                             tokenize=False)
-        before, _, after = text.partition(_SENTINEL)
-        spec.update(prompt_format=before.replace("{", "{{").replace("}", "}}") + "{prompt}"
-                    + after.replace("{", "{{").replace("}", "}}"), add_special_tokens=False)
-    return spec
-
-
 def write_bundle(artifact: Artifact, out: Path, record: dict[str, Any] | None = None,
                  golden_inputs: list[Any] | None = None, tar: bool = False) -> dict[str, Any]:
     """Write the bundle into `out` (a temporary directory renamed into place); returns where and what."""
@@ -153,8 +135,9 @@ def write_bundle(artifact: Artifact, out: Path, record: dict[str, Any] | None = 
 
 def checked_target(artifact: Artifact, out: Path) -> Path:
     """`out`, resolved, once the artifact can be bundled and `out` is new or an earlier bundle (InputError else)."""
-    if artifact.format not in ("onnx", "ort"):
-        raise InputError(f"a bundle needs an onnx or ort model, the artifact is {artifact.format}",
+    if not format_named(artifact.format).bundleable:
+        raise InputError(f"a bundle needs a model ONNX Runtime runs ({' or '.join(bundle_formats())}), the artifact "
+                         f"is {artifact.format}",
                          where="bundle", hint="end the recipe with export-onnx (and quantize-onnx)")
     if not (artifact.path / "tokenizer.json").is_file():
         raise InputError(f"{artifact.path} has no tokenizer.json, which the device runtime reads",
@@ -174,15 +157,11 @@ def copy_bundle_files(artifact: Artifact, tmp: Path, task: Any) -> None:
     shutil.copy2(artifact.model_file, tmp / artifact.model_file.name)
     shutil.copy2(artifact.path / "tokenizer.json", tmp / "tokenizer.json")
     shutil.copy2(bundle_runtime.__file__, tmp / "predict.py")
-    if task.bundle_output == "generate":  # the KV-cache loop the evaluator measured, beside predict.py
-        from compressor.bundle.device import generation_runtime
-
-        shutil.copy2(generation_runtime.__file__, tmp / "generation_runtime.py")
-        # a builder graph leaves the cache's head count and width symbolic; the loop reads them here, and
-        # with genai_config.json and the tokenizer's config onnxruntime-genai's own runtime runs the bundle
-        for name in GENERATION_FILES:
-            if (artifact.path / name).is_file():
-                shutil.copy2(artifact.path / name, tmp / name)
+    shutil.copy2(bundle_server.__file__, tmp / "serve.py")
+    module = importlib.import_module(task.answers_module())
+    shutil.copy2(module.__file__, tmp / Path(module.__file__).name)
+    for name, source in task.bundle_files(artifact).items():
+        shutil.copy2(source, tmp / name)
     if (artifact.path / "required_operators.config").is_file():  # for a minimal onnxruntime build
         shutil.copy2(artifact.path / "required_operators.config", tmp / "required_operators.config")
 
@@ -202,12 +181,12 @@ def bundle_manifest(artifact: Artifact, tmp: Path, task: Any, record: dict[str, 
                               if k in final["latency"]}
     environment = record.get("environment", {})
     integer = sorted({op for op in model.get("operators", []) if op in INTEGER_KERNEL_OPS})
-    search = next((s["notes"]["search"] for s in record.get("steps", [])
-                   if isinstance(s.get("notes", {}).get("search"), dict)), None)
     manifest: dict[str, Any] = {
-        "schema_version": bundle_runtime.SCHEMA_VERSION, "task": artifact.task, "labels": artifact.labels,
+        "schema_version": bundle_runtime.SCHEMA_VERSION, "name": record.get("name") or artifact.path.name,
+        "task": artifact.task, "labels": artifact.labels,
         # what the device-side runtime reads instead of the task's name: the rows' shape and the answer
-        "input": "words" if task.word_level else "text", "output": task.bundle_output,
+        "input": "words" if task.word_level else "text",
+        "output": task.answers_module().rpartition(".")[2], "output_module": task.answers_module(),
         "model": model, "min_onnxruntime": model["min_onnxruntime"],
         "tokenizer": {"file": "tokenizer.json", "max_length": artifact.max_length, "pad_id": pad["id"] if pad else 0,
                       "pad_token": pad["content"] if pad else "[PAD]"},
@@ -216,8 +195,7 @@ def bundle_manifest(artifact: Artifact, tmp: Path, task: Any, record: dict[str, 
         "measured_on": {"cpu": environment.get("cpu"), "int8_kernels": environment.get("int8_kernels"),
                         "threads": record.get("evaluation", {}).get("threads"),
                         "libraries": environment.get("libraries", {})},
-        # the settings search (quantize-onnx mode: auto) chose the quantization on this CPU class
-        "tuned_on": search.get("cpu") if search else None,
+        "tuned_on": None,  # a step that chose settings on this CPU says so in its bundle_facts
         # the golden logits below were computed here, with this CPU's kernels
         "golden_on": {"cpu": cpu_model(), "int8_kernels": int8_kernel_class()},
         "integer_operators": integer,
@@ -228,20 +206,31 @@ def bundle_manifest(artifact: Artifact, tmp: Path, task: Any, record: dict[str, 
         "tolerance_other_class": OTHER_CLASS_TOLERANCE if integer else SAME_CLASS_TOLERANCE,
         "golden": [],
     }
-    if task.bundle_output == "generate":
-        manifest["generation"] = generation_spec(artifact)
+    manifest.update(step_facts(record))
+    manifest.update(task.bundle_manifest(artifact))
     return manifest
 
 
+def step_facts(record: dict[str, Any]) -> dict[str, Any]:
+    """What the run's steps add to the manifest (each registered step's bundle_facts of its notes)."""
+    from compressor.host import current_host
+
+    steps = current_host().steps
+    facts: dict[str, Any] = {}
+    for s in record.get("steps", []):
+        cls = steps.get(s.get("uses", ""))
+        if cls:
+            facts.update(cls.bundle_facts(s.get("notes") or {}))
+    return facts
+
+
 def add_golden(manifest: dict[str, Any], tmp: Path, task: Any, inputs: list[Any]) -> None:
-    """The bundle's own outputs for `inputs`, run by the device runtime from `tmp`: greedy tokens for a
-    generator (what its user sees; verify compares them exactly), logits for every other task."""
-    write_json_atomic(tmp / bundle_runtime.MANIFEST, {**manifest, "files": {}})
-    predictor = bundle_runtime.Predictor(tmp, {**manifest, "files": {}})
-    if task.bundle_output == "generate":
-        manifest["golden"] = [{"input": text, "tokens": predictor.tokens(text, GOLDEN_NEW_TOKENS)} for text in inputs]
-    else:
-        manifest["golden"] = [{"input": text, "logits": predictor.logits([text])[0].tolist()} for text in inputs]
+    """The bundle's own outputs for `inputs`, run by the device runtime from `tmp` and given by the task's
+    answers module (logits for a classifier, greedy tokens for a generator: what verify compares)."""
+    listed = {p.name: {} for p in tmp.iterdir()}  # what the device runtime may load before checksums exist
+    write_json_atomic(tmp / bundle_runtime.MANIFEST, {**manifest, "files": listed})
+    predictor = bundle_runtime.Predictor(tmp, {**manifest, "files": listed})
+    manifest["golden"] = predictor.answers.golden(inputs, GOLDEN_NEW_TOKENS)
 
 
 def publish(tmp: Path, out: Path, tar: bool) -> None:

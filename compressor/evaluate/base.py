@@ -24,7 +24,8 @@ class EvalSettings:
 
 
 class Evaluator(Protocol):
-    """What `register_evaluators` accepts: a task, the formats it can run, a metric, and `evaluate`."""
+    """What `register_evaluators` accepts: a task, the formats it can run (`"*"`: every format that has no
+    evaluator of its own for the task), a metric, and `evaluate`."""
 
     task: ClassVar[str]
     formats: ClassVar[tuple[str, ...]]

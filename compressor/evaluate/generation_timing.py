@@ -1,12 +1,13 @@
 """Generation speed and memory of one artifact, measured in a fresh process of its own.
 
-    python -m compressor.evaluate.generation_timing FORMAT PATH --prompt-tokens 128 --new-tokens 128 --threads 2
+    python -m compressor.evaluate.generation_timing RUNTIME PATH --prompt-tokens 128 --new-tokens 128 --threads 2
 
 Prints one JSON object: time to first token (the prompt's prefill, batch 1), decode tokens/s, the
 median and p90 time of one decode step, and the peak RSS of this process (getrusage), which counts
-this model only, not the host process that measured everything else. An `onnx` artifact runs on
+this model only, not the host process that measured everything else. RUNTIME `onnxruntime` runs PATH's
+model.onnx on
 compressor.bundle.device.generation_runtime (numpy + onnxruntime, as a bundle does: its cache is a shared buffer
-where the graph asks for one); an `hf` one on PyTorch.
+where the graph asks for one); `torch` loads PATH as a transformers model.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ def _steps_torch(path: Path, threads: int, capacity: int) -> tuple[Callable, Cal
     return prefill, step
 
 
-def measure(fmt: str, path: Path, prompt: list[int], new_tokens: int, threads: int, runs: int) -> dict[str, Any]:
+def measure(runtime: str, path: Path, prompt: list[int], new_tokens: int, threads: int, runs: int) -> dict[str, Any]:
     """Best-of-`runs` time to first token and decode speed, after one untimed warm-up run."""
-    prefill, step = (_steps_onnx if fmt in ("onnx", "ort") else _steps_torch)(path, threads,
+    prefill, step = (_steps_onnx if runtime == "onnxruntime" else _steps_torch)(path, threads,
                                                                                  len(prompt) + new_tokens)
     ttfts, steps = [], []
     for run in range(runs + 1):
@@ -96,7 +97,7 @@ def peak_rss_mb() -> float:
 def main(argv: list[str]) -> int:
     """Command line: measure one artifact and print JSON."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("format")
+    parser.add_argument("runtime", choices=("onnxruntime", "torch"))
     parser.add_argument("path", type=Path)
     parser.add_argument("--prompt", required=True, help="comma-separated prompt token ids")
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -104,7 +105,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
     prompt = [int(t) for t in args.prompt.split(",")]
-    print(json.dumps(measure(args.format, args.path, prompt, args.new_tokens, args.threads, args.runs)))
+    print(json.dumps(measure(args.runtime, args.path, prompt, args.new_tokens, args.threads, args.runs)))
     return 0
 
 

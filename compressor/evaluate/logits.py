@@ -11,9 +11,11 @@ from compressor.tasks.base import Task
 
 
 class LogitsEvaluator:
-    """The task's metrics on PyTorch, ONNX Runtime or TensorRT, plus latency of one forward pass."""
+    """The task's metrics on any format compressor.models.loading.load_runner runs (PyTorch, ONNX Runtime, or a
+    plugin's load_forward, e.g. TensorRT), plus latency of one forward pass."""
 
-    formats = ("hf", "onnx", "ort", "engine")
+    #: Every format: the host falls back to a ("*") evaluator when none is registered for the exact format.
+    formats = ("*",)
 
     def __init__(self, task: Task):
         self.task_spec = task

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.models.artifact import Artifact
+from compressor.models.formats import HF, ONNX
 
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".ort", ".engine", ".data", ".onnx_data")
 
@@ -28,7 +29,7 @@ QUANT_METADATA_SUFFIXES = ("_scale", "_scales", "_zero_point", "_zero_points")
 
 def parameter_count(artifact: Artifact) -> int | None:
     """Number of weights, read from safetensors headers or ONNX initializers (no model is run)."""
-    if artifact.format == "hf":
+    if artifact.format == HF:
         from safetensors import safe_open
 
         total = 0
@@ -41,9 +42,7 @@ def parameter_count(artifact: Artifact) -> int | None:
                         n *= d
                     total += n
         return total
-    if artifact.format == "ort":
-        return None  # the flatbuffer has no cheap reader here; the record keeps the ONNX count before it
-    if artifact.format == "onnx":
+    if artifact.format == ONNX:
         import onnx
         import numpy as np
 

@@ -1,5 +1,5 @@
-"""Models on disk and in memory: the artifact (`artifact`), loading one for inference (`loading`), a GGUF
-input (`gguf`), the recipe's data (`data`), the training loop (`training`), and the helpers a step uses to
+"""Models on disk and in memory: the artifact (`artifact`) and its registered formats
+(`formats`), loading one for inference (`loading`), the recipe's data (`data`), the training loop (`training`), and the helpers a step uses to
 change a transformers model (`editing`), re-exported here for plugins: `from compressor.models import
 load_model, save_model`."""
 

@@ -11,11 +11,10 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-FORMATS = ("hf", "onnx", "ort", "engine")
 META_FILE = "artifact.json"
 #: Every file of a tokenizer that a model directory may hold: copied whenever a step writes a new model.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -32,31 +31,107 @@ INHERITED_INFO = ("max_length",)
 
 
 @dataclass
+class ArtifactInfo:
+    """What the step that made an artifact says about it, stored as `info` in artifact.json. Steps set it through
+    `Artifact.derive(out_dir, key=value, ...)` and read it by attribute; a key that is not a field below (a
+    plugin's own) lands in `extra`. Unset fields are None and are not written."""
+
+    #: The longest input in tokens the model is fed (finetune's and distill's max_length); inherited.
+    max_length: int | None = None
+    #: Whether the recipe's input model carries the task's head (its config's architectures say so).
+    has_head: bool | None = None
+    #: The input model's config `model_type` (bert, llama, …).
+    model_type: str | None = None
+    #: How finetune trained it: full, lora or bitfit.
+    method: str | None = None
+    #: The subdirectory holding an unmerged PEFT adapter (finetune method lora, merge false).
+    adapter: str | None = None
+    #: How its weights are quantized (say `int8-dynamic-tuned`, `int4-rtn`, `torch-dynamic-int8`); None: float.
+    quantized: str | None = None
+    #: Modules a quantizer left in float.
+    skip_modules: list[str] | None = None
+    #: A float precision other than fp32 (`fp16`).
+    precision: str | None = None
+    #: The ONNX opset of the graph.
+    opset: int | None = None
+    #: Which exporter wrote the graph (torchscript, dynamo, genai-builder).
+    exporter: str | None = None
+    #: Fused operators optimize-onnx added, by type and count.
+    fused: dict[str, int] | None = None
+    #: A TensorRT engine's build settings (its inputs and profiles).
+    build: dict[str, Any] | None = None
+    #: Keys a plugin set that are not fields above.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "ArtifactInfo":
+        """From artifact.json's flat `info` mapping (unknown keys into `extra`)."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        values = dict(values or {})
+        extra = {k: values.pop(k) for k in list(values) if k not in names}
+        return cls(**values, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat mapping artifact.json stores: set fields and `extra`."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**{k: v for k, v in out.items() if v is not None}, **self.extra}
+
+    # Reading by key (plugin API 1.1, when info was a dict) keeps working: `info.get("quantized")`.
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of `key` (a field or an extra key), or `default`."""
+        return self.to_dict().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.to_dict()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def keys(self) -> Any:
+        """The keys that are set."""
+        return self.to_dict().keys()
+
+    def items(self) -> Any:
+        """(key, value) of what is set."""
+        return self.to_dict().items()
+
+
+@dataclass
 class Artifact:
-    """A model directory with its format (`hf`, `onnx`, `ort`, `engine`), task and labels."""
+    """A model directory with its format (a registered compressor.models.formats.Format), task and labels."""
 
     path: Path
     format: str
     task: str
     labels: list[str] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
+    info: ArtifactInfo = field(default_factory=ArtifactInfo)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.info, ArtifactInfo):
+            self.info = ArtifactInfo.from_dict(self.info)
 
     @property
     def max_length(self) -> int:
         """The longest input in tokens this model is fed (set by the step that trained it, e.g. finetune's
         max_length); evaluators, calibration and bundles truncate to it."""
-        return int(self.info.get("max_length") or DEFAULT_MAX_LENGTH)
+        return int(self.info.max_length or DEFAULT_MAX_LENGTH)
 
     @property
     def model_file(self) -> Path:
-        """The single model file of an `onnx`/`ort`/`engine` artifact."""
-        names = {"onnx": "model.onnx", "ort": "model.ort", "engine": "model.engine"}
-        return self.path / names[self.format]
+        """The single model file of an artifact whose format has one (every format but `hf`)."""
+        from compressor.models.formats import format_named
+
+        name = format_named(self.format).model_file
+        if name is None:
+            raise ValueError(f"an artifact in format {self.format!r} has no single model file")
+        return self.path / name
 
     def save_meta(self) -> None:
         """Write `artifact.json` into the artifact directory."""
-        meta = asdict(self)
-        meta.pop("path")
+        meta = {"format": self.format, "task": self.task, "labels": self.labels, "info": self.info.to_dict()}
         (self.path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
     @classmethod
@@ -68,9 +143,10 @@ class Artifact:
     def derive(self, path: Path, format: str | None = None, **info: Any) -> "Artifact":
         """A new artifact at `path` with this one's task and labels (for a step's output); what the model
         expects (INHERITED_INFO, e.g. max_length) carries over unless `info` sets it."""
-        kept = {k: self.info[k] for k in INHERITED_INFO if k in self.info}
+        mine = self.info.to_dict()
+        kept = {k: mine[k] for k in INHERITED_INFO if k in mine}
         return Artifact(path=Path(path), format=format or self.format, task=self.task,
-                        labels=list(self.labels), info={**kept, **info})
+                        labels=list(self.labels), info=ArtifactInfo.from_dict({**kept, **info}))
 
 
 def hash_dir(path: Path) -> str:

@@ -20,10 +20,10 @@ def load_model(artifact: Artifact) -> Any:
     from compressor.models.loading import load_torch_model
 
     try:
-        model = load_torch_model(artifact.path, artifact.task, artifact.info.get("adapter"))
+        model = load_torch_model(artifact.path, artifact.task, artifact.info.adapter)
     except (OSError, ValueError, RuntimeError) as exc:
         raise StepError(f"cannot load the model in {artifact.path}: {exc}") from None
-    if artifact.info.get("adapter"):
+    if artifact.info.adapter:
         model = model.merge_and_unload(safe_merge=True)
     return model
 

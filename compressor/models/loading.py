@@ -11,6 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from compressor.models.artifact import Artifact
+from compressor.models.formats import HF, format_named
 from compressor.errors import InputError
 
 class LoadedModel:
@@ -81,11 +82,11 @@ def logits_parity(reference: Artifact, candidate: Artifact, texts: list[Any], th
 def load_runner(artifact: Artifact, threads: int) -> LoadedModel:
     """A runner on the runtime the artifact targets."""
     tokenizer = load_tokenizer(artifact.path)
-    if artifact.format == "hf":
+    if artifact.format == HF:
         import torch
 
         torch.set_num_threads(threads)
-        model = load_torch_model(artifact.path, artifact.task, artifact.info.get("adapter"))
+        model = load_torch_model(artifact.path, artifact.task, artifact.info.adapter)
         from compressor.tasks import task_for
 
         names = list(task_for(artifact.task).model_inputs)
@@ -95,7 +96,7 @@ def load_runner(artifact: Artifact, threads: int) -> LoadedModel:
                 return model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
 
         return LoadedModel(artifact, tokenizer, forward, names)
-    if artifact.format in ("onnx", "ort"):
+    if format_named(artifact.format).onnxruntime:
         session = ort_session(artifact.model_file, threads)
         names = [i.name for i in session.get_inputs()]
 

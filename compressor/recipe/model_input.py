@@ -13,6 +13,7 @@ from typing import Any
 
 from compressor.errors import InputError, RecipeError
 from compressor.models.artifact import TOKENIZER_VOCAB_FILES, Artifact
+from compressor.models.formats import HF, ONNX, format_named
 
 
 def resolve_model_path(spec: str, recipe_dir: Path) -> Path:
@@ -105,17 +106,17 @@ def inspect_model(path: Path, task: str, labels: list[str] | None) -> tuple[Arti
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"{config_file} is not valid JSON ({exc})", where=where) from None
-    if (path / "model.onnx").is_file():
-        fmt = "onnx"
+    if (path / format_named(ONNX).model_file).is_file():
+        fmt = ONNX
     elif any((path / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
-        fmt = "hf"
+        fmt = HF
     elif any((path / n).is_file() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         raise InputError(f"{path} holds pickled weights (pytorch_model.bin), which compressor does not load",
                          where=where, hint="re-save the model with save_pretrained(safe_serialization=True)")
     else:
         raise InputError(f"{path} has no model weights (model.safetensors or model.onnx)", where=where,
                          hint="point to a directory written by save_pretrained")
-    if fmt == "hf":
+    if fmt == HF:
         for weights in sorted(path.glob("*.safetensors")):
             check_safetensors(weights, where)
     if not any((path / n).is_file() for n in TOKENIZER_VOCAB_FILES):

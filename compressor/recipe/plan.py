@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from compressor.models.artifact import Artifact
 from compressor.models.data import TUNE, DataSource, label_ids
+from compressor.models.formats import HF, ONNX, bundle_format_errors
 from compressor.errors import CompressorError, InputError, PluginLoadError, RecipeError, RecipeErrors
 from compressor.host import Host
 from compressor.recipe.model_input import inspect_model, resolve_model_path
@@ -113,9 +114,7 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
         planned = _plan_step(i, spec, raw, host, task, ctx, chain, errors)
         if planned is not None:
             steps.append(planned)
-    if recipe.bundle.formats and chain.format not in ("onnx", "ort"):
-        errors.append(RecipeError(f"a bundle needs an onnx or ort model but the last step gives {chain.format}",
-                                  where="bundle.formats", hint="end the steps with export-onnx, or remove bundle"))
+    errors += bundle_format_errors(recipe.bundle.formats, chain.format, "the last step")
     measures_metrics = _check_evaluation(recipe, data, errors)
     guard_baseline = _guard_baseline(recipe, steps, errors)
     guard_directions = _guard_metrics(recipe, task, measures_metrics, errors)
@@ -184,7 +183,7 @@ def _plan_step(i: int, spec: Any, raw: dict[str, Any], host: Host, task: Any, ct
         chain.format = cls.produces if fmt in cls.accepts else fmt  # no cascade of chain errors
         return None
     if fmt not in cls.accepts:
-        hint = ("add `- uses: export-onnx` before it" if fmt == "hf" and "onnx" in cls.accepts
+        hint = ("add `- uses: export-onnx` before it" if fmt == HF and ONNX in cls.accepts
                 else f"it accepts {', '.join(cls.accepts)}; reorder the steps")
         wanted = " or ".join(cls.accepts)
         article = "an" if wanted[0] in "aeiou" else "a"

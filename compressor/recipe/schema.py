@@ -105,8 +105,9 @@ class GuardSpec(_Strict):
 class BundleSpec(_Strict):
     """The deployable bundle made from the last artifact."""
 
-    formats: list[Literal["onnx", "ort"]] = Field(default_factory=list, description="Bundle formats to write: "
-                                                  "onnx → bundle/, ort → bundle-ort/ (converted if needed).")
+    formats: list[str] = Field(default_factory=list, description="Bundle formats to write, each a registered format "
+                               "that ONNX Runtime runs: onnx → bundle/, any other (ort) → bundle-FORMAT/, converted "
+                               "from the final onnx model when its format says how (checked at `check`).")
     tar: bool = Field(default=False, description="Also write each bundle as a .tar.gz beside it.")
 
 

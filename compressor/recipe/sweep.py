@@ -23,6 +23,7 @@ from typing import Any, Callable
 from compressor.run.cache import write_json_atomic
 from compressor.errors import CompressorError, GuardFailed, InputError, RecipeError, RecipeErrors
 from compressor.host import Host
+from compressor.models.formats import bundle_format_errors
 from compressor.recipe.plan import Plan, build_plan
 from compressor.recipe.schema import BundleSpec, format_loc, load_raw
 
@@ -194,10 +195,8 @@ def _bundle_errors(bundle: Any, raw: dict[str, Any], variants: list[Variant]) ->
     errors: list[CompressorError] = []
     for v in variants:
         last = v.plan.steps[-1].output_format if v.plan.steps else v.plan.source.format
-        if spec.formats and last not in ("onnx", "ort"):
-            errors.append(RecipeError(f"a bundle needs an onnx or ort model but variant {v.name}'s last step gives "
-                                      f"{last}", where="bundle.formats",
-                                      hint="end the steps with export-onnx, or remove bundle"))
+        errors += bundle_format_errors(spec.formats, last, f"variant {v.name}'s last step")
+        if errors:
             break
     return errors
 

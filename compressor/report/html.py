@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.run.cache import write_text_atomic
-from compressor.report.markdown import fmt_value, report_rows
+from compressor.report.markdown import fmt_value, report_rows, step_sections, task_sections
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -179,18 +179,33 @@ def _table(record: dict[str, Any], front: set[int]) -> str:
     return f"<table>{head}{''.join(body)}</table>"
 
 
-def _generation(record: dict[str, Any]) -> str:
-    """The report's Generation section (accuracy, TTFT, decode speed, peak RSS) as HTML; empty otherwise."""
-    from compressor.report.markdown import generation_markdown
+def markdown_html(lines: list[str]) -> str:
+    """A report section in the Markdown subset that tasks and steps write (## headings, paragraphs, pipe
+    tables, **bold**, `code`) as HTML."""
+    import re
 
-    lines = generation_markdown(record)
-    if not lines:
-        return ""
-    text = next((l for l in lines[3:] if l and not l.startswith("|")), "")
-    rows = [[c.strip() for c in l.strip("|").split("|")] for l in lines if l.startswith("|") and "---" not in l]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
-    return f"<h3>Generation</h3><p class='muted'>{html.escape(text)}</p><table><tr>{head}</tr>{body}</table>"
+    def inline(text: str) -> str:
+        text = html.escape(text)
+        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+    parts: list[str] = []
+    table: list[list[str]] = []
+    for line in [*lines, ""]:
+        if line.startswith("|"):
+            if "---" not in line:
+                table.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        if table:
+            head = "".join(f"<th>{inline(c)}</th>" for c in table[0])
+            body = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in table[1:])
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+            table = []
+        if line.startswith("#"):
+            parts.append(f"<h3>{inline(line.lstrip('#').strip())}</h3>")
+        elif line.strip():
+            parts.append(f"<p>{inline(line)}</p>")
+    return "".join(parts)
 
 
 def _guard(record: dict[str, Any]) -> str:
@@ -210,36 +225,6 @@ def _guard(record: dict[str, Any]) -> str:
     where = (f"<p>The budget was first crossed at artifact #{crossed} "
              f"({html.escape(record['artifacts'][crossed]['name'])}).</p>") if crossed is not None else ""
     return f"<p>Guard: {verdict}</p><ul>{''.join(items)}</ul>{where}"
-
-
-def _searches(record: dict[str, Any]) -> str:
-    """Each settings search (quantize-onnx mode: auto): its candidates as a table, the chosen one marked."""
-    parts = []
-    for step in record["steps"]:
-        found = (step.get("notes") or {}).get("search")
-        if not isinstance(found, dict):
-            continue
-        metric = html.escape(found.get("metric", "metric"))
-        cpu = found.get("cpu") or {}
-        rows = []
-        for c in found["candidates"]:
-            cls = " class='selected'" if c["name"] == found["chosen"] else ""
-            verdict = "<span class='ok'>yes</span>" if c["within_budget"] else "<span class='bad'>no</span>"
-            rows.append(f"<tr{cls}><td>{'★ ' if cls else ''}</td><td>{html.escape(c['name'])}</td>"
-                        f"<td>{_fmt(c['metric'], '.4f')}</td><td>{_fmt(c['change'], '+.4f')}</td>"
-                        f"<td>{_fmt(c['size_bytes'] / 1e6, '.2f')}</td><td>{_fmt(c.get('p50_ms'), '.2f')}</td>"
-                        f"<td>{len(c['excluded']) or '–'}</td><td>{verdict}</td></tr>")
-        parts.append(
-            f"<h3>Settings search: steps[{step['index']}] ({html.escape(step['uses'])})</h3>"
-            f"<p>Measured on {html.escape(str(cpu.get('model', 'this CPU')))} (int8 kernels "
-            f"<code>{html.escape(str(cpu.get('int8_kernels', '?')))}</code>) on {found['tuning_rows']} tuning rows "
-            f"from {html.escape(found['tuning_source'])}, not on the eval rows. Input {metric}: "
-            f"{found['reference']:.4f}; budget: a drop of at most {found['budget']:.4f}; "
-            f"{found['seconds']:.1f} s.</p>"
-            f"<table><tr><th></th><th>candidate</th><th>{metric}</th><th>Δ</th><th>size MB</th><th>p50 ms</th>"
-            f"<th>left in float</th><th>within budget</th></tr>{''.join(rows)}</table>"
-            f"<p>Chosen: <b>{html.escape(found['chosen'])}</b> — {html.escape(found['reason'])}.</p>")
-    return "".join(parts)
 
 
 def _repro(record: dict[str, Any]) -> str:
@@ -315,8 +300,9 @@ def write_html_report(runs: list[dict[str, Any]], out_dir: Path, title: str | No
         attribution = _attribution(record, out_dir / (f"steps_{k}.png" if len(runs) > 1 else "steps.png"))
         mine = {p["index"] for p in size_front if p["run"] == name}
         heading = f"<h2>{html.escape(name)}</h2>" if len(runs) > 1 else "<h2>Artifacts</h2>"
-        parts += [heading, _table(record, mine), _generation(record), "<h3>Step attribution</h3>", _img(attribution, "step attribution"),
-                  _searches(record), "<h3>Guard</h3>", _guard(record), "<h3>Reproducibility</h3>", _repro(record)]
+        parts += [heading, _table(record, mine), markdown_html(task_sections(record)), "<h3>Step attribution</h3>",
+                  _img(attribution, "step attribution"), markdown_html(step_sections(record)), "<h3>Guard</h3>",
+                  _guard(record), "<h3>Reproducibility</h3>", _repro(record)]
         if record.get("error"):
             parts.append(f"<h3>Error</h3><pre>{html.escape(record['error'])}</pre>")
     parts.append("<p class='muted'>Rows on the accuracy-vs-size Pareto front are shaded; "

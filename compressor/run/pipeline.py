@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from compressor import __version__
 from compressor.models.artifact import Artifact, hash_dir, link_or_copy_tree
+from compressor.models.formats import ONNX
 from compressor.run.cache import Cache, make_key, write_json_atomic
 from compressor.errors import CompressorError, GuardFailed, InputError, StepError, Terminated, termination_requested
 from compressor.evaluate.base import EvalSettings
@@ -155,7 +156,7 @@ class Runner:
         if evaluator is None:
             m["skipped"] = f"no evaluator for {artifact.task} on {artifact.format}"
             return m
-        if self.host.task(artifact.task).needs_labels and (not artifact.labels or not artifact.info.get("has_head", True)):
+        if self.host.task(artifact.task).needs_labels and (not artifact.labels or artifact.info.has_head is False):
             m["skipped"] = "the model has no task head yet"
             return m
         if not self.eval_rows():
@@ -373,7 +374,7 @@ class Runner:
         plan, artifacts = self.plan, record["artifacts"]
         current, current_hash = plan.source, artifacts[0]["hash"]
         # the recipe's task and labels shape what the first step makes (a new head), so they key it too
-        first_key = make_key(current_hash, current.task, current.labels, current.info.get("has_head"))
+        first_key = make_key(current_hash, current.task, current.labels, current.info.has_head)
         need_baseline = plan.recipe.guard.max_accuracy_drop is not None
         history: list[tuple[str, Artifact]] = [("input", current)]
         for i, planned in enumerate(plan.steps):
@@ -414,22 +415,21 @@ class Runner:
         golden = [r.text for r in self.eval_rows()[:4]] or None
         written = []
         for fmt in self.plan.recipe.bundle.formats:
-            artifact = final
-            if fmt == "ort" and final.format == "onnx":
-                artifact = self._ort_copy(final)
-            target = self.run_dir / ("bundle" if fmt == "onnx" else f"bundle-{fmt}")
+            artifact = final if fmt == final.format else self._bundle_copy(final, fmt)
+            target = self.run_dir / ("bundle" if fmt == ONNX else f"bundle-{fmt}")
             written.append(write_bundle(artifact, target, record, golden, tar=self.plan.recipe.bundle.tar))
             self.log(f"✓ bundle ({fmt}): {target}")
         return written
 
-    def _ort_copy(self, artifact: Artifact) -> Artifact:
-        """The final ONNX artifact converted to .ort (cached like a step)."""
-        from compressor.export.ort import to_ort
+    def _bundle_copy(self, artifact: Artifact, fmt: str) -> Artifact:
+        """The final ONNX artifact converted to the bundle format `fmt` by that format's from_onnx (cached like
+        a step)."""
+        from compressor.models.formats import format_named
 
-        key = make_key(hash_dir(artifact.path), "bundle-ort", 1)
+        key = make_key(hash_dir(artifact.path), f"bundle-{fmt}", 1)
         if self.cache.lookup(key) is None:
             tmp = self.cache.temp_dir(key)
-            to_ort(artifact, tmp, **artifact.info).save_meta()
+            format_named(fmt).from_onnx(artifact, tmp).save_meta()
             self.cache.commit(key, tmp, {"hash": hash_dir(tmp)})
         return Artifact.load(self.cache.artifact_dir(key))
 

@@ -60,11 +60,43 @@ class Task:
     model_inputs: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids")
     #: Inputs a bundle computes golden outputs for when the recipe's data gives none.
     golden_inputs: ClassVar[tuple[Any, ...]] = ()
-    #: How a bundle turns logits into an answer (bundle_runtime.Predictor reads it from the manifest).
-    bundle_output: ClassVar[str] = "label"
+    #: The module (numpy, onnxruntime and tokenizers only) whose `Answers` turns a bundle's model outputs into
+    #: answers on the device; copied into every bundle of the task (compressor.bundle.device.runtime.LogitAnswers
+    #: is the base of answers read from one forward pass).
+    device_module: ClassVar[str] = "compressor.tasks.device.labels"
+    #: How the report's reproducibility section describes the latency figures (None: the model call on eval rows).
+    timing_description: ClassVar[str | None] = None
     #: The `positions` settings distill accepts, the default first; empty: the task's targets only (one per
     #: sentence, one per tagged word), and distill refuses the setting.
     distill_positions: ClassVar[tuple[str, ...]] = ()
+
+    def answers_module(self) -> str:
+        """The device module a bundle of this task carries: `device_module`, or for a task written against plugin
+        API 1.1, the module that reads its `bundle_output` (label, entities, generate), with a warning."""
+        legacy = getattr(self, "bundle_output", None)
+        if legacy is None:
+            return self.device_module
+        import warnings
+
+        from compressor.bundle.device.runtime import LEGACY_OUTPUT
+
+        warnings.warn(f"task {self.name!r} sets bundle_output, which plugin API 1.2 replaced by device_module; "
+                      "bundle_output goes in the next release", DeprecationWarning, stacklevel=2)
+        return LEGACY_OUTPUT[legacy]
+
+    def report_sections(self, record: dict[str, Any]) -> list[str]:
+        """Markdown lines this task adds to the run's report after the artifacts table (report.html shows them
+        too), from record.json; none by default."""
+        return []
+
+    def bundle_files(self, artifact: Any) -> dict[str, Any]:
+        """Files a bundle of this task carries beside the model, tokenizer, predict.py and the device module
+        (name in the bundle → path); none by default."""
+        return {}
+
+    def bundle_manifest(self, artifact: Any) -> dict[str, Any]:
+        """Keys this task adds to a bundle's manifest.json for its device module; none by default."""
+        return {}
 
     @property
     def metric(self) -> Metric:

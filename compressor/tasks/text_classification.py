@@ -18,7 +18,6 @@ class TextClassification(Task):
     export_task = "text-classification"
     metrics = (Metric("accuracy"),)
     golden_inputs = ("a gripping , beautifully made film .", "the plot is thin and the jokes fall flat .")
-    bundle_output = "label"
 
     def collate(self, tokenizer: Any, rows: list[Any], label_map: dict[str, int], max_length: int) -> dict:
         """Padded sentences with one label id each."""

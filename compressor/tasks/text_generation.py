@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from compressor.models.artifact import Artifact
+from compressor.models.formats import format_named
 from compressor.tasks.base import DistillPairs, Metric, Task
 
 IGNORE = -100
@@ -54,6 +55,10 @@ def chat_wrap(tokenizer: Any, prompt: str, chat: bool | None) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
+#: What a generation bundle carries beside model.onnx and tokenizer.json: the cache shape for our loop, and
+#: what onnxruntime-genai's runtime (`og.Model(bundle)`) reads.
+GENERATION_FILES = ("genai_config.json", "config.json", "generation_config.json", "tokenizer_config.json")
+
 def stop_ids(tokenizer: Any, config: dict[str, Any] | None = None) -> set[int]:
     """Tokens that end an answer: the tokenizer's eos and the model's generation eos ids."""
     found = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -80,7 +85,30 @@ class TextGeneration(Task):
     needs_labels = False
     model_inputs = ("input_ids", "attention_mask")
     golden_inputs = ("What is the capital of France?", "Name three colours.")
-    bundle_output = "generate"
+    device_module = "compressor.tasks.device.generation"
+    timing_description = "generation timed in a fresh process per model (see Generation)"
+
+    def report_sections(self, record: dict[str, Any]) -> list[str]:
+        """Generation: instruction accuracy, time to first token, decode speed and peak memory per artifact."""
+        from compressor.tasks.generation_report import generation_markdown
+
+        return generation_markdown(record)
+
+    def bundle_files(self, artifact: Artifact) -> dict[str, Any]:
+        """The KV-cache loop the evaluator measured, and what onnxruntime-genai's own runtime reads
+        (`og.Model(bundle)`): a builder graph leaves the cache's head count and width symbolic, the loop reads
+        them from config.json."""
+        from compressor.bundle.device import generation_runtime
+
+        from compressor.tasks.device import generation_server
+
+        files = {"generation_runtime.py": Path(generation_runtime.__file__),
+                 "generation_server.py": Path(generation_server.__file__)}
+        return files | {name: artifact.path / name for name in GENERATION_FILES if (artifact.path / name).is_file()}
+
+    def bundle_manifest(self, artifact: Artifact) -> dict[str, Any]:
+        """`generation`: the prompt format, stop ids and default answer length the device module reads."""
+        return {"generation": generation_spec(artifact)}
     distill_positions = ("all", "completion")
     EvalConfig: ClassVar[type[BaseModel]] = GenerationEvalConfig
 
@@ -231,7 +259,8 @@ def _timing_prompt(tokenizer: Any, config: GenerationEvalConfig) -> list[int]:
 
 def timing(artifact: Artifact, prompt: list[int], new_tokens: int, threads: int, runs: int) -> dict[str, Any]:
     """generation_timing in a fresh process: speed, and the peak RSS of that model alone."""
-    cmd = [sys.executable, "-m", "compressor.evaluate.generation_timing", artifact.format, str(artifact.path),
+    cmd = [sys.executable, "-m", "compressor.evaluate.generation_timing",
+           "onnxruntime" if format_named(artifact.format).onnxruntime else "torch", str(artifact.path),
            "--prompt", ",".join(map(str, prompt)), "--new-tokens", str(new_tokens), "--threads", str(threads),
            "--runs", str(runs)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -268,7 +297,7 @@ class _Model:
             from compressor.models.loading import load_torch_model
 
             torch.set_num_threads(threads)
-            self.torch = load_torch_model(artifact.path, artifact.task, artifact.info.get("adapter"))
+            self.torch = load_torch_model(artifact.path, artifact.task, artifact.info.adapter)
         else:
             from compressor.bundle.device.generation_runtime import OnnxCausalLM
 
@@ -331,3 +360,31 @@ def _torch_greedy(model: Any, prompts: list[list[int]], max_new: int, stop: set[
             ids = tokens[:, None]
             mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
     return out
+
+
+#: Marks where the user's prompt goes when the chat template is rendered once, at bundle time.
+_SENTINEL = "\u241fPROMPT\u241f"
+
+
+def generation_spec(artifact: Artifact) -> dict[str, Any]:
+    """How the device turns a prompt into token ids and when it stops: the chat template rendered once
+    around a placeholder (predict.py has no jinja), the template itself with its special tokens (for a server's
+    multi-message chats, rendered with jinja2), the stop ids and a default answer length."""
+    from compressor.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(artifact.path)
+    spec: dict[str, Any] = {"prompt_format": "{prompt}", "add_special_tokens": True,
+                            "stop_ids": sorted(stop_ids(tokenizer, _generation_config(artifact.path))),
+                            "pad_id": tokenizer.pad_token_id or 0, "max_new_tokens": 128}
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], add_generation_prompt=True,
+                                             tokenize=False)
+        before, _, after = text.partition(_SENTINEL)
+        spec.update(prompt_format=before.replace("{", "{{").replace("}", "}}") + "{prompt}"
+                    + after.replace("{", "{{").replace("}", "}}"), add_special_tokens=False,
+                    chat_template=tokenizer.chat_template, bos_token=tokenizer.bos_token or "",
+                    eos_token=tokenizer.eos_token or "")
+    config = artifact.path / "config.json"
+    model_config = json.loads(config.read_text()) if config.is_file() else {}
+    spec["context_length"] = int(model_config.get("max_position_embeddings") or 2048)
+    return spec

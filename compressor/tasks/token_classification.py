@@ -62,7 +62,7 @@ class TokenClassification(Task):
     metrics = (Metric("f1"), Metric("precision"), Metric("recall"))
     word_level = True
     golden_inputs = ("EU rejects German call to boycott British lamb .", "Peter Blackburn reports from Brussels .")
-    bundle_output = "entities"
+    device_module = "compressor.tasks.device.entities"
 
     def collate(self, tokenizer: Any, rows: list[Any], label_map: dict[str, int], max_length: int) -> dict:
         """Padded word lists; each word's tag goes on its first sub-token, the other positions are -100."""

@@ -131,6 +131,20 @@ class QuantizeOnnx(Step):
     accepts = ("onnx",)
     produces = "onnx"
     content_fields = ("calibration_text",)
+    section_notes = ("search",)
+
+    @classmethod
+    def report_sections(cls, step: dict[str, Any]) -> list[str]:
+        """mode auto: the settings search's candidates, the one chosen and why."""
+        from compressor.plugins.quantize_onnx.report import search_markdown
+
+        return search_markdown(step) if isinstance(step.get("notes", {}).get("search"), dict) else []
+
+    @classmethod
+    def bundle_facts(cls, notes: dict[str, Any]) -> dict[str, Any]:
+        """mode auto: `tuned_on`, the CPU (and its int8 kernel class) the quantization was chosen on."""
+        search = notes.get("search")
+        return {"tuned_on": search.get("cpu")} if isinstance(search, dict) else {}
 
     def cache_extra(self, config: StepConfig) -> Any:
         """mode: auto measures on this CPU: its int8 kernel class and onnxruntime's version key the cache,
@@ -251,7 +265,7 @@ class QuantizeOnnx(Step):
             raise StepError(f"{config.mode} quantization failed: {type(exc).__name__}: {exc}",
                             hint="run with --debug for the quantizer's traceback") from exc
         return artifact.derive(ctx.out_dir, format="onnx", quantized=label,
-                               **{k: v for k, v in artifact.info.items() if k in ("opset",)})
+                               opset=artifact.info.opset)
 
 
 def _quantize(artifact: Artifact, target: Path, config: QuantizeOnnxConfig, ctx: StepContext) -> str:

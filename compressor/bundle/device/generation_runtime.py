@@ -139,6 +139,81 @@ class OnnxCausalLM:
         return nll_from_logits(logits[0, :-1], arr[0, 1:])
 
 
+class SlotCache:
+    """The KV caches of up to `slots` sequences in one batch, for continuous batching: each layer's cache is one
+    (slots, kv_heads, capacity, head_dim) buffer that the graph writes in place (a `past_present_share_buffer`
+    graph), each sequence a row filled from position 0 (right padding: the graph's GroupQueryAttention takes each
+    row's length from its attention mask). Rows are kept contiguous, so one decode step runs the first `len(self)`
+    rows; a sequence that finishes gives its row to the last one at once."""
+
+    def __init__(self, lm: OnnxCausalLM, slots: int, capacity: int):
+        if not lm.share_buffer:
+            raise ValueError("batched decoding needs a graph whose cache is a shared buffer (onnxruntime-genai's "
+                             "builder writes one)")
+        self.lm, self.slots, self.capacity = lm, slots, capacity
+        shape = (slots, lm.kv_heads, capacity, lm.head_dim)
+        self.buffers = [np.zeros(shape, lm.kv_dtype) for _ in lm.past_names]
+        self.lengths: list[int] = []
+        self._bound: tuple[int, Any, list[Any]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def add(self, prompt: list[int]) -> np.ndarray:
+        """Prefill `prompt` into the next free row; the last position's logits. The prompt runs alone (its own
+        one-row buffer), then its cache is copied into the row."""
+        if len(self.lengths) >= self.slots:
+            raise ValueError("no free slot")
+        if len(prompt) >= self.capacity:
+            raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in a cache of {self.capacity}")
+        logits, cache = self.lm.prefill(prompt, len(prompt))
+        row = len(self.lengths)
+        for buffer, own in zip(self.buffers, cache.buffers or []):
+            buffer[row, :, : len(prompt)] = own.numpy()[0, :, : len(prompt)]
+        self.lengths.append(len(prompt))
+        return logits
+
+    def step(self, tokens: list[int]) -> np.ndarray:
+        """One decode step of every row (`tokens[i]` is row i's next input); logits (rows, vocab)."""
+        rows = len(self.lengths)
+        if any(n + 1 > self.capacity for n in self.lengths):
+            raise ValueError("a sequence reached the cache's capacity")
+        ids = np.asarray(tokens, np.int64).reshape(rows, 1)
+        width = max(self.lengths) + 1
+        mask = (np.arange(width)[None, :] <= np.asarray(self.lengths)[:, None]).astype(np.int64)
+        binding = self._binding(rows)
+        for name, value in self.lm.feeds(ids, mask, []).items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output("logits")
+        self.lm.session.run_with_iobinding(binding)
+        self.lengths = [n + 1 for n in self.lengths]
+        return binding.get_outputs()[-1].numpy()[:, -1]
+
+    def _binding(self, rows: int) -> Any:
+        """An IOBinding with the first `rows` rows of every cache buffer bound as both past and present (the
+        graph writes the new positions in place); kept while the number of rows stays the same."""
+        import onnxruntime as ort
+
+        if self._bound is None or self._bound[0] != rows:
+            binding = self.lm.session.io_binding()
+            views = [ort.OrtValue.ortvalue_from_numpy(b[:rows]) for b in self.buffers]  # share the rows' memory
+            for past, present, view in zip(self.lm.past_names, self.lm.present_names, views):
+                binding.bind_ortvalue_input(past, view)
+                binding.bind_ortvalue_output(present, view)
+            self._bound = (rows, binding, views)
+        return self._bound[1]
+
+    def remove(self, row: int) -> None:
+        """Free `row`: the last row moves into it (its cache copied), so that rows stay contiguous."""
+        last = len(self.lengths) - 1
+        if row != last:
+            n = self.lengths[last]
+            for buffer in self.buffers:
+                buffer[row, :, :n] = buffer[last, :, :n]
+            self.lengths[row] = n
+        self.lengths.pop()
+
+
 class KVCache:
     """One sequence's KV cache: growing numpy arrays, or fixed buffers that the graph writes in place."""
 

@@ -19,10 +19,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-#: 2: `input` (text | words) and `output` (label | entities) say how to feed and read the model, so that
-#: this reader needs no list of task names
-SCHEMA_VERSION = 2
+#: 2: `input` (text | words) and `output` say how to feed and read the model, so that this reader needs no
+#: list of task names; 3: `output` names the task's answers module, a file of the bundle
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
+#: Schema 2 named the answer's shape in `output`; these are the modules that now read each.
+LEGACY_OUTPUT = {"label": "compressor.tasks.device.labels", "entities": "compressor.tasks.device.entities",
+                 "generate": "compressor.tasks.device.generation"}
 REQUIRED_KEYS = {"schema_version": int, "task": str, "labels": list, "model": dict, "tokenizer": dict,
                  "files": dict, "golden": list, "min_onnxruntime": str, "input": str, "output": str}
 
@@ -108,6 +111,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise BundleError(f"{MANIFEST}: not a JSON object")
     version = manifest.get("schema_version")
+    if version == 2 and manifest.get("output") in LEGACY_OUTPUT:  # a bundle written before the answers modules, read on the host
+        manifest.update(schema_version=SCHEMA_VERSION, output_module=LEGACY_OUTPUT[manifest["output"]])
+        version = SCHEMA_VERSION
     if version != SCHEMA_VERSION:
         raise BundleError(f"{MANIFEST}: unknown schema_version {version!r} (this reader knows {SCHEMA_VERSION})")
     for key, kind in REQUIRED_KEYS.items():
@@ -132,8 +138,43 @@ def check_files(root: Path, manifest: dict[str, Any]) -> None:
             raise BundleError(f"{name}: sha256 differs from the manifest (the file was changed)")
 
 
+def softmax(logits: Any) -> Any:
+    """Probabilities over the last axis."""
+    import numpy as np
+
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    return probs / probs.sum(-1, keepdims=True)
+
+
+def _module_name(manifest: dict[str, Any]) -> str:
+    """The answers module the manifest names (`output`), refused unless it is a plain module listed in `files`."""
+    name = manifest["output"]
+    if not name.isidentifier() or f"{name}.py" not in manifest["files"]:
+        raise BundleError(f"{MANIFEST}: output {name!r} names no module file of the bundle")
+    return name
+
+
+def answers_class(manifest: dict[str, Any], root: Path) -> Any:
+    """The `Answers` class of the task's answers module, as the manifest names it: inside compressor the
+    installed module (`output_module`: no code from a bundle runs on the host), on a device the bundle's copy."""
+    import importlib
+
+    if __package__:  # imported from the compressor package: the host
+        installed = manifest.get("output_module") or ""
+        try:
+            return importlib.import_module(installed).Answers
+        except ImportError:
+            raise BundleError(f"{MANIFEST}: the task's answers module {installed!r} is not installed here; install "
+                              "the plugin that made the bundle, or run the bundle's own predict.py") from None
+    name = _module_name(manifest)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    sys.modules.setdefault("predict", sys.modules[__name__])  # the copied modules import this runtime as `predict`
+    return importlib.import_module(name).Answers
+
+
 class Predictor:
-    """The bundle's model and tokenizer, ready to run."""
+    """The bundle's model and tokenizer, ready to run; `answers` (the task's module) reads the outputs."""
 
     def __init__(self, root: Path, manifest: dict[str, Any] | None = None, threads: int = 0):
         import onnxruntime as ort
@@ -145,30 +186,19 @@ class Predictor:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        model_file = self.root / self.manifest["model"]["file"]
+        self.model_file = self.root / self.manifest["model"]["file"]
         try:
-            self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(self.model_file), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise BundleError(f"{model_file.name}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+            raise BundleError(f"{self.model_file.name}: onnxruntime cannot load it "
+                              f"({str(exc).splitlines()[0]})") from None
         declared = [i["name"] for i in self.manifest["model"].get("inputs", [])]
         actual = [i.name for i in self.session.get_inputs()]
         if declared and declared != actual:
-            raise BundleError(f"{model_file.name}: inputs {actual} differ from the manifest's {declared}")
-        spec = self.manifest["tokenizer"]
-        self.tokenizer = Tokenizer.from_file(str(self.root / spec["file"]))
+            raise BundleError(f"{self.model_file.name}: inputs {actual} differ from the manifest's {declared}")
+        self.tokenizer = Tokenizer.from_file(str(self.root / self.manifest["tokenizer"]["file"]))
         self.words = self.manifest["input"] == "words"
-        self.lm = None
-        if self.manifest["output"] == "generate":  # a causal LM: prompts in, greedy tokens out, no padding
-            try:
-                from compressor.bundle.device.generation_runtime import OnnxCausalLM
-            except ImportError:  # on the device: the copy beside this file
-                sys.path.insert(0, str(self.root))
-                from generation_runtime import OnnxCausalLM
-            self.lm = OnnxCausalLM(model_file, session=self.session)
-            self.generation = self.manifest["generation"]
-            return
-        self.tokenizer.enable_truncation(spec.get("max_length", 128))
-        self.tokenizer.enable_padding(pad_id=spec.get("pad_id", 0), pad_token=spec.get("pad_token", "[PAD]"))
+        self.answers = answers_class(self.manifest, self.root)(self)
 
     def encode(self, texts: list[Any]) -> tuple[dict[str, Any], list[Any]]:
         """Feeds for the session, and the encodings (for word alignment)."""
@@ -189,68 +219,76 @@ class Predictor:
         feeds, _ = self.encode(texts)
         return self.session.run(None, feeds)[0]
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """A prompt as the model was trained to read it (in the chat template, when it has one)."""
-        text = self.generation["prompt_format"].format(prompt=prompt)
-        return self.tokenizer.encode(text, add_special_tokens=self.generation["add_special_tokens"]).ids
+    def predict(self, texts: list[Any]) -> list[Any]:
+        """One answer per text, in the task's shape (a label and score, entities, a generated text)."""
+        return self.answers.predict(list(texts))
 
-    def _greedy(self, prompt: str, max_new_tokens: int | None) -> Any:
-        """The greedy answer's token ids, one at a time, until a stop token or the limit."""
-        return self.lm.stream(self.prompt_ids(prompt), max_new_tokens or self.generation["max_new_tokens"],
-                              set(self.generation["stop_ids"]))
+    @property
+    def streams(self) -> bool:
+        """Whether answers come piece by piece (`stream(text)`), as a generator's do."""
+        return hasattr(self.answers, "stream")
 
-    def tokens(self, prompt: str, max_new_tokens: int | None = None) -> list[int]:
-        """The greedy answer's token ids."""
-        return list(self._greedy(prompt, max_new_tokens))
+    def stream(self, text: str, max_new_tokens: int | None = None) -> Any:
+        """The answer to one prompt as text pieces (for a task whose answers stream)."""
+        return self.answers.stream(text, max_new_tokens)
 
-    def stream(self, prompt: str, max_new_tokens: int | None = None) -> Any:
-        """The greedy answer as text pieces, one per generated token (decoded so far, minus what was given)."""
-        ids: list[int] = []
-        shown = ""
-        for token in self._greedy(prompt, max_new_tokens):
-            ids.append(token)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                yield text[len(shown):]
-                shown = text
+
+class LogitAnswers:
+    """The base of answers read from one forward pass (classifiers, taggers): rows padded and truncated as
+    the manifest says; golden outputs are the logits, compared within a tolerance. Subclasses `decode`."""
+
+    golden_kind = "logits"
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        spec = predictor.manifest["tokenizer"]
+        predictor.tokenizer.enable_truncation(spec.get("max_length", 128))
+        predictor.tokenizer.enable_padding(pad_id=spec.get("pad_id", 0), pad_token=spec.get("pad_token", "[PAD]"))
+
+    @classmethod
+    def routes(cls, app: Any, server: Any) -> None:
+        """What a server (serve.py) adds for this task: POST /predict, micro-batched across clients."""
+        server.add_predict_route(app)
+
+    def decode(self, texts: list[Any], encodings: list[Any], logits: Any) -> list[Any]:
+        """The answers for one batch, from its logits."""
+        raise NotImplementedError
 
     def predict(self, texts: list[Any]) -> list[Any]:
-        """Per text: {label, score}; for token classification, a list of entities; for a generator, {text}."""
+        """One answer per text (one forward pass for the batch)."""
+        feeds, encodings = self.predictor.encode(texts)
+        return self.decode(texts, encodings, self.predictor.session.run(None, feeds)[0])
+
+    def golden(self, inputs: list[Any], new_tokens: int) -> list[dict[str, Any]]:
+        """What verify compares: the logits of each input, run alone."""
+        return [{"input": text, "logits": self.predictor.logits([text])[0].tolist()} for text in inputs]
+
+    def check(self, i: int, case: dict[str, Any], tolerance: float, here: str, golden_on: str | None) -> float:
+        """The largest |logit difference| from golden case `i`; BundleError beyond `tolerance`."""
         import numpy as np
 
-        if self.lm is not None:
-            return [{"text": "".join(self.stream(t))} for t in texts]
-
-        feeds, encodings = self.encode(texts)
-        logits = self.session.run(None, feeds)[0]
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        labels = self.manifest["labels"]
-        if self.manifest["output"] == "label":
-            return [{"label": labels[int(p.argmax())], "score": float(p.max())} for p in probs]
-        out = []
-        for b, (text, enc) in enumerate(zip(texts, encodings)):
-            words = text.split() if isinstance(text, str) else list(text)
-            tags, seen = ["O"] * len(words), set()
-            for t, w in enumerate(enc.word_ids):
-                if w is not None and w not in seen:
-                    seen.add(w)
-                    tags[w] = labels[int(probs[b, t].argmax())]
-            out.append(entities(words, tags))
-        return out
+        got = self.predictor.logits([case["input"]])[0]
+        expected = np.asarray(case["logits"], dtype=np.float32)
+        if got.shape != expected.shape:
+            raise BundleError(f"golden[{i}]: output shape {got.shape} differs from the expected {expected.shape}")
+        diff = float(np.abs(got - expected).max())
+        if diff > tolerance:
+            raise BundleError(f"golden[{i}]: outputs differ from the expected by {diff:.3g} (tolerance {tolerance})"
+                              f" for input {case['input']!r}{_class_note(here, golden_on)}")
+        return diff
 
 
-def entities(words: list[str], tags: list[str]) -> list[dict[str, Any]]:
-    """IOB tags to [{type, text, start, end}] over word indices."""
-    found: list[dict[str, Any]] = []
-    for i, tag in enumerate(tags + ["O"]):
-        prefix, _, kind = tag.partition("-")
-        if found and found[-1]["end"] == i and prefix == "I" and found[-1]["type"] == kind:
-            found[-1]["end"] = i + 1
-            found[-1]["text"] = " ".join(words[found[-1]["start"]:i + 1])
-        elif prefix in ("B", "I") and i < len(words):
-            found.append({"type": kind, "text": words[i], "start": i, "end": i + 1})
-    return found
+def _class_note(here: str, golden_on: str | None) -> str:
+    """Why outputs may differ on this CPU when the golden ones were made on another int8 kernel class."""
+    if not golden_on or golden_on == here:
+        return ""
+    saturating = ({here, golden_on} & SATURATING_CLASSES) and not {here, golden_on} <= SATURATING_CLASSES
+    return (f" on this CPU's {here} int8 kernels, beyond what was measured between CPU classes; the golden "
+            f"outputs were computed with {golden_on} kernels"
+            + (" (x86 CPUs without VNNI sum pairs of uint8 × int8 products in 16 bits, which saturates)"
+               if saturating else "")
+            + f", so this model's accuracy on {here} CPUs is unmeasured: run the recipe on such a CPU "
+              "(quantize-onnx mode: auto measures its settings there)")
 
 
 def verify(root: Path) -> dict[str, Any]:
@@ -272,35 +310,9 @@ def verify(root: Path) -> dict[str, Any]:
         else manifest.get("tolerance", 1e-3)
     worst = 0.0
     for i, case in enumerate(manifest["golden"]):
-        if "tokens" in case:  # a generator: the same greedy tokens
-            got_tokens = predictor.tokens(case["input"], len(case["tokens"]) or 1)
-            if got_tokens != case["tokens"][: len(got_tokens)] or len(got_tokens) < len(case["tokens"]):
-                at = next((k for k, (a, b) in enumerate(zip(got_tokens, case["tokens"])) if a != b),
-                          min(len(got_tokens), len(case["tokens"])))
-                where = (f" (this CPU runs {here} int8 kernels, the golden tokens were made with {golden_on} "
-                         "kernels: integer rounding differs between CPU classes)" if other else "")
-                raise BundleError(f"golden[{i}]: greedy tokens differ from token {at} on for input "
-                                  f"{case['input']!r}: {predictor.tokenizer.decode(got_tokens)!r} instead of "
-                                  f"{predictor.tokenizer.decode(case['tokens'])!r}{where}")
-            continue
-        got = predictor.logits([case["input"]])[0]
-        expected = np.asarray(case["logits"], dtype=np.float32)
-        if got.shape != expected.shape:
-            raise BundleError(f"golden[{i}]: output shape {got.shape} differs from the expected {expected.shape}")
-        diff = float(np.abs(got - expected).max())
-        worst = max(worst, diff)
-        if diff > tolerance:
-            saturating = ({here, golden_on} & SATURATING_CLASSES) and not {here, golden_on} <= SATURATING_CLASSES
-            where = (f" on this CPU's {here} int8 kernels, beyond what was measured between CPU classes; the golden "
-                     f"outputs were computed with {golden_on} kernels"
-                     + (" (x86 CPUs without VNNI sum pairs of uint8 × int8 products in 16 bits, which saturates)"
-                        if saturating else "")
-                     + f", so this model's accuracy on {here} CPUs is unmeasured: run the recipe on such a CPU "
-                       "(quantize-onnx mode: auto measures its settings there)" if other else "")
-            raise BundleError(f"golden[{i}]: outputs differ from the expected by {diff:.3g} (tolerance {tolerance})"
-                              f" for input {case['input']!r}{where}")
+        worst = max(worst, predictor.answers.check(i, case, tolerance, here, golden_on))
     return {"files": len(manifest["files"]), "golden": len(manifest["golden"]), "max_abs_diff": worst,
-            "tokens": any("tokens" in case for case in manifest["golden"]),
+            "tokens": predictor.answers.golden_kind == "tokens",
             "tolerance": tolerance, "cpu_class": here, "golden_on": golden_on, "other_class": other,
             "measured_on": (manifest.get("measured_on") or {}).get("int8_kernels"),
             "tuned_on": (manifest.get("tuned_on") or {}).get("int8_kernels")}
@@ -337,7 +349,7 @@ def main(argv: list[str]) -> int:
         if not args.texts:
             parser.error("give texts to predict, or --verify")
         predictor = Predictor(Path(args.bundle))
-        if predictor.lm is not None:  # stream the answer as it is generated
+        if predictor.streams:  # stream the answer as it is generated
             for text in args.texts:
                 for piece in predictor.stream(text):
                     print(piece, end="", flush=True)

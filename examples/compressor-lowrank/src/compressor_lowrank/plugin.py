@@ -68,7 +68,7 @@ class LowRank(Step):
         from compressor.models import count_macs_and_params, load_model, save_model
         from compressor_lowrank.factorize import factorize_linear, rank_for, replace_module, saves_parameters
 
-        if artifact.info.get("quantized"):
+        if artifact.info.quantized:
             raise StepError("lowrank needs float weights; this model is quantized", hint="put lowrank before quantize")
         model = load_model(artifact)
         macs0, params0 = count_macs_and_params(model, artifact.task)
