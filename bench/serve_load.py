@@ -12,7 +12,9 @@ server.
 A generation bundle (the LLM job's SmolLM2 int4): the baseline is the bundle's KV-cache loop in process (time to
 first token, decode tokens/s); the server gets streamed chat requests (the openai wire format, 128 new tokens,
 `ignore_eos`) from C clients (httpx: a streamed token costs the client far less than the model's decode step) and reports time to first token, aggregate decode tokens/s and errors.
-Each concurrency level is bounded by --requests and --seconds. The server runs in its own process with the
+With `--peer URL --peer-model NAME` the same generation clients also load another OpenAI-compatible server
+already running at URL (llama.cpp's, `python -m llama_cpp.server --model SmolLM2.gguf --n_threads 2`, in a side
+venv), after ours, at the same concurrency levels. Each concurrency level is bounded by --requests and --seconds. The server runs in its own process with the
 default options; the baseline runs while the server is idle. Writes runs/serve_load/RESULT.json.
 """
 
@@ -163,8 +165,10 @@ def generation_baseline(bundle: Path, prompts: list[str]) -> dict[str, Any]:
     return {"ttft_ms": statistics.median(ttfts[1:]), "decode_tokens_per_s": statistics.median(speeds[1:])}
 
 
-async def generation_load(url: str, prompts: list[str], concurrency: int, requests: int, seconds: float) -> dict:
-    """C clients each streaming one chat answer of NEW_TOKENS tokens after another."""
+async def generation_load(url: str, prompts: list[str], concurrency: int, requests: int, seconds: float,
+                          model: str | None = None) -> dict:
+    """C clients each streaming one chat answer of up to NEW_TOKENS tokens after another; tokens are counted
+    as the streamed chunks that carry text (one per token in this server and in llama.cpp's)."""
     ttfts: list[float] = []
     tokens = 0
     errors = 0
@@ -176,8 +180,8 @@ async def generation_load(url: str, prompts: list[str], concurrency: int, reques
         while sent < requests and time.perf_counter() < deadline:
             prompt = prompts[sent % len(prompts)]
             sent += 1
-            body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": NEW_TOKENS, "temperature": 0,
-                    "stream": True, "ignore_eos": True}
+            body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": NEW_TOKENS,
+                    "temperature": 0, "stream": True, "ignore_eos": True}
             t0 = time.perf_counter()
             first = None
             async with c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
@@ -185,12 +189,13 @@ async def generation_load(url: str, prompts: list[str], concurrency: int, reques
                     errors += 1
                     continue
                 async for line in r.aiter_lines():
-                    if first is None and line.startswith("data: {"):
+                    if line.startswith("data: {"):
                         delta = (json.loads(line[6:])["choices"] or [{}])[0].get("delta", {})
-                        first = time.perf_counter() if delta.get("content") else None
+                        if delta.get("content"):
+                            first = first or time.perf_counter()
+                            tokens += 1
             if first:
                 ttfts.append((first - t0) * 1000)
-            tokens += NEW_TOKENS
 
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=concurrency)) as c:
         t0 = time.perf_counter()
@@ -208,6 +213,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--requests", type=int, default=400, help="Most requests per concurrency level.")
     parser.add_argument("--seconds", type=float, default=20, help="Most seconds per concurrency level.")
     parser.add_argument("--out", type=Path, default=Path("runs/serve_load"))
+    parser.add_argument("--peer", metavar="URL", help="Also load another OpenAI-compatible server already running "
+                                                      "at URL (say llama.cpp's) with the same generation clients.")
+    parser.add_argument("--peer-model", default=None, help="The model name the peer expects.")
     args = parser.parse_args(argv)
     manifest = json.loads((args.bundle / "manifest.json").read_text())
     generator = "generation" in manifest
@@ -233,6 +241,11 @@ def main(argv: list[str]) -> int:
         else:
             result["server"] = [asyncio.run(load(url, prompts if generator else texts, c, args.requests,
                                                  args.seconds)) for c in levels]
+    if generator and args.peer:
+        result["peer"] = [asyncio.run(generation_load(args.peer, prompts, c, args.requests, args.seconds,
+                                                      args.peer_model)) for c in levels]
+        for ours, theirs in zip(result["server"], result["peer"]):
+            theirs["x_ours"] = theirs["tokens_per_s"] / ours["tokens_per_s"]
     for row in result["server"]:  # the ratios the targets speak of
         base = result["in_process"]
         if generator:

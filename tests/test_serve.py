@@ -364,3 +364,13 @@ def test_kserve_infer_answers_a_generator_as_predict_does(generation_bundle, gen
     out = httpx.post(f"{generation_url}/v2/models/tiny-gen/infer", timeout=60,
                      json={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": PROMPTS[:2]}]})
     assert [json.loads(d) for d in out.json()["outputs"][0]["data"]] == expected
+
+
+def test_cors_is_off_unless_an_origin_is_named(classifier_bundle, _classifier_url):
+    origin = {"Origin": "http://app.example"}
+    assert "access-control-allow-origin" not in httpx.get(f"{_classifier_url}/v1/models", headers=origin).headers
+    with served(bundle_server(classifier_bundle, "--cors-origin", "http://app.example")) as (url, _):
+        allowed = httpx.get(f"{url}/v1/models", headers=origin).headers
+        assert allowed["access-control-allow-origin"] == "http://app.example"
+        other = httpx.get(f"{url}/v1/models", headers={"Origin": "http://evil.example"}).headers
+        assert "access-control-allow-origin" not in other
