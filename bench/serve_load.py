@@ -166,7 +166,7 @@ def generation_baseline(bundle: Path, prompts: list[str]) -> dict[str, Any]:
 
 
 async def generation_load(url: str, prompts: list[str], concurrency: int, requests: int, seconds: float,
-                          model: str | None = None) -> dict:
+                          model: str | None = None, stop_ids: tuple[int, ...] = ()) -> dict:
     """C clients each streaming one chat answer of up to NEW_TOKENS tokens after another; tokens are counted
     as the streamed chunks that carry text (one per token in this server and in llama.cpp's)."""
     ttfts: list[float] = []
@@ -181,7 +181,8 @@ async def generation_load(url: str, prompts: list[str], concurrency: int, reques
             prompt = prompts[sent % len(prompts)]
             sent += 1
             body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": NEW_TOKENS,
-                    "temperature": 0, "stream": True, "ignore_eos": True}
+                    "temperature": 0, "stream": True, "ignore_eos": True,  # ours; a peer may not know it:
+                    "logit_bias": {str(t): -100 for t in stop_ids}}      # OpenAI's way to keep the turn open
             t0 = time.perf_counter()
             first = None
             async with c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
@@ -242,8 +243,9 @@ def main(argv: list[str]) -> int:
             result["server"] = [asyncio.run(load(url, prompts if generator else texts, c, args.requests,
                                                  args.seconds)) for c in levels]
     if generator and args.peer:
+        stops = tuple(manifest["generation"]["stop_ids"])
         result["peer"] = [asyncio.run(generation_load(args.peer, prompts, c, args.requests, args.seconds,
-                                                      args.peer_model)) for c in levels]
+                                                      args.peer_model, stops)) for c in levels]
         for ours, theirs in zip(result["server"], result["peer"]):
             theirs["x_ours"] = theirs["tokens_per_s"] / ours["tokens_per_s"]
     for row in result["server"]:  # the ratios the targets speak of
