@@ -374,3 +374,20 @@ def test_cors_is_off_unless_an_origin_is_named(classifier_bundle, _classifier_ur
         assert allowed["access-control-allow-origin"] == "http://app.example"
         other = httpx.get(f"{url}/v1/models", headers={"Origin": "http://evil.example"}).headers
         assert "access-control-allow-origin" not in other
+
+
+def test_a_schema_2_bundle_still_verifies_and_predicts_on_the_host(classifier_bundle, tmp_path, cli_run):
+    """A bundle written before the answers modules (manifest schema 2: `output` names the answer's shape)."""
+    old = tmp_path / "old"
+    shutil.copytree(classifier_bundle, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for name in ("labels.py", "serve.py"):
+        (old / name).unlink()
+        manifest["files"].pop(name)
+    manifest.update(schema_version=2, output="label")
+    manifest.pop("output_module")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    code, out, err = cli_run("verify", str(old))
+    assert code == 0 and "golden outputs within tolerance" in out, err
+    code, out, err = cli_run("predict", str(old), "a gripping film")
+    assert code == 0 and json.loads(out)["prediction"]["label"] in manifest["labels"], err
