@@ -62,6 +62,12 @@ class Plan:
     guard_directions: dict[str, bool] = field(default_factory=dict)
 
     @property
+    def guard_needs_baseline(self) -> bool:
+        """Whether the guard compares the final metric with a baseline's (max_accuracy_drop), so that the first
+        artifact that can be measured always is."""
+        return self.recipe.guard.max_accuracy_drop is not None
+
+    @property
     def recipe_dir(self) -> Path:
         """Directory that recipe paths are relative to."""
         return self.recipe_path.parent

@@ -352,8 +352,7 @@ class Runner:
         plan, source = self.plan, self.plan.source
         started = datetime.now(timezone.utc)
         source_hash = hash_dir(source.path)
-        # the guard compares with a baseline, so the first artifact that can be measured always is
-        full = plan.recipe.evaluate.each_step or plan.recipe.guard.max_accuracy_drop is not None
+        full = plan.recipe.evaluate.each_step or plan.guard_needs_baseline
         artifacts = [{"index": 0, "name": "input", "format": source.format, "path": str(source.path),
                       "hash": source_hash, **self.measure(source, source_hash, full=full)}]
         record: dict[str, Any] = {
@@ -375,7 +374,6 @@ class Runner:
         current, current_hash = plan.source, artifacts[0]["hash"]
         # the recipe's task and labels shape what the first step makes (a new head), so they key it too
         first_key = make_key(current_hash, current.task, current.labels, current.info.has_head)
-        need_baseline = plan.recipe.guard.max_accuracy_drop is not None
         history: list[tuple[str, Artifact]] = [("input", current)]
         for i, planned in enumerate(plan.steps):
             current, step_record = self.run_step(planned, current, current_hash, history,
@@ -384,7 +382,7 @@ class Runner:
             current_hash = step_record["output_hash"]
             record["steps"].append(step_record)
             last = i == len(plan.steps) - 1
-            baseline_missing = need_baseline and not any(a.get("metric") for a in artifacts)
+            baseline_missing = plan.guard_needs_baseline and not any(a.get("metric") for a in artifacts)
             artifacts.append({"index": i + 1, "name": planned.name, "format": current.format,
                               "path": step_record["path"], "hash": current_hash,
                               **self.measure(current, current_hash,
