@@ -53,6 +53,24 @@ def pct(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def wait_healthy(url: str, seconds: float = 300) -> None:
+    """Until `url`/health answers 200 (RuntimeError after `seconds`)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not become healthy in {seconds:.0f} s")
+
+
+def write_result(result: dict[str, Any], out: Path) -> None:
+    """The figures as JSON in `out` (its directory made) and on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
 @contextlib.contextmanager
 def server(bundle: Path, options: list[str]) -> Any:
     """`compressor serve BUNDLE` on a free port of 127.0.0.1, healthy; stopped afterwards."""
@@ -63,11 +81,7 @@ def server(bundle: Path, options: list[str]) -> Any:
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.2)
+        wait_healthy(url, 120)
         yield url
     finally:
         proc.terminate()
@@ -256,10 +270,7 @@ def main(argv: list[str]) -> int:
         else:
             row["x_in_process_b32"] = row["requests_per_s"] / base["texts_per_s_b32"]
             row["p50_minus_in_process_b1_ms"] = (row["p50_ms"] or 0) - base["p50_ms_b1"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"{manifest.get('name', 'bundle')}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result(result, args.out / f"{manifest.get('name', 'bundle')}.json")
     return 0
 
 

@@ -17,25 +17,13 @@ import json
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import sentences, server, wrk_load  # noqa: E402  (the bench beside this one)
-
-
-def wait_healthy(url: str, seconds: float = 300) -> None:
-    """Until /health answers 200."""
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not become healthy")
+from serve_load import sentences, server, wait_healthy, write_result, wrk_load  # noqa: E402  (the bench beside this one)
 
 
 @contextlib.contextmanager
@@ -93,9 +81,7 @@ def main(argv: list[str]) -> int:
         result[f"ray_{args.replicas}_replicas"] = wrk_load(url, texts, args.concurrency, args.seconds, args.out)
     ray_row = result[f"ray_{args.replicas}_replicas"]
     ray_row["x_one_process"] = ray_row["requests_per_s"] / result["one_process"]["requests_per_s"]
-    out = args.out / f"{manifest.get('name', 'bundle')}-ray.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result(result, args.out / f"{manifest.get('name', 'bundle')}-ray.json")
     return 0
 
 

@@ -181,12 +181,13 @@ def bundle_manifest(artifact: Artifact, tmp: Path, task: Any, record: dict[str, 
                               if k in final["latency"]}
     environment = record.get("environment", {})
     integer = sorted({op for op in model.get("operators", []) if op in INTEGER_KERNEL_OPS})
+    module = task.answers_module()
     manifest: dict[str, Any] = {
         "schema_version": bundle_runtime.SCHEMA_VERSION, "name": record.get("name") or artifact.path.name,
         "task": artifact.task, "labels": artifact.labels,
         # what the device-side runtime reads instead of the task's name: the rows' shape and the answer
         "input": "words" if task.word_level else "text",
-        "output": task.answers_module().rpartition(".")[2], "output_module": task.answers_module(),
+        "output": module.rpartition(".")[2], "output_module": module,
         "model": model, "min_onnxruntime": model["min_onnxruntime"],
         "tokenizer": {"file": "tokenizer.json", "max_length": artifact.max_length, "pad_id": pad["id"] if pad else 0,
                       "pad_token": pad["content"] if pad else "[PAD]"},

@@ -180,32 +180,13 @@ def _table(record: dict[str, Any], front: set[int]) -> str:
 
 
 def markdown_html(lines: list[str]) -> str:
-    """A report section in the Markdown subset that tasks and steps write (## headings, paragraphs, pipe
-    tables, **bold**, `code`) as HTML."""
-    import re
+    """A report section that a task or step wrote in Markdown (headings, paragraphs, pipe tables), rendered by
+    markdown-it-py (CommonMark with tables; raw HTML escaped), its headings one level down to sit under the
+    run's own heading."""
+    from markdown_it import MarkdownIt
 
-    def inline(text: str) -> str:
-        text = html.escape(text)
-        text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-        return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-
-    parts: list[str] = []
-    table: list[list[str]] = []
-    for line in [*lines, ""]:
-        if line.startswith("|"):
-            if "---" not in line:
-                table.append([c.strip() for c in line.strip().strip("|").split("|")])
-            continue
-        if table:
-            head = "".join(f"<th>{inline(c)}</th>" for c in table[0])
-            body = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in table[1:])
-            parts.append(f"<table><tr>{head}</tr>{body}</table>")
-            table = []
-        if line.startswith("#"):
-            parts.append(f"<h3>{inline(line.lstrip('#').strip())}</h3>")
-        elif line.strip():
-            parts.append(f"<p>{inline(line)}</p>")
-    return "".join(parts)
+    text = "\n".join("#" + line if line.startswith("#") else line for line in lines)
+    return MarkdownIt("commonmark", {"html": False}).enable("table").render(text) if text.strip() else ""
 
 
 def _guard(record: dict[str, Any]) -> str:

@@ -41,17 +41,20 @@ class Answers:
         text = self.generation["prompt_format"].format(prompt=prompt)
         return self.tokenizer.encode(text, add_special_tokens=self.generation["add_special_tokens"]).ids
 
+    def _greedy(self, prompt: str, max_new_tokens: int | None) -> Iterator[int]:
+        """The greedy answer's token ids, one at a time, until a stop token or the limit."""
+        return self.lm.stream(self.prompt_ids(prompt), max_new_tokens or self.generation["max_new_tokens"],
+                              set(self.generation["stop_ids"]))
+
     def tokens(self, prompt: str, max_new_tokens: int | None = None) -> list[int]:
         """The greedy answer's token ids, until a stop token or the limit."""
-        return list(self.lm.stream(self.prompt_ids(prompt), max_new_tokens or self.generation["max_new_tokens"],
-                                   set(self.generation["stop_ids"])))
+        return list(self._greedy(prompt, max_new_tokens))
 
     def stream(self, prompt: str, max_new_tokens: int | None = None) -> Iterator[str]:
         """The greedy answer as text pieces, one per generated token (decoded so far, minus what was given)."""
         ids: list[int] = []
         shown = ""
-        for token in self.lm.stream(self.prompt_ids(prompt), max_new_tokens or self.generation["max_new_tokens"],
-                                    set(self.generation["stop_ids"])):
+        for token in self._greedy(prompt, max_new_tokens):
             ids.append(token)
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character

@@ -105,10 +105,9 @@ def pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Ge
     if top_p < 1:
         order = np.argsort(-probs)
         keep = order[: int(np.searchsorted(np.cumsum(probs[order]), top_p) + 1)]
-        probs = np.zeros_like(probs)
-        probs[keep] = 1
-        probs = probs * np.exp(z - z.max())
-        probs /= probs.sum()
+        kept = np.zeros_like(probs)
+        kept[keep] = probs[keep]
+        probs = kept / kept.sum()
     return int(rng.choice(len(probs), p=probs))
 
 
