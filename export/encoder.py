@@ -90,9 +90,10 @@ def prepare_for_export(model: Any) -> Any:
 
 
 def export_encoder(model: Any, tokenizer: Any, out_file: Path, opset: int, exporter: str,
-                   per_token: bool) -> list[str]:
+                   per_token: bool, output: str = "logits") -> list[str]:
     """Write `out_file` from a PyTorch encoder with a task head; returns the graph's input names.
-    `per_token`: the logits have a sequence axis (token classification)."""
+    `per_token`: the logits have a sequence axis (token classification); `output`: the graph's output name
+    (the task's `output_name`: `sentence_embedding` for an embedding model, whose head is its pooling)."""
     import torch
 
     if exporter not in ENCODER_EXPORTERS:
@@ -104,14 +105,14 @@ def export_encoder(model: Any, tokenizer: Any, out_file: Path, opset: int, expor
     wrapped = logits_module(model)
     args = dummy_inputs(model, names)
     axes = {n: AXES for n in names}
-    axes["logits"] = AXES if per_token else {0: "batch_size"}
+    axes[output] = AXES if per_token else {0: "batch_size"}
     quiet = io.StringIO()
     with (torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(quiet),
           contextlib.redirect_stderr(quiet)):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         if exporter == "torchscript":
-            torch.onnx.export(wrapped, args, str(out_file), input_names=names, output_names=["logits"],
+            torch.onnx.export(wrapped, args, str(out_file), input_names=names, output_names=[output],
                               dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
             import onnx
 
@@ -121,7 +122,7 @@ def export_encoder(model: Any, tokenizer: Any, out_file: Path, opset: int, expor
         else:
             batch, length = torch.export.Dim("batch_size", min=1), torch.export.Dim("sequence_length", min=1)
             shapes = tuple({0: batch, 1: length} for _ in names)
-            program = torch.onnx.export(wrapped, args, input_names=names, output_names=["logits"],
+            program = torch.onnx.export(wrapped, args, input_names=names, output_names=[output],
                                         dynamic_shapes=shapes, opset_version=opset, dynamo=True, optimize=True)
             program.save(str(out_file), external_data=False)
     return names

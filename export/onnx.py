@@ -180,7 +180,7 @@ def export_with_torch(artifact: Artifact, task: Any, out_dir: Path, opset: int, 
 
     model = load_model(artifact)
     export_encoder(model, load_tokenizer(artifact.path), out_dir / "model.onnx", opset, exporter,
-                   per_token=task.word_level)
+                   per_token=task.word_level, output=task.output_name)
     shutil.copy2(artifact.path / "config.json", out_dir / "config.json")
     copy_tokenizer(artifact.path, out_dir)
 

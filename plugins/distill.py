@@ -275,7 +275,8 @@ def hard_loss(student_logits: Any, labels: Any) -> Any:
 
 def make_loss(teacher: Any, task: str, config: DistillConfig, mapping: list[int], projection: Any) -> Callable:
     """loss(student, batch) = α·T²·KL(soft teacher ‖ soft student) + (1-α)·CE + β·hidden MSE, on the rows
-    the task's `distill_pairs` picks."""
+    the task's `distill_pairs` picks; a task with its own `distill_loss` (sentence embeddings) replaces the
+    first two terms."""
     import torch
 
     from compressor.tasks import task_for
@@ -289,9 +290,11 @@ def make_loss(teacher: Any, task: str, config: DistillConfig, mapping: list[int]
         out = student(**inputs, output_hidden_states=hidden)
         with torch.no_grad():
             ref = teacher(**inputs, output_hidden_states=hidden)
-        pairs = spec.distill_pairs(out.logits, ref.logits, labels, inputs.get("attention_mask"), config.positions)
-        total = (config.alpha * soft_loss(pairs.soft_student, pairs.soft_teacher, config.temperature)
-                 + (1 - config.alpha) * hard_loss(pairs.hard_student, pairs.hard_labels))
+        total = spec.distill_loss(out.logits, ref.logits, labels, inputs.get("attention_mask"))
+        if total is None:
+            pairs = spec.distill_pairs(out.logits, ref.logits, labels, inputs.get("attention_mask"), config.positions)
+            total = (config.alpha * soft_loss(pairs.soft_student, pairs.soft_teacher, config.temperature)
+                     + (1 - config.alpha) * hard_loss(pairs.hard_student, pairs.hard_labels))
         if hidden:
             total = total + config.hidden_weight * hidden_mse(out.hidden_states, ref.hidden_states, mapping,
                                                               inputs["attention_mask"], projection)

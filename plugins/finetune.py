@@ -26,6 +26,8 @@ class FinetuneConfig(TrainConfig):
     lora_target_modules: list[str] | None = Field(
         default=None, description="Modules that get adapters (method: lora); default: peft's choice for the model "
                     "type, or every Linear but the output head where peft has none.")
+    loss: str | None = Field(default=None, description="The training loss, where the task offers several "
+                             "(sentence-embedding: cosent, the default, or cosine); default: the task's.")
     merge: bool = Field(default=True, description="method: lora — also merge the adapter into the model; "
                                                   "the adapter is saved under adapter/ either way.")
 
@@ -58,6 +60,13 @@ class Finetune(Step):
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
         """LoRA needs peft; the rest needs nothing beyond the data."""
         assert isinstance(config, FinetuneConfig)
+        from compressor.tasks import task_for
+
+        losses = task_for(ctx.task).train_losses
+        if config.loss is not None and config.loss not in losses:
+            raise RecipeError(f"{ctx.task} models train with " + (f"loss {' or '.join(losses)}, not {config.loss!r}"
+                              if losses else f"their own loss; loss {config.loss!r} does not apply"),
+                              where="with.loss", hint=f"use one of {', '.join(losses)}" if losses else "remove loss")
         if config.method == "lora":
             import importlib.util
 
@@ -96,7 +105,7 @@ class Finetune(Step):
         ctx.report(method=config.method, trained_parameters=n_trained, total_parameters=n_total,
                    train_rows=len(rows), note=frozen_note)
         history = train(model, tokenizer, rows, artifact.task, label_map, config.settings(ctx.seed, ctx.threads),
-                        params=trainable,
+                        params=trainable, loss_fn=task_for(artifact.task).train_loss(config.loss),
                         description=f"finetune ({config.method})")
         ctx.report(epoch_loss=history["epoch_loss"], optimizer_steps=history["steps"])
         info: dict[str, Any] = {"method": config.method, "max_length": config.max_length}

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
+import time
+from typing import Iterator
 import sys
 import textwrap
 from pathlib import Path
@@ -122,3 +127,47 @@ def site_cli(site: Path, *args: str, env: dict[str, str] | None = None) -> subpr
     environ = {**os.environ, "PYTHONPATH": str(site), **(env or {})}
     return subprocess.run([sys.executable, "-m", "compressor", *args], capture_output=True, text=True,
                           env=environ, timeout=120)
+
+
+# Server processes (tests/test_serve.py, tests/test_sentence_embedding.py): started on a free port of 127.0.0.1.
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(command: list[str], timeout: float = 90) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start a server process (its command without --port), wait for /health 200, stop it afterwards."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([*command, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"the server exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the server did not become healthy")
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def bundle_server(bundle: Path, *options: str) -> list[str]:
+    """The bundle's own serve.py, run by this Python."""
+    return [sys.executable, str(bundle / "serve.py"), *options]
+
+

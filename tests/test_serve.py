@@ -5,11 +5,9 @@ flight, and a tampered bundle."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,49 +18,10 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from conftest import recipe_text
+from conftest import bundle_server, free_port, recipe_text, served
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def served(command: list[str], timeout: float = 90) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Start a server process (its command without --port), wait for /health 200, stop it afterwards."""
-    port = free_port()
-    proc = subprocess.Popen([*command, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"the server exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.2)
-        else:
-            raise AssertionError("the server did not become healthy")
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def bundle_server(bundle: Path, *options: str) -> list[str]:
-    """The bundle's own serve.py, run by this Python."""
-    return [sys.executable, str(bundle / "serve.py"), *options]
 
 
 def metric(url: str, name: str) -> float:

@@ -21,6 +21,9 @@ class EvalSettings:
     max_rows: int | None = None
     #: the task's own evaluation settings (recipe evaluate.task, checked by the task's EvalConfig)
     task: dict[str, Any] = field(default_factory=dict)
+    #: the run's input model directory, which an evaluator may compare an artifact against (sentence
+    #: embeddings' fidelity); None outside a run
+    source: str | None = None
 
 
 class Evaluator(Protocol):

@@ -20,37 +20,55 @@ DATA_FORMATS = ("tsv", "csv", "jsonl", "conll", "datasets", "text")
 
 @dataclass(frozen=True)
 class Example:
-    """One row: a sentence and its label, words and their tags, or a prompt and its completion (for a
-    language model; `label` None for plain text). `chat`: wrap the prompt in the chat template (None:
+    """One row: a sentence and its label, a pair of sentences (a tuple) and their score, words and their tags,
+    or a prompt and its completion (for a language model; `label` None for plain text). `chat`: wrap the prompt in the chat template (None:
     when the tokenizer has one)."""
 
     text: Any
     label: Any
     chat: bool | None = None
+    #: the row's line in its file (delimited and jsonl files), for messages that point at it
+    line: int | None = field(default=None, compare=False)
 
 
-def _read_delimited(path: Path, delimiter: str, text: str, label: str, where: str) -> list[Example]:
+def _read_delimited(path: Path, delimiter: str, text: str | list[str], label: str, where: str,
+                    columns: list[str] | None = None) -> list[Example]:
+    """Rows of a tsv/csv file: with a header row, or, given `columns`, headerless (each row needs at least those
+    fields; later ones are ignored, as STS-B's trailing source notes are). A list `text` reads a pair of columns."""
+    wanted = list(text) if isinstance(text, list) else [text]
     with open(path, encoding="utf-8", newline="") as fh:
         # SST-2 style files are unquoted; quoting only applies to csv.
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.DictReader(fh, delimiter=delimiter, quoting=quoting)
-        columns = reader.fieldnames or []
-        for column in (text, label):
-            if column not in columns:
-                raise InputError(f"column {column!r} is not in {path} (columns: {', '.join(columns) or 'none'})",
-                                 where=where, hint="set data.text / data.label to the file's column names")
+        reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
+        header = list(columns) if columns else next(reader, [])
+        for column in wanted + [label]:
+            if column not in header:
+                raise InputError(f"column {column!r} is not in {path} (columns: {', '.join(header) or 'none'})",
+                                 where=where, hint="set data.text / data.label to " + (
+                                     "names in data.columns" if columns else "the file's column names"))
+        index = {name: i for i, name in enumerate(header)}
+        needed = max(index[c] for c in wanted + [label]) + 1
         rows = []
-        for row in reader:
-            if None in row or None in row.values():  # too many fields, or too few
-                fields = len(columns) + len(row.get(None) or []) - sum(v is None for v in row.values())
-                raise InputError(f"line {reader.line_num} of {path} has {fields} column(s), the header has "
-                                 f"{len(columns)}", where=where,
-                                 hint="every row needs one value per header column (tab-separated for tsv)")
-            rows.append(Example(row[text], (row[label] or "").strip()))
+        for fields in reader:
+            number = reader.line_num
+            if not fields:
+                continue
+            if len(fields) < needed if columns else len(fields) != len(header):
+                missing = header[len(fields)] if len(fields) < len(header) else None
+                raise InputError(f"line {number} of {path} has {len(fields)} column(s), "
+                                 + (f"so column {missing!r} is missing" if columns and missing else
+                                    f"the header has {len(header)}"), where=where,
+                                 hint="every row needs one value per " + ("named column" if columns else
+                                                                          "header column")
+                                      + (" (tab-separated for tsv)" if delimiter == "\t" else ""))
+            texts = tuple(fields[index[c]] for c in wanted)
+            rows.append(Example(texts if isinstance(text, list) else texts[0], fields[index[label]].strip(),
+                                line=number))
         return rows
 
 
-def _read_jsonl(path: Path, text: str, label: str, where: str) -> list[Example]:
+def _read_jsonl(path: Path, text: str | list[str], label: str, where: str) -> list[Example]:
+    wanted = list(text) if isinstance(text, list) else [text]
     rows = []
     with open(path, encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
@@ -61,11 +79,13 @@ def _read_jsonl(path: Path, text: str, label: str, where: str) -> list[Example]:
             except json.JSONDecodeError as exc:
                 raise InputError(f"line {number} of {path} is not JSON: {exc.msg}", where=where,
                                  hint="each line of a jsonl file must be one JSON object") from None
-            if not isinstance(obj, dict) or text not in obj or label not in obj:
-                raise InputError(f"line {number} of {path} lacks {text!r} or {label!r}", where=where,
-                                 hint="set data.text / data.label to the objects' keys")
+            if not isinstance(obj, dict) or any(k not in obj for k in wanted + [label]):
+                raise InputError(f"line {number} of {path} lacks {' or '.join(map(repr, wanted + [label]))}",
+                                 where=where, hint="set data.text / data.label to the objects' keys")
             value = obj[label]
-            rows.append(Example(obj[text], [str(v) for v in value] if isinstance(value, list) else str(value)))
+            texts = tuple(obj[k] for k in wanted)
+            rows.append(Example(texts if isinstance(text, list) else texts[0],
+                                [str(v) for v in value] if isinstance(value, list) else str(value), line=number))
     return rows
 
 
@@ -143,7 +163,7 @@ class DataSource:
 
     format: str
     splits: dict[str, Path]
-    text: str
+    text: str | list[str]
     label: str
     holdout: int | None = None
     seed: int = 0
@@ -152,6 +172,8 @@ class DataSource:
     prompt: str | None = None
     completions: dict[str, str] | None = None
     chat_template: bool | None = None
+    #: names of a headerless tsv/csv file's leading columns (data.columns)
+    columns: list[str] | None = None
     _rows: dict[str, list[Example]] = field(default_factory=dict, repr=False, compare=False)
 
     def has(self, split: str) -> bool:
@@ -217,7 +239,8 @@ class DataSource:
             elif self.format == "text":
                 rows = _read_text(path)
             else:
-                rows = _read_delimited(path, "\t" if self.format == "tsv" else ",", self.text, self.label, where)
+                rows = _read_delimited(path, "\t" if self.format == "tsv" else ",", self.text, self.label, where,
+                                      self.columns)
         except UnicodeDecodeError as exc:
             raise InputError(f"{path} is not UTF-8 (byte {exc.start}: {exc.reason})", where=where,
                              hint="re-encode the file as UTF-8") from None
@@ -261,7 +284,8 @@ class DataSource:
             files_of["tune"] = ["validation"]
         wanted = sorted({f for s in (self.splits if splits is None else splits) for f in files_of.get(s, [])})
         held = [self.holdout, self.seed] if self.holdout and set(wanted) & {"train"} else []
-        h = hashlib.sha256(json.dumps([self.format, self.text, self.label] + held
+        h = hashlib.sha256(json.dumps([self.format, self.text, self.label] + ([self.columns] if self.columns else [])
+                                      + held
                                       + ([self.prompt, self.completions, self.chat_template]
                                          if self.reads_prompts else [])).encode())
         for split in wanted:

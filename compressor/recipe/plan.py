@@ -110,6 +110,8 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
     converted = host.pm.hook.convert_input_model(path=str(model_path), cache_dir=str(cache_root()),
                                                  log=lambda s: print(s, file=sys.stderr))
     model_path = Path(converted) if converted else model_path
+    model_path = task.prepare_model(model_path, _model_options(recipe, raw, task), cache_root(),
+                                    lambda s: print(s, file=sys.stderr))
     source, model_config = inspect_model(model_path, recipe.model.task, recipe.model.labels)
     chain = _Chain(source.format, list(source.labels))
     steps: list[PlannedStep] = []
@@ -124,6 +126,7 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
     measures_metrics = _check_evaluation(recipe, data, errors)
     guard_baseline = _guard_baseline(recipe, steps, errors)
     guard_directions = _guard_metrics(recipe, task, measures_metrics, errors)
+    errors += _budgets_within_range(recipe, task)
     eval_task = _check_eval_task(task, recipe, recipe_dir, errors)
     if data is not None and recipe.data.chat_template and not _has_chat_template(source.path):
         errors.append(InputError(f"data.chat_template is true, and the model's tokenizer in {source.path} has no "
@@ -147,6 +150,23 @@ class _Chain:
     labels: list[str]
 
 
+def _model_options(recipe: Recipe, raw: dict[str, Any], task: Any) -> Any:
+    """The task's own keys of `model:` (beyond path, task, labels), checked against its ModelOptions; RecipeErrors
+    naming each wrong key."""
+    given = dict(recipe.model.model_extra or {})
+    schema = task.ModelOptions
+    if schema is None:
+        if given:
+            raise RecipeErrors([RecipeError("unknown key", where=f"model.{k}", hint=f"{task.name} models take no "
+                                            f"model.{k}; check its spelling against `compressor schema`")
+                                for k in given])
+        return None
+    try:
+        return schema.model_validate(given)
+    except ValidationError as exc:
+        raise RecipeErrors(validation_errors(exc, raw, ("model",))) from None
+
+
 def _plan_data(recipe: Recipe, recipe_dir: Path, errors: list[CompressorError]) -> DataSource | None:
     """The recipe's data source (None without `data:`), its missing files and holdout added to `errors`."""
     if not recipe.data:
@@ -156,7 +176,16 @@ def _plan_data(recipe: Recipe, recipe_dir: Path, errors: list[CompressorError]) 
                            ("validation", recipe.data.validation)) if p}
     data = DataSource(recipe.data.format, splits, recipe.data.text, recipe.data.label,
                       holdout=recipe.data.holdout, seed=recipe.seed, prompt=recipe.data.prompt,
-                      completions=recipe.data.completions, chat_template=recipe.data.chat_template)
+                      completions=recipe.data.completions, chat_template=recipe.data.chat_template,
+                      columns=recipe.data.columns)
+    if recipe.data.columns and recipe.data.format not in ("tsv", "csv"):
+        errors.append(RecipeError(f"data.columns names the columns of a headerless tsv or csv file, and data.format "
+                                  f"is {recipe.data.format}", where="data.columns", hint="remove data.columns"))
+    if isinstance(recipe.data.text, list) and (recipe.data.format not in ("tsv", "csv", "jsonl")
+                                               or len(recipe.data.text) != 2):
+        errors.append(RecipeError("a list data.text names the two columns of a pair of texts, in a tsv, csv or jsonl "
+                                  f"file (got {len(recipe.data.text)} in a {recipe.data.format} file)",
+                                  where="data.text", hint="give one column, or two for pairs"))
     if recipe.data.holdout and not recipe.data.train:
         errors.append(RecipeError("data.holdout holds rows out of data.train, which the recipe does not give",
                                   where="data.holdout", hint="add data.train, or give data.validation"))
@@ -256,7 +285,7 @@ def _check_rows(data: DataSource, task: Any, labels: list[str], steps: list[Plan
         return
     for split in data.splits:
         try:
-            data.load(split)
+            task.check_rows(data.load(split), data.splits[split], f"data.{split}")
         except CompressorError as exc:
             errors.append(exc)
 
@@ -297,6 +326,18 @@ def _guard_metrics(recipe: Recipe, task: Any, measures_metrics: bool, errors: li
         else:
             directions[name] = known[name]
     return directions
+
+
+def _budgets_within_range(recipe: Recipe, task: Any) -> list[CompressorError]:
+    """Absolute budgets larger than their metric's whole range (max_accuracy_drop 5 for an accuracy of 0 to 1):
+    a budget in the wrong units."""
+    guard = recipe.guard
+    budgets = [("guard.max_accuracy_drop", task.metric, guard.max_accuracy_drop)] if not guard.relative else []
+    budgets += [(f"guard.metrics.{name}", task.metric_named(name), value) for name, value in guard.metrics.items()]
+    return [RecipeError(f"a drop of {value:g} is more than {metric.name} can drop (it is at most {metric.top:g})",
+                        where=where, hint=f"give the budget in {metric.name}'s units"
+                                          + (" (0.01 is one point)" if metric.top == 1 else ""))
+            for where, metric, value in budgets if value is not None and metric.top is not None and value > metric.top]
 
 
 def _guard_baseline(recipe: Recipe, steps: list[PlannedStep], errors: list[CompressorError]) -> int | None:

@@ -20,8 +20,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class ModelSpec(_Strict):
-    """The fine-tuned (or base) model the recipe starts from."""
+class ModelSpec(BaseModel):
+    """The fine-tuned (or base) model the recipe starts from. Keys beyond these are the task's own (its
+    ModelOptions, e.g. sentence-embedding's `pooling`), checked against the task at `check`."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     path: str = Field(description="Directory of a transformers save_pretrained model, relative to the recipe; "
                                   "`pkg:MODULE/SUBDIR` names a directory inside an installed Python package.")
@@ -43,7 +46,10 @@ class DataSpec(_Strict):
     holdout: int | None = Field(default=None, ge=1, le=1_000_000,
                                 description="Without data.validation: hold this many seeded random train rows out "
                                             "as the tuning rows; no step trains or calibrates on them.")
-    text: str = Field(default="sentence", description="Column (or key) holding the text or the words.")
+    text: str | list[str] = Field(default="sentence", description="Column (or key) holding the text or the words; "
+                                  "a list of two columns makes each row a pair of texts (sentence similarity).")
+    columns: list[str] | None = Field(default=None, min_length=1, description="tsv / csv without a header row: the "
+                                      "names of its leading columns, in order (fields past them are ignored).")
     label: str = Field(default="label", description="Column (or key) holding the label or the tags (for a "
                                                     "language model: the completion).")
     prompt: str | None = Field(default=None, description="Language models: an instruction template with {text}; "
@@ -87,8 +93,10 @@ class EvaluateSpec(_Strict):
 class GuardSpec(_Strict):
     """Budgets the final artifact must meet; a broken guard exits 1 (artifacts are kept)."""
 
-    max_accuracy_drop: float | None = Field(default=None, ge=0, le=1,
-                                            description="Largest allowed drop of the task metric from the baseline.")
+    max_accuracy_drop: float | None = Field(default=None, ge=0, le=1000,
+                                            description="Largest allowed drop of the task metric from the baseline, "
+                                                        "in the metric's units (accuracy 0-1: 0.01 is one point; "
+                                                        "Spearman ×100: 1.0 is one point).")
     relative: bool = Field(default=False, description="Read max_accuracy_drop as a fraction of the baseline.")
     baseline: str | StrictInt | None = Field(default=None, description="The artifact max_accuracy_drop and "
                                        "metrics count from: `input`, the name of a step used once in steps, or an "

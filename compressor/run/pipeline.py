@@ -32,7 +32,7 @@ def eval_settings(plan: Plan) -> EvalSettings:
     lat = ev.latency
     return EvalSettings(threads=lat.threads if lat else 2, batch_sizes=tuple(lat.batch_sizes) if lat else (1,),
                         runs=lat.runs if lat else 0, warmup=lat.warmup if lat else 0, latency=lat is not None,
-                        max_rows=ev.max_rows, task=dict(plan.eval_task))
+                        max_rows=ev.max_rows, task=dict(plan.eval_task), source=str(plan.source.path))
 
 
 def _file_digests(task_settings: dict[str, Any]) -> dict[str, str]:

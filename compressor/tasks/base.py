@@ -9,7 +9,8 @@ collated, its metrics and which way each is better, and what a bundle verifies.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from pathlib import Path
+from typing import Any, Callable, ClassVar, NamedTuple
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,9 @@ class Metric:
 
     name: str
     higher_is_better: bool = True
+    #: The metric's largest value (1 for a fraction such as accuracy, 100 for a ×100 score), which bounds how far
+    #: it can drop; None: unbounded (perplexity).
+    top: float | None = None
 
     def gain(self, before: float, after: float) -> float:
         """How much better `after` is than `before` (negative: worse), whatever the direction."""
@@ -69,6 +73,33 @@ class Task:
     #: The `positions` settings distill accepts, the default first; empty: the task's targets only (one per
     #: sentence, one per tagged word), and distill refuses the setting.
     distill_positions: ClassVar[tuple[str, ...]] = ()
+
+    #: The pydantic model of keys this task adds to the recipe's `model:` section (None: it adds none).
+    ModelOptions: ClassVar[Any] = None
+    #: The output of an exported encoder graph (Optimum's name for it: `logits` for a head).
+    output_name: ClassVar[str] = "logits"
+    #: The losses finetune's `loss` setting may name, the default first; empty: the model's own loss only.
+    train_losses: ClassVar[tuple[str, ...]] = ()
+
+    def prepare_model(self, path: Path, options: Any, cache_dir: Path, log: Callable[[str], None]) -> Path:
+        """The recipe's model directory as this task's steps read it, given the validated `model:` options
+        (None without ModelOptions): `path` itself by default. A task that needs files the directory lacks
+        writes a completed copy under `cache_dir` (never into `path`), or raises InputError saying what is
+        missing. Called at `check`."""
+        return path
+
+    def check_rows(self, rows: list[Any], path: Path | None, where: str) -> None:
+        """Raise compressor.errors.InputError (naming the file, line and column) for a row of one split that
+        this task cannot use; every row is fine by default."""
+
+    def train_loss(self, name: str | None) -> Callable[[Any, dict], Any] | None:
+        """finetune's loss(model, batch) for `loss: name` (None: the default); None: the model's own loss."""
+        return None
+
+    def distill_loss(self, student_logits: Any, teacher_logits: Any, labels: Any, attention_mask: Any) -> Any:
+        """distill's output term, when this task replaces the KL + hard-label mix (sentence embeddings: MSE of
+        the embeddings); None (the default) keeps the mix over `distill_pairs`."""
+        return None
 
     def answers_module(self) -> str:
         """The device module a bundle of this task carries: `device_module`, or for a task written against plugin

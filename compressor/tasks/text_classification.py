@@ -16,7 +16,7 @@ class TextClassification(Task):
     head_suffix = "ForSequenceClassification"
     peft_task_type = "SEQ_CLS"
     export_task = "text-classification"
-    metrics = (Metric("accuracy"),)
+    metrics = (Metric("accuracy", top=1.0),)
     golden_inputs = ("a gripping , beautifully made film .", "the plot is thin and the jokes fall flat .")
 
     def collate(self, tokenizer: Any, rows: list[Any], label_map: dict[str, int], max_length: int) -> dict:

@@ -81,7 +81,7 @@ class TextGeneration(Task):
     head_suffix = "ForCausalLM"
     peft_task_type = "CAUSAL_LM"
     export_task = "text-generation-with-past"
-    metrics = (Metric("perplexity", higher_is_better=False), Metric("accuracy"))
+    metrics = (Metric("perplexity", higher_is_better=False), Metric("accuracy", top=1.0))
     needs_labels = False
     model_inputs = ("input_ids", "attention_mask")
     golden_inputs = ("What is the capital of France?", "Name three colours.")

@@ -59,7 +59,7 @@ class TokenClassification(Task):
     head_suffix = "ForTokenClassification"
     peft_task_type = "TOKEN_CLS"
     export_task = "token-classification"
-    metrics = (Metric("f1"), Metric("precision"), Metric("recall"))
+    metrics = (Metric("f1", top=1.0), Metric("precision", top=1.0), Metric("recall", top=1.0))
     word_level = True
     golden_inputs = ("EU rejects German call to boycott British lamb .", "Peter Blackburn reports from Brussels .")
     device_module = "compressor.tasks.device.entities"

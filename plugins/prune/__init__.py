@@ -181,7 +181,7 @@ def _prune_encoder(model: Any, artifact: Artifact, config: PruneConfig, ctx: Ste
 
 
 def _encoder_layers(model: Any) -> Any:
-    base = getattr(model, model.base_model_prefix, model)
+    base = model.base_model  # the encoder under a task head, or the model itself (BertModel)
     try:
         return base.encoder.layer
     except AttributeError:
@@ -199,7 +199,7 @@ def heads_prunable() -> bool:
 def _drop_layers(model: Any, keep: list[int]) -> None:
     import torch
 
-    base = getattr(model, model.base_model_prefix)
+    base = model.base_model
     base.encoder.layer = torch.nn.ModuleList([base.encoder.layer[i] for i in keep])
     model.config.num_hidden_layers = len(keep)
     old = getattr(model.config, "pruned_heads", None) or {}

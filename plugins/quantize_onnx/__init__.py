@@ -51,8 +51,8 @@ class QuantizeOnnxConfig(StepConfig):
                                     "CPUs without VNNI they saturate (onnxruntime's U8S8 caveat); mode: auto "
                                     "measures which to use.")
     max_accuracy_drop: float | None = Field(
-        default=None, ge=0, le=1, description="auto: largest allowed drop of the task metric on the tuning rows, "
-                                              "against this step's input. Default: the recipe's "
+        default=None, ge=0, le=1000, description="auto: largest allowed drop of the task metric on the tuning rows, "
+                                                 "against this step's input, in the metric's units. Default: the recipe's "
                                               "guard.max_accuracy_drop.")
     relative_drop: bool = Field(default=False, description="auto: read max_accuracy_drop as a fraction of the "
                                                            "input's metric (default: the guard's `relative`).")
@@ -182,9 +182,11 @@ class QuantizeOnnx(Step):
     def supports(self, config: StepConfig, task: Any, model_config: dict[str, Any]) -> str | None:
         """Language models: weight-only int4 (their evaluator needs the recipe's perplexity settings, which
         the int8 modes' calibration and search do not read yet); GPTQ: language models only."""
-        if not task.needs_labels and getattr(config, "mode", None) != "int4":
+        from compressor.export.onnx import DECODER_LAYOUT
+
+        if task.export_task == DECODER_LAYOUT and getattr(config, "mode", None) != "int4":
             return f"mode {config.mode!r} is not built for {task.name} models yet; use mode: int4"
-        if task.needs_labels and getattr(config, "algorithm", None) == "gptq" and config.mode == "int4":
+        if task.export_task != DECODER_LAYOUT and getattr(config, "algorithm", None) == "gptq" and config.mode == "int4":
             return (f"algorithm: gptq calibrates causal language models (text through the KV-cached graph), not "
                     f"{task.name} models; use algorithm: minmax")
         return None

@@ -6,6 +6,7 @@ predict` import it too, so the device and the host run the same code.
 
     python predict.py "a gripping film ."          # labels and scores (entities for NER)
     python predict.py "What is the capital of France?"   # a generation bundle streams its answer
+    python predict.py "A man plays a guitar." "A man is playing music."   # embeddings: shape and cosine
     python predict.py --verify                      # manifest, checksums, model, golden outputs
 """
 
@@ -358,6 +359,9 @@ def main(argv: list[str]) -> int:
                 for piece in predictor.stream(text):
                     print(piece, end="", flush=True)
                 print()
+            return 0
+        if hasattr(predictor.answers, "summary"):  # a task that answers about the texts together (embeddings)
+            print(predictor.answers.summary(args.texts))
             return 0
         for text, result in zip(args.texts, predictor.predict(args.texts)):
             print(json.dumps({"text": text, "prediction": result}, ensure_ascii=False))
