@@ -25,6 +25,7 @@ DISABLE_ENV = "COMPRESSOR_DISABLE_PLUGINS"
 #: Built-in plugins: (plugin name, module).
 BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("tasks", "compressor.tasks.plugin"),
+    ("sentence-embeddings", "compressor.tasks.sentence_embedding"),
     ("finetune", "compressor.plugins.finetune"),
     ("export-onnx", "compressor.export.onnx"),
     ("optimize-onnx", "compressor.plugins.optimize_onnx"),

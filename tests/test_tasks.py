@@ -46,7 +46,7 @@ def test_no_core_module_names_a_task():
     from compressor.host import build_host
 
     names = sorted(build_host().tasks)
-    assert names == ["text-classification", "text-generation", "token-classification"]
+    assert names == ["sentence-embedding", "text-classification", "text-generation", "token-classification"]
     sources = [p for d in ("compressor", "plugins", "export") for p in (REPO / d).rglob("*.py")
                if "tasks" not in p.relative_to(REPO).parts and p.name != "testing.py"]
     assert len(sources) > 30
