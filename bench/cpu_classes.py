@@ -7,6 +7,10 @@ and ARM64 NEON / dot-product / i8mm. (qemu has no AVX-VNNI, AVX-512 or AMX.) Ass
     # what a run's final model gives on each class: dev accuracy, agreement, largest logit difference
     python bench/cpu_classes.py logits runs/minilm-sst2-int8 [--classes avx2,sse41,arm64,arm64-dotprod]
 
+    # a sentence-embedding run's final model: largest embedding difference and lowest cosine to this
+    # machine's embedding, STS-B dev Spearman, over golden sentences and dev pairs (the bundle tolerance)
+    python bench/cpu_classes.py embeddings runs/minilm-stsb-int8 [--pairs 200]
+
     # the recipe's quantize-onnx mode: auto search, rerun with another class's kernels (x86 classes only),
     # then the chosen model's dev accuracy there: does the recipe pass its guard on that CPU class?
     python bench/cpu_classes.py search recipes/minilm-sst2-int8.yaml --cpu-class avx2 [--out runs/int8-avx2]
@@ -31,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RUN_AS = HERE / "emulation" / "run_as.sh"
 DEV = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"
+STS_DEV = REPO.parent / "shared" / "data" / "stsbenchmark" / "sts-dev.csv"
 
 
 def _worker(model: str, feeds: str, out: str) -> None:
@@ -107,6 +112,46 @@ def logits(run_dir: Path, classes: list[str], work: Path, models: list[str]) -> 
                   f"{np.percentile(diff, 99):13.3g} {float(got['seconds']):7.1f}", flush=True)
 
 
+def embeddings(run_dir: Path, classes: list[str], work: Path, pairs: int) -> None:
+    """Per class: the largest |difference| of an embedding element and the lowest cosine against this machine's
+    embeddings of the same sentences (the task's golden sentences and STS-B dev pairs), and Spearman on the pairs."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from compressor.models.data import DataSource
+    from compressor.run.cpu import describe
+    from compressor.tasks.sentence_embedding import SentenceEmbedding
+
+    columns = ["genre", "source", "year", "id", "score", "sentence1", "sentence2"]
+    rows = DataSource("tsv", {"eval": STS_DEV}, ["sentence1", "sentence2"], "score", columns=columns).load("eval")
+    rows = rows[:pairs]
+    golden = [t for g in SentenceEmbedding.golden_inputs for t in (g if isinstance(g, tuple) else (g,))]
+    texts = golden + [r.text[0] for r in rows] + [r.text[1] for r in rows]
+    gold = np.array([float(r.label) for r in rows])
+    final, _ = _final_and_float(run_dir)
+    feeds = _feeds(final, [SimpleNamespace(text=t) for t in texts], work / "sts-feeds.npz")
+    print(f"host: {describe()}; model: {final}; {len(golden)} golden sentences, {len(rows)} dev pairs")
+    print(f"{'class':<16} {'max |Δ| golden':>15} {'max |Δ| all':>12} {'min cosine':>11} {'spearman':>9} {'s':>7}")
+    reference = None
+    for cls in ["native"] + [c for c in classes if c != "native"]:
+        out = work / f"{cls}-embeddings.npz"
+        env = {**os.environ, "PY": sys.executable}
+        subprocess.run(["bash", str(RUN_AS), cls, __file__, "_worker", str(final / "model.onnx"), str(feeds),
+                        str(out)], check=True, env=env)
+        got = np.load(out)
+        values = got["logits"]
+        reference = values if reference is None else reference
+        diff = np.abs(values - reference)
+        cos = (values * reference).sum(1) / np.linalg.norm(values, axis=1) / np.linalg.norm(reference, axis=1)
+        n, g = len(rows), len(golden)
+        a, b = values[g:g + n], values[g + n:]
+        sims = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        print(f"{cls:<16} {diff[:g].max():15.3g} {diff.max():12.3g} {cos.min():11.5f} "
+              f"{100 * spearmanr(sims, gold).statistic:9.4f} {float(got['seconds']):7.1f}", flush=True)
+
+
 def search(recipe: Path, out: Path) -> None:
     """Inside the emulator: run the recipe's steps through the cache (the class-dependent search reruns),
     then measure the float and the final artifact on the eval rows with this class's kernels."""
@@ -169,6 +214,11 @@ def main() -> None:
     p.add_argument("--classes", default="avx2,sse41,arm64,arm64-dotprod,arm64-i8mm")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cpu-classes")
     p.add_argument("--models", default="int8,float", help="int8 (the final model), float (before quantization)")
+    p = sub.add_parser("embeddings")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--classes", default="avx2,sse41,arm64,arm64-dotprod,arm64-i8mm")
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cpu-classes")
+    p.add_argument("--pairs", type=int, default=200, help="STS-B dev pairs beside the golden sentences")
     p = sub.add_parser("search")
     p.add_argument("recipe", type=Path)
     p.add_argument("--cpu-class", default="avx2", help="an x86 class run_as.sh emulates (avx2, sse41)")
@@ -177,6 +227,9 @@ def main() -> None:
     if args.command == "logits":
         args.work.mkdir(parents=True, exist_ok=True)
         logits(args.run_dir, [c for c in args.classes.split(",") if c], args.work, args.models.split(","))
+    elif args.command == "embeddings":
+        args.work.mkdir(parents=True, exist_ok=True)
+        embeddings(args.run_dir, [c for c in args.classes.split(",") if c], args.work, args.pairs)
     else:
         out = args.out or Path("runs") / f"{args.recipe.stem}-{args.cpu_class}"
         out.mkdir(parents=True, exist_ok=True)

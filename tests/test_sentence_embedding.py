@@ -202,6 +202,28 @@ def test_a_bundle_verifies_and_embeds_as_the_evaluator_measured(int8_run, tmp_pa
                                                         abs=1e-5)
 
 
+def test_on_another_int8_class_the_measured_tolerance_applies(int8_run, tmp_path, monkeypatch):
+    from compressor.bundle.device.runtime import CLASS_ENV, BundleError, int8_kernel_class, verify
+    from compressor.tasks.sentence_embedding import OTHER_CLASS_TOLERANCE
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(int8_run["run"] / "bundle", bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["tolerance_other_class"] == OTHER_CLASS_TOLERANCE and manifest["tolerance"] == 1e-3
+    manifest["golden"][0]["logits"][5] += 0.6 * OTHER_CLASS_TOLERANCE  # what another class's kernels may give
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"golden\[0\]"):
+        verify(bundle)  # on the class that made the golden outputs, 1e-3 holds
+    other = "arm64" if int8_kernel_class() != "arm64" else "x86-avx2"
+    monkeypatch.setenv(CLASS_ENV, other)
+    result = verify(bundle)
+    assert result["other_class"] and result["tolerance"] == OTHER_CLASS_TOLERANCE
+    manifest["golden"][0]["logits"][5] += OTHER_CLASS_TOLERANCE
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"golden\[0\]"):
+        verify(bundle)
+
+
 def test_a_changed_golden_embedding_fails_verify(int8_run, tmp_path):
     from compressor.bundle.device.runtime import BundleError, verify
     from compressor.models.artifact import hash_file
