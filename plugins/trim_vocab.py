@@ -30,6 +30,9 @@ class TrimVocabConfig(StepConfig):
     keep_chars: bool = Field(default=True, description="Keep every single-character piece, so unseen words "
                                                        "split into characters rather than [UNK].")
     extra_tokens: list[str] = Field(default_factory=list, description="Tokens to keep whatever the data says.")
+    text_file: str | None = Field(default=None, description="A plain-text file (one text per non-blank line, "
+                                  "relative to the recipe) whose tokens count beside the training text's: a "
+                                  "vocabulary for text the train rows do not cover.")
 
 
 def tokenizer_model_type(path: Path) -> str | None:
@@ -50,13 +53,25 @@ class TrimVocab(Step):
     accepts = ("hf",)
     produces = "hf"
     needs_data = ("train",)
+    content_fields = ("text_file",)
 
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
-        """Only WordPiece tokenizers (BERT family) are supported."""
+        """Only WordPiece tokenizers (BERT family) are supported; a text_file exists."""
+        assert isinstance(config, TrimVocabConfig)
         kind = tokenizer_model_type(ctx.source_path) if ctx.source_path else "WordPiece"
         if kind != "WordPiece":
             raise RecipeError(f"trim-vocab supports WordPiece tokenizers (BERT family); this model's tokenizer is "
                               f"{kind or 'missing its tokenizer.json'}", where="uses")
+        if config.text_file is not None and not ctx.resolve(config.text_file).is_file():
+            raise RecipeError(f"{ctx.resolve(config.text_file)} does not exist", where="with.text_file",
+                              hint="fix the path (relative to the recipe file)")
+
+    def resolve_config(self, config: StepConfig, ctx: PlanContext) -> StepConfig:
+        """text_file resolved against the recipe's folder, so that its content keys the cache."""
+        assert isinstance(config, TrimVocabConfig)
+        if config.text_file is not None:
+            config = config.model_copy(update={"text_file": str(ctx.resolve(config.text_file))})
+        return config
 
     def run(self, artifact: Artifact, config: StepConfig, ctx: StepContext) -> Artifact:
         """Trim the embedding rows and the tokenizer; reports rows kept and coverage of the eval text."""
@@ -75,6 +90,11 @@ class TrimVocab(Step):
         split = task_for(artifact.task).word_level
         counts: collections.Counter[int] = collections.Counter()
         texts = [r.text for r in rows]
+        if config.text_file is not None:
+            from compressor.models.data import read_text_rows
+
+            lines = [r.text for r in read_text_rows(Path(config.text_file))]
+            texts += [line.split() for line in lines] if split else lines
         for i in range(0, len(texts), 1024):
             for ids in tokenizer(texts[i : i + 1024], add_special_tokens=False, is_split_into_words=split)["input_ids"]:
                 counts.update(ids)
@@ -104,7 +124,7 @@ class TrimVocab(Step):
         write_trimmed_tokenizer(artifact.path, ctx.out_dir, kept)
         ctx.report(rows_before=len(vocab), rows_kept=len(kept),
                    embedding_params_before=old_emb.weight.numel(), embedding_params_after=new_emb.weight.numel(),
-                   train_rows=len(rows), **_coverage(tokenizer, ctx, artifact.task, ctx.out_dir))
+                   train_rows=len(rows), text_file_rows=len(texts) - len(rows), **_coverage(tokenizer, ctx, artifact.task, ctx.out_dir))
         return artifact.derive(ctx.out_dir)
 
 

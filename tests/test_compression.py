@@ -139,6 +139,28 @@ def test_trim_vocab_keeps_training_text_exact(tmp_path, compressor_cache, tiny_t
     assert 0 < notes["eval_rows_tokenized_identically"] <= 1
 
 
+def test_trim_vocab_keeps_the_tokens_of_a_text_file(tmp_path, compressor_cache, tiny_text_model, sst2_small):
+    from transformers import AutoTokenizer
+
+    from compressor.models.data import DataSource
+
+    old_tok = AutoTokenizer.from_pretrained(tiny_text_model)
+    train = DataSource("tsv", {"train": sst2_small["train"]}, "sentence", "label").load("train")
+    used = {p for r in train for p in old_tok.tokenize(r.text)}
+    unused = sorted(t for t in old_tok.get_vocab() if t.isalpha() and len(t) > 3 and t not in used)
+    extra = " ".join(unused[:5])  # whole words of the vocabulary that no train row uses
+    assert not set(old_tok.tokenize(extra)) <= used  # the train rows alone would drop some of its pieces
+    text = tmp_path / "vocabulary.txt"
+    text.write_text(f"\n{extra}\n\n", encoding="utf-8")
+    record = _run(tmp_path, tiny_text_model, sst2_small, f"  - uses: trim-vocab\n    with: {{text_file: {text}}}\n")
+    notes = record["steps"][0]["notes"]
+    new_tok = AutoTokenizer.from_pretrained(Path(record["steps"][0]["path"]))
+    assert notes["text_file_rows"] == 1 and new_tok.vocab_size == notes["rows_kept"]
+    assert new_tok.tokenize(extra) == old_tok.tokenize(extra)
+    for r in train[:100]:
+        assert new_tok.tokenize(r.text) == old_tok.tokenize(r.text)
+
+
 def test_distill_after_trim_vocab_is_refused(tmp_path, compressor_cache, tiny_text_model, sst2_small):
     from compressor.errors import StepError
 
