@@ -101,6 +101,17 @@ def test_pooling_is_read_from_the_sentence_transformers_files_and_matches_senten
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     if normalize:
         np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    # distill's hidden-state terms read the encoder's hidden states through the pooling model
+    import torch
+
+    from compressor.tasks.embedding_model import SentenceEmbeddingModel
+
+    model = SentenceEmbeddingModel.from_pretrained(path).eval()
+    ids = torch.tensor([[1, 5, 6, 2]])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    torch.testing.assert_close(out.hidden_states[-1], out.token_embeddings)
 
 
 def test_spearman_equals_scipys_on_fixed_numbers_with_ties():

@@ -212,7 +212,18 @@ def with_pooling(model: Any, pooling: Pooling) -> Any:
         _CLASSES[base] = cls
     model.__class__ = cls
     model.pooling = pooling
+    _register_output_capture(model)
     return model
+
+
+def _register_output_capture(model: Any) -> None:
+    """transformers 5 looks up which outputs (hidden states, attentions) a model can record by its class, registered
+    in post_init; the class swapped in after it needs the same entry, or `output_hidden_states=True` gives None."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # transformers without output capturing hooks: forward returns hidden states itself
+        return
+    _CAN_RECORD_REGISTRY[model] = getattr(model, "_can_record_outputs", None)
 
 
 #: The pooling of a model built from a config (tests, new models): mean, normalized, as all-MiniLM-L6-v2's.
