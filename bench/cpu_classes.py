@@ -80,6 +80,16 @@ def _feeds(model_dir: Path, rows: list[Any], target: Path, batch: int = 32) -> P
     return target
 
 
+def _outputs_on(cls: str, model: Path, feeds: Path, out: Path) -> Any:
+    """The model's first output for every feed batch, computed by _worker with CPU class `cls`'s kernels."""
+    import numpy as np
+
+    env = {**os.environ, "PY": sys.executable}
+    subprocess.run(["bash", str(RUN_AS), cls, __file__, "_worker", str(model), str(feeds), str(out)], check=True,
+                   env=env)
+    return np.load(out)
+
+
 def logits(run_dir: Path, classes: list[str], work: Path, models: list[str]) -> None:
     """Dev accuracy, agreement with this machine and largest logit difference, per class."""
     import numpy as np
@@ -98,11 +108,7 @@ def logits(run_dir: Path, classes: list[str], work: Path, models: list[str]) -> 
         for label, model_dir in (("int8", final), ("float", floating)):
             if label not in models:
                 continue
-            out = work / f"{cls}-{label}.npz"
-            env = {**os.environ, "PY": sys.executable}
-            subprocess.run(["bash", str(RUN_AS), cls, __file__, "_worker", str(model_dir / "model.onnx"), str(feeds),
-                            str(out)], check=True, env=env)
-            got = np.load(out)
+            got = _outputs_on(cls, model_dir / "model.onnx", feeds, work / f"{cls}-{label}.npz")
             values = got["logits"]
             if cls == "native":
                 reference[label] = values
@@ -136,11 +142,7 @@ def embeddings(run_dir: Path, classes: list[str], work: Path, pairs: int) -> Non
     print(f"{'class':<16} {'max |Δ| golden':>15} {'max |Δ| all':>12} {'min cosine':>11} {'spearman':>9} {'s':>7}")
     reference = None
     for cls in ["native"] + [c for c in classes if c != "native"]:
-        out = work / f"{cls}-embeddings.npz"
-        env = {**os.environ, "PY": sys.executable}
-        subprocess.run(["bash", str(RUN_AS), cls, __file__, "_worker", str(final / "model.onnx"), str(feeds),
-                        str(out)], check=True, env=env)
-        got = np.load(out)
+        got = _outputs_on(cls, final / "model.onnx", feeds, work / f"{cls}-embeddings.npz")
         values = got["logits"]
         reference = values if reference is None else reference
         diff = np.abs(values - reference)
