@@ -7,4 +7,4 @@ inside the functions that need them.
 __version__ = "0.1.0"
 
 #: Version of the plugin API (hooks and the Step contract). Plugins may declare the range they support.
-PLUGIN_API_VERSION = "1.2"
+PLUGIN_API_VERSION = "1.3"
