@@ -260,17 +260,23 @@ def test_a_full_queue_answers_429_and_the_server_recovers(generation_bundle):
     with served(bundle_server(generation_bundle, "--max-num-seqs", "1", "--max-queue", "1")) as (url, _):
         statuses: list[int] = []
 
-        def ask() -> None:
-            r = httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 600, "ignore_eos": True,
-                                                          "temperature": 0}, timeout=60)
+        def ask(max_tokens: int) -> None:
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": max_tokens,
+                                                          "ignore_eos": True, "temperature": 0}, timeout=60)
             statuses.append(r.status_code)
             if r.status_code == 429:
                 assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"
 
-        threads = [threading.Thread(target=ask) for _ in range(6)]
+        # The first request holds the one slot before the others arrive, so exactly one of them can wait.
+        first = threading.Thread(target=ask, args=(1500,))
+        first.start()
+        deadline = time.time() + 30
+        while metric(url, "compressor_active_sequences") < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        threads = [threading.Thread(target=ask, args=(20,)) for _ in range(5)]
         [t.start() for t in threads]
-        [t.join() for t in threads]
-        assert 429 in statuses and statuses.count(200) >= 2, statuses
+        [t.join() for t in [first, *threads]]
+        assert statuses.count(429) >= 1 and statuses.count(200) >= 2, statuses
         again = httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 3})
         assert again.status_code == 200
 
