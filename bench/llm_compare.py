@@ -1,13 +1,15 @@
 """The LLM recipe against its peers, on the same fine-tuned SmolLM2, the same text and 2 threads, one run.
 
-    python bench/llm_compare.py RUN_DIR [--threads 2] [--out FILE.md]
+    python bench/llm_compare.py RUN_DIR [--threads 2] [--out FILE.md] [--llama-cpp "$(bash bench/peers/llama_cpp_setup.sh)"]
 
 RUN_DIR is the run directory that `compressor run recipes/smollm2-sst2-int4.yaml` writes (under runs/);
 the table goes to --out (default RUN_DIR/llm_compare.md) and its figures beside it as JSON.
 
 Rows: PyTorch FP32 (the fine-tuned, merged model), ONNX FP32 (our export), the onnxruntime-genai model
 builder's `-p int4 -e cpu` with its defaults (the installed onnxruntime-genai's builder, built here from the
-same fine-tuned model), and our int4. Every model is
+same fine-tuned model), and our int4; with --llama-cpp (the python of the side venv that bench/peers/llama_cpp_setup.sh builds),
+llama.cpp's f32 GGUF of the same fine-tuned model (its convert_hf_to_gguf.py) and its own Q4_K_M and Q4_0
+quantizations, scored by bench/peers/llama_cpp_row.py on the same token ids. Every compressor model is
 measured by the same evaluator the recipe uses: perplexity on WikiText-2 test (the recipe's tokens and
 windows), greedy-answer accuracy on SST-2 dev, and, in a fresh process per model, time to first token
 for a 128-token prompt, decode tokens/s over 128 new tokens at batch 1 (the same plain onnxruntime loop
@@ -44,6 +46,65 @@ def build_with_genai(hf_dir: Path, out: Path) -> float:
     return time.perf_counter() - t0
 
 
+def llama_cpp_rows(python: Path, hf_dir: Path, work: Path, rows: list, task_settings: dict, threads: int
+                   ) -> list[dict]:
+    """llama.cpp's f32, Q4_K_M and Q4_0 rows: converted and quantized by llama.cpp's own tools, then fed the
+    evaluator's token ids (perplexity windows, answer prompts, timing prompt) in a fresh process each."""
+    import math
+
+    from compressor.models.loading import load_tokenizer
+    from compressor.tasks.text_generation import (GenerationEvalConfig, TextGeneration, _generation_config,
+                                                  _timing_prompt, chat_wrap, spread_windows, stop_ids)
+
+    tree = python.resolve().parent.parent / "llama.cpp"
+    row_script = REPO / "bench" / "peers" / "llama_cpp_row.py"
+    work.mkdir(parents=True, exist_ok=True)
+    f32 = work / "f32.gguf"
+    if not f32.is_file():
+        subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", "f32",
+                        "--outfile", str(f32)], check=True, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "PYTHONPATH": f"{tree / 'gguf-py'}:{tree.parent / 'convert-extras'}"})
+    for ftype in ("Q4_K_M", "Q4_0"):
+        if not (work / f"{ftype}.gguf").is_file():
+            subprocess.run([str(python), str(row_script), "quantize", str(f32), str(work / f"{ftype}.gguf"), ftype,
+                            "--threads", str(threads)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    config = GenerationEvalConfig.model_validate(task_settings)
+    tokenizer = load_tokenizer(hf_dir)
+    file = Path(config.perplexity_file)
+    if config.perplexity_windows:
+        windows = spread_windows(tokenizer, file, config.perplexity_windows, config.window)[0]
+    else:
+        ids = list(tokenizer(file.read_text(encoding="utf-8")[: config.perplexity_tokens * 12],
+                             add_special_tokens=False)["input_ids"])[: config.perplexity_tokens]
+        windows = [c for c in (ids[s : s + config.window] for s in range(0, len(ids) - 1, config.window))
+                   if len(c) >= 2]
+    answered = [r for r in rows if r.label is not None][: config.accuracy_rows]
+    longest = max(len(tokenizer(str(r.label), add_special_tokens=False)["input_ids"]) for r in answered)
+    prompt = _timing_prompt(tokenizer, config)
+    job = {"windows": windows, "prompts": [chat_wrap(tokenizer, r.text, r.chat) for r in answered],
+           "max_new": config.max_new_tokens or longest + 1,
+           "stop": sorted(stop_ids(tokenizer, _generation_config(hf_dir))), "timing_prompt": prompt,
+           "new_tokens": config.new_tokens, "runs": config.timing_runs}
+    (work / "job.json").write_text(json.dumps(job))
+    out = []
+    for label, name in (("llama.cpp f32 GGUF (convert_hf_to_gguf.py)", "f32"), ("llama.cpp Q4_K_M", "Q4_K_M"),
+                        ("llama.cpp Q4_0", "Q4_0")):
+        print(f"measuring {label} …", flush=True)
+        proc = subprocess.run([str(python), str(row_script), "measure", str(work / f"{name}.gguf"),
+                               str(work / "job.json"), "--threads", str(threads)], check=True, capture_output=True,
+                              text=True)
+        m = json.loads(proc.stdout.strip().splitlines()[-1])
+        answers = [tokenizer.decode(a, skip_special_tokens=True) for a in m["answers"]]
+        out.append({"row": label, "path": str(work / f"{name}.gguf"),
+                    "size_bytes": (work / f"{name}.gguf").stat().st_size,
+                    "perplexity": math.exp(sum(m["window_nll"]) / sum(len(w) - 1 for w in windows)),
+                    "accuracy": TextGeneration().score(answered, answers, [])["accuracy"],
+                    "latency": {"ttft_ms": m["ttft_ms"], "decode_tokens_per_s": m["decode_tokens_per_s"],
+                                "peak_rss_mb": m["peak_rss_mb"], "prompt_tokens": len(prompt),
+                                "new_tokens": config.new_tokens}})
+    return out
+
+
 def main() -> int:
     """Measure every row and write the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +112,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--accuracy-rows", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/llm_compare.md")
+    parser.add_argument("--llama-cpp", type=Path, default=None,
+                        help="python of the llama.cpp side venv (bench/peers/llama_cpp_setup.sh): adds its rows")
     args = parser.parse_args()
     args.out = args.out or args.run / "llm_compare.md"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -59,6 +122,7 @@ def main() -> int:
     from compressor.evaluate.base import EvalSettings
     from compressor.evaluate.measure import model_bytes
     from compressor.run.record import environment
+    from compressor.tasks.generation_report import perplexity_sample
     from compressor.tasks.text_generation import GenerationEvaluator
 
     record = json.loads((args.run / "record.json").read_text())
@@ -95,12 +159,14 @@ def main() -> int:
         results.append({"row": label, "path": str(artifact.path), "size_bytes": model_bytes(artifact),
                         "settings": task_settings, **m})
         partial.write_text(json.dumps(results, default=str))
+    if args.llama_cpp:
+        results += llama_cpp_rows(args.llama_cpp, finetuned.path, work / "llama-cpp", rows, task_settings,
+                                  args.threads)
     fp32 = results[1]
     lines = ["# SmolLM2-135M-Instruct fine-tuned on SST-2: our int4 recipe and its peers", "",
              f"Measured on {environment()['cpu']}, {args.threads} threads, one run "
              f"({time.strftime('%Y-%m-%d')}); `python bench/llm_compare.py {args.run}`. Perplexity: "
-             f"{Path(task_settings['perplexity_file']).name}, first {fp32['perplexity_tokens']:,} tokens in "
-             f"{fp32['perplexity_window']}-token windows. Accuracy: greedy answers to {fp32['accuracy_rows']} "
+             f"{Path(task_settings['perplexity_file']).name}, {perplexity_sample(fp32)}. Accuracy: greedy answers to {fp32['accuracy_rows']} "
              f"SST-2 dev rows, exact match. Speed: batch 1, a {fp32['latency']['prompt_tokens']}-token prompt, "
              f"{fp32['latency']['new_tokens']} new tokens, every ONNX model in the same numpy + onnxruntime loop "
              "(compressor/bundle/device/generation_runtime.py), each in a fresh process. The fine-tuned weights started as "

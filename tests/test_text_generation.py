@@ -91,6 +91,34 @@ def test_int4_packs_the_matmuls_and_keeps_perplexity_close(tiny_run):
     assert 10 < lat["peak_rss_mb"] < 1000  # the fresh process's own memory, not the test runner's
 
 
+def test_spread_windows_cover_the_file_evenly_and_all_of_them_equal_the_first_tokens(tiny_run, wikitext_slice):
+    import math
+
+    from compressor.models.artifact import Artifact
+    from compressor.models.loading import load_tokenizer
+    from compressor.tasks.generation_report import perplexity_sample
+    from compressor.tasks.text_generation import _Model, perplexity, spread_perplexity, spread_window_starts
+
+    assert spread_window_starts(1000, 100, 4) == [0, 200, 500, 700]
+    assert spread_window_starts(1000, 100, 4, {200}) == [0, 300, 500, 700]
+    assert spread_window_starts(250, 100, 9) == [0, 100]  # whole windows only, each once
+    record, _ = tiny_run
+    path = Path(next(a for a in record["artifacts"] if a["name"] == "export-onnx")["path"])
+    model, tokenizer = _Model(Artifact.load(path), 2), load_tokenizer(path)
+    tokens = len(tokenizer(wikitext_slice.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
+    whole = tokens // 64
+    every = spread_perplexity(model, tokenizer, wikitext_slice, 10**6, 64)
+    first = perplexity(model, tokenizer, wikitext_slice, whole * 64, 64)
+    assert every["perplexity_windows"] == whole and every["perplexity_tokens"] == whole * 64 == first["perplexity_tokens"]
+    assert every["perplexity"] == pytest.approx(first["perplexity"], rel=1e-9)
+    some = spread_perplexity(model, tokenizer, wikitext_slice, 3, 64)
+    nll = every["perplexity_window_nll"]
+    picked = [nll[i] for i in (0, int(whole / 3), int(2 * whole / 3))]
+    assert some["perplexity_window_nll"] == picked
+    assert some["perplexity"] == pytest.approx(math.exp(sum(picked) / (3 * 63)), rel=1e-5)
+    assert perplexity_sample(some) == f"3 windows of 64 tokens spread over its {tokens:,} (192 tokens)"
+
+
 def test_the_generation_bundle_streams_what_the_evaluator_generated(tiny_run, cli_run):
     from compressor.bundle.device import runtime as bundle_runtime
 

@@ -31,7 +31,11 @@ class GenerationEvalConfig(BaseModel):
 
     perplexity_file: str | None = Field(default=None, description="Plain text whose perplexity is reported "
                                         "(relative to the recipe), e.g. wikitext-2/test.txt.")
-    perplexity_tokens: int = Field(default=4096, ge=2, le=10_000_000, description="Score the file's first N tokens.")
+    perplexity_tokens: int = Field(default=4096, ge=2, le=10_000_000, description="Score the file's first N tokens "
+                                   "(unless perplexity_windows is set).")
+    perplexity_windows: int | None = Field(default=None, ge=1, le=1_000_000, description="Score N windows of "
+                                           "`window` tokens spread evenly over the whole file instead: a figure "
+                                           "that one hard stretch of text does not decide (docs/llms.md).")
     window: int = Field(default=512, ge=2, le=32768, description="Tokens per window; windows do not overlap and "
                                                                  "each starts without context.")
     accuracy_rows: int | None = Field(default=200, ge=1, description="Greedy answers to the first N eval rows "
@@ -220,8 +224,10 @@ class GenerationEvaluator:
         model = _Model(artifact, settings.threads)
         result: dict[str, Any] = {}
         if config.perplexity_file:
-            result.update(perplexity(model, tokenizer, Path(config.perplexity_file), config.perplexity_tokens,
-                                     config.window))
+            file = Path(config.perplexity_file)
+            result.update(spread_perplexity(model, tokenizer, file, config.perplexity_windows, config.window)
+                          if config.perplexity_windows else
+                          perplexity(model, tokenizer, file, config.perplexity_tokens, config.window))
         answered = [r for r in rows if r.label is not None][: config.accuracy_rows]
         if answered:
             stop = stop_ids(tokenizer, _generation_config(artifact.path))
@@ -284,6 +290,34 @@ def perplexity(model: "_Model", tokenizer: Any, file: Path, tokens: int, window:
         total, count = total + nll, count + n
     return {"perplexity": math.exp(total / count), "perplexity_tokens": len(ids), "perplexity_window": window,
             "perplexity_file": file.name}
+
+
+def spread_window_starts(tokens: int, window: int, count: int, leave_out: set[int] | frozenset[int] = frozenset()
+                         ) -> list[int]:
+    """Offsets of `count` whole `window`-token windows taken evenly from a text of `tokens` tokens (every
+    window when there are fewer), skipping the offsets in `leave_out`."""
+    free = [s for s in range(0, tokens - window + 1, window) if s not in leave_out]
+    return free if count >= len(free) else [free[int(i * len(free) / count)] for i in range(count)]
+
+
+def spread_windows(tokenizer: Any, file: Path, windows: int, window: int) -> tuple[list[list[int]], int]:
+    """The token ids of `windows` windows spread evenly over the whole file (all of a file shorter than one
+    window), and the file's token count: what spread_perplexity scores, for benches that score elsewhere."""
+    ids = list(tokenizer(file.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
+    return [ids[s : s + window] for s in spread_window_starts(len(ids), window, windows) or [0]], len(ids)
+
+
+def spread_perplexity(model: "_Model", tokenizer: Any, file: Path, windows: int, window: int) -> dict[str, Any]:
+    """exp(mean negative log-likelihood) over `windows` windows spread evenly over the whole file, with each
+    window's summed NLL (`perplexity_window_nll`) so that a bench can tell the figure's sampling noise."""
+    import math
+
+    chunks, file_tokens = spread_windows(tokenizer, file, windows, window)
+    sums = [model.window_nll(c) for c in chunks]
+    total, count = sum(n for n, _ in sums), sum(c for _, c in sums)
+    return {"perplexity": math.exp(total / count), "perplexity_tokens": count + len(chunks),
+            "perplexity_window": window, "perplexity_file": file.name, "perplexity_windows": len(chunks),
+            "perplexity_file_tokens": file_tokens, "perplexity_window_nll": [round(n, 4) for n, _ in sums]}
 
 
 class _Model:
