@@ -23,6 +23,20 @@ def test_baseline_is_measured_without_each_step(tmp_path, compressor_cache, tiny
     assert check["baseline"] == "input" and check["reference"] == record["artifacts"][0]["accuracy"]
 
 
+def test_each_step_as_a_list_measures_the_named_artifacts_and_the_last(tmp_path, compressor_cache, tiny_text_model,
+                                                                       sst2_small):
+    from compressor.testing import run_recipe
+
+    text = recipe_text(tiny_text_model, None, sst2_small["eval"], STEPS).replace(
+        "evaluate: {", "evaluate: {each_step: [export-onnx], ") + "guard: {max_accuracy_drop: 0.05}\n"
+    record = run_recipe(text, tmp_path)
+    measured = [a["name"] for a in record["artifacts"] if "accuracy" in a]
+    assert measured == ["export-onnx", "quantize-onnx"]
+    assert all(a["size_bytes"] > 0 for a in record["artifacts"])
+    check = record["guard"]["checks"][0]
+    assert check["baseline"] == "export-onnx" and check["reference"] == record["artifacts"][1]["accuracy"]
+
+
 def test_the_budget_is_measured_from_the_named_baseline(tmp_path, compressor_cache, tiny_text_model, sst2_small):
     from compressor.testing import run_recipe
 
@@ -65,6 +79,20 @@ def test_a_bad_baseline_or_metric_budget_is_refused_at_check(tmp_path, cli_run, 
     assert code == 2
     for word in words:
         assert word in err
+
+
+@pytest.mark.parametrize("each, guard, words", [
+    ("[export-onnx]", "{max_accuracy_drop: 0.05, baseline: input}",
+     ["guard.baseline names artifact 0, which evaluate.each_step does not list", "add 'input'"]),
+    ("[prune]", "{max_accuracy_drop: 0.05}",
+     ["evaluate.each_step names 'prune', which is neither `input` nor a step", "export-onnx, quantize-onnx"]),
+])
+def test_each_step_names_what_the_recipe_has(tmp_path, cli_run, tiny_text_model, sst2_small, each, guard, words):
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_text(tiny_text_model, None, sst2_small["eval"], STEPS).replace(
+        "evaluate: {", f"evaluate: {{each_step: {each}, ") + f"guard: {guard}\n")
+    code, _, err = cli_run("check", str(path))
+    assert code == 2 and all(word in err for word in words), err
 
 
 def test_broken_guard_exits_1_and_keeps_everything(tmp_path, cli_run, tiny_text_model, sst2_small):

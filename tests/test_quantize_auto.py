@@ -137,6 +137,8 @@ def test_nothing_within_budget_keeps_the_best_and_the_guard_fails(damaged, tmp_p
 @pytest.mark.parametrize("data,guard,words", [
     ("", "guard: {max_accuracy_drop: 0.01}\n", ["needs tuning rows", "data.validation", "data.holdout"]),
     ("  holdout: 50\n", "", ["mode: auto needs an accuracy budget", "with.max_accuracy_drop"]),
+    ("  holdout_from: sentences\n", "guard: {max_accuracy_drop: 0.01}\n",
+     ["data.holdout_from", "it needs data.holdout", "remove holdout_from"]),
 ])
 def test_auto_needs_tuning_rows_and_a_budget(tmp_path, cli_run, tiny_encoder, sst2_small, data, guard, words):
     text = recipe_text(tiny_encoder, sst2_small["train"], sst2_small["eval"],
@@ -163,3 +165,32 @@ def test_holdout_rows_are_left_out_of_training(tmp_path, sst2_small):
     assert again.load("tune") == tune and again.digest() == source.digest()
     assert DataSource("tsv", {"train": sst2_small["train"]}, "sentence", "label", holdout=150,
                       seed=8).load("tune") != tune
+
+
+def test_holdout_sentences_hold_out_whole_sentences_and_none_of_their_phrases(tmp_path):
+    """data.holdout_from: sentences: the tuning rows are rows no other row contains, word for word, and train
+    keeps every row except them and their phrases ("film" is a phrase of two sentences; "filmmaker" of none)."""
+    from compressor.models.data import DataSource
+
+    rows = ["a gorgeous , witty film", "gorgeous , witty", "witty", "a dull mess", "dull", "the best film of the year",
+            "film", "filmmaker", "of the year", "a thin , dull plot", "thin"]
+    train_file = tmp_path / "train.tsv"
+    train_file.write_text("sentence\tlabel\n" + "".join(f"{r}\t{i % 2}\n" for i, r in enumerate(rows)))
+    whole = {"a gorgeous , witty film", "a dull mess", "the best film of the year", "filmmaker", "a thin , dull plot"}
+    tunes = []
+    for seed in range(6):
+        source = DataSource("tsv", {"train": train_file}, "sentence", "label", holdout=2, seed=seed,
+                            holdout_from="sentences")
+        train, tune = source.load("train"), source.load("tune")
+        held = [r.text for r in tune]
+        assert len(held) == 2 and set(held) <= whole
+        phrases = {r for r in rows if any(f" {r} " in f" {h} " for h in held)}
+        assert sorted(r.text for r in train) == sorted(set(rows) - phrases)
+        tunes.append(tuple(held))
+    assert len(set(tunes)) > 1  # the seed chooses
+    by_rows = DataSource("tsv", {"train": train_file}, "sentence", "label", holdout=2, seed=0)
+    assert by_rows.digest() != source.digest()
+    too_many = DataSource("tsv", {"train": train_file}, "sentence", "label", holdout=6, seed=0,
+                          holdout_from="sentences")
+    with pytest.raises(Exception, match="only 5 rows that no other row contains"):
+        too_many.load("tune")

@@ -153,12 +153,60 @@ def all_labels(rows: list[Example]) -> set[str]:
 TUNE = "tune"
 
 
+def _words(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def split_whole_sentences(rows: list[Example], count: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, tune): `count` seeded whole sentences — rows whose text no other row contains, word for word —
+    as tune, and as train every row that is not a phrase (a run of whole words) of one of them. For files that,
+    like SST-2's train, hold every phrase of their sentences: tuning rows that look like whole-sentence eval
+    rows, with no part of them trained on."""
+    import random
+    from collections import defaultdict
+
+    texts = [f" {_words(r.text)} " for r in rows]
+    containing: dict[str, list[int]] = defaultdict(list)
+    for i, text in enumerate(texts):
+        for word in set(text.split()):
+            containing[word].append(i)
+
+    def whole(i: int) -> bool:
+        words = set(texts[i].split())
+        if not words:
+            return False
+        rarest = min(words, key=lambda w: len(containing[w]))
+        return not any(j != i and texts[i] in texts[j] for j in containing[rarest])
+
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held: list[int] = []
+    for i in order:
+        if len(held) == count:
+            break
+        if whole(i):
+            held.append(i)
+    if len(held) < count:
+        raise InputError(f"data.holdout is {count} whole sentences but data.train has only {len(held)} rows that "
+                         f"no other row contains", where="data.holdout",
+                         hint="hold out fewer sentences, or use data.holdout_from: rows")
+    phrases = set()
+    for i in held:
+        words = texts[i].split()
+        phrases.update(" ".join(words[a:b]) for a in range(len(words)) for b in range(a + 1, len(words) + 1))
+    held_set = set(held)
+    train = [r for i, r in enumerate(rows) if i not in held_set and texts[i].strip() not in phrases]
+    return train, [rows[i] for i in sorted(held_set)]
+
+
 @dataclass
 class DataSource:
     """The recipe's `data:` section bound to the recipe's directory.
 
     Splits are `train`, `eval` and `validation` files; `tune` is where settings are chosen: the
     validation file, or `holdout` seeded random rows of train, which `load("train")` then leaves out.
+    With `holdout_from="sentences"` the held-out rows are whole sentences (rows no other train row
+    contains), and train also leaves out every row that is a phrase of one of them.
     """
 
     format: str
@@ -167,6 +215,7 @@ class DataSource:
     label: str
     holdout: int | None = None
     seed: int = 0
+    holdout_from: str = "rows"
     #: an instruction template with `{text}` (a row's text becomes the prompt), the completion of each
     #: label, and whether prompts go into the chat template: how a labelled file reads as prompts and answers
     prompt: str | None = None
@@ -186,6 +235,9 @@ class DataSource:
         """Where the tuning rows come from, as the record and the report say it."""
         if "validation" in self.splits:
             return f"data.validation ({self.splits['validation'].name})"
+        if self.holdout_from == "sentences":
+            return (f"{self.holdout} whole sentences held out of data.train (seed {self.seed}); no step trains on "
+                    f"them or on any of their phrases")
         return f"{self.holdout} rows held out of data.train (seed {self.seed}), used by no other step"
 
     def load(self, split: str) -> list[Example]:
@@ -211,12 +263,20 @@ class DataSource:
     def _split_holdout(self) -> tuple[list[Example], list[Example]]:
         import random
 
+        if "_holdout" in self._rows:
+            return self._rows["_holdout"], self._rows["_tune"]
         rows = self._raw("train")
         if self.holdout and self.holdout >= len(rows):
             raise InputError(f"data.holdout is {self.holdout} but data.train has only {len(rows)} rows",
                              where="data.holdout", hint="hold out fewer rows, or give data.validation")
-        held = set(random.Random(self.seed).sample(range(len(rows)), self.holdout or 0))
-        return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held])
+        if self.holdout_from == "sentences":
+            train, tune = split_whole_sentences(rows, self.holdout or 0, self.seed)
+        else:
+            held = set(random.Random(self.seed).sample(range(len(rows)), self.holdout or 0))
+            train = [r for i, r in enumerate(rows) if i not in held]
+            tune = [r for i, r in enumerate(rows) if i in held]
+        self._rows["_holdout"], self._rows["_tune"] = train, tune
+        return train, tune
 
     def _read(self, split: str) -> list[Example]:
         where = f"data.{split}"
@@ -284,6 +344,8 @@ class DataSource:
             files_of["tune"] = ["validation"]
         wanted = sorted({f for s in (self.splits if splits is None else splits) for f in files_of.get(s, [])})
         held = [self.holdout, self.seed] if self.holdout and set(wanted) & {"train"} else []
+        if held and self.holdout_from != "rows":
+            held.append(self.holdout_from)
         h = hashlib.sha256(json.dumps([self.format, self.text, self.label] + ([self.columns] if self.columns else [])
                                       + held
                                       + ([self.prompt, self.completions, self.chat_template]

@@ -61,6 +61,16 @@ class Plan:
     #: the direction of each metric in guard.metrics (True: higher is better)
     guard_directions: dict[str, bool] = field(default_factory=dict)
 
+    def evaluates(self, index: int) -> bool:
+        """Whether artifact `index` (0: the input) gets the task metric and latency, not only its size: every one
+        with evaluate.each_step true, the named ones with a list, and the last always."""
+        each = self.recipe.evaluate.each_step
+        if each is True or index == len(self.steps):
+            return True
+        if each is False:
+            return False
+        return (["input"] + [s.name for s in self.steps])[index] in each
+
     @property
     def guard_needs_baseline(self) -> bool:
         """Whether the guard compares the final metric with a baseline's (max_accuracy_drop), so that the first
@@ -124,6 +134,13 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
             steps.append(planned)
     errors += bundle_format_errors(recipe.bundle.formats, chain.format, "the last step")
     measures_metrics = _check_evaluation(recipe, data, errors)
+    if isinstance(recipe.evaluate.each_step, list):
+        known = ["input"] + [str(spec.get("uses")) for spec in raw.get("steps") or [] if isinstance(spec, dict)]
+        for name in recipe.evaluate.each_step:
+            if name not in known:
+                errors.append(RecipeError(f"evaluate.each_step names {name!r}, which is neither `input` nor a step "
+                                          f"of this recipe (steps: {', '.join(known[1:])})",
+                                          where="evaluate.each_step", hint="list `input` or steps' names"))
     guard_baseline = _guard_baseline(recipe, steps, errors)
     guard_directions = _guard_metrics(recipe, task, measures_metrics, errors)
     errors += _budgets_within_range(recipe, task)
@@ -175,7 +192,8 @@ def _plan_data(recipe: Recipe, recipe_dir: Path, errors: list[CompressorError]) 
               for s, p in (("train", recipe.data.train), ("eval", recipe.data.eval),
                            ("validation", recipe.data.validation)) if p}
     data = DataSource(recipe.data.format, splits, recipe.data.text, recipe.data.label,
-                      holdout=recipe.data.holdout, seed=recipe.seed, prompt=recipe.data.prompt,
+                      holdout=recipe.data.holdout, seed=recipe.seed, holdout_from=recipe.data.holdout_from,
+                      prompt=recipe.data.prompt,
                       completions=recipe.data.completions, chat_template=recipe.data.chat_template,
                       columns=recipe.data.columns)
     if recipe.data.columns and recipe.data.format not in ("tsv", "csv"):
@@ -189,6 +207,13 @@ def _plan_data(recipe: Recipe, recipe_dir: Path, errors: list[CompressorError]) 
     if recipe.data.holdout and not recipe.data.train:
         errors.append(RecipeError("data.holdout holds rows out of data.train, which the recipe does not give",
                                   where="data.holdout", hint="add data.train, or give data.validation"))
+    if recipe.data.holdout_from == "sentences" and (not recipe.data.holdout or "validation" in splits
+                                                    or isinstance(recipe.data.text, list)
+                                                    or recipe.data.format in ("conll", "datasets")):
+        errors.append(RecipeError("data.holdout_from: sentences holds whole sentences out of the rows of one text "
+                                  "column: it needs data.holdout, no data.validation, one data.text column, and "
+                                  "a tsv, csv, jsonl or text file", where="data.holdout_from",
+                                  hint="remove holdout_from, or give data.holdout: N with a one-column train file"))
     for split, p in splits.items():
         if not p.exists():
             errors.append(InputError(f"{p} does not exist", where=f"data.{split}",
@@ -369,6 +394,11 @@ def _guard_baseline(recipe: Recipe, steps: list[PlannedStep], errors: list[Compr
     if not recipe.evaluate.each_step and index not in (0, len(steps)):  # the input is measured all the same
         errors.append(RecipeError("guard.baseline names an artifact that evaluate.each_step: false does not measure",
                                   where=where, hint="remove `each_step: false` from evaluate, or the baseline"))
+        return None
+    each = recipe.evaluate.each_step
+    if isinstance(each, list) and index != len(steps) and (["input"] + names)[index] not in each:
+        errors.append(RecipeError(f"guard.baseline names artifact {index}, which evaluate.each_step does not list",
+                                  where=where, hint=f"add {(['input'] + names)[index]!r} to evaluate.each_step"))
         return None
     return index
 

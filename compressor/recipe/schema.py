@@ -46,6 +46,11 @@ class DataSpec(_Strict):
     holdout: int | None = Field(default=None, ge=1, le=1_000_000,
                                 description="Without data.validation: hold this many seeded random train rows out "
                                             "as the tuning rows; no step trains or calibrates on them.")
+    holdout_from: Literal["rows", "sentences"] = Field(
+        default="rows", description="What data.holdout holds out: `rows`, seeded random train rows; `sentences`, "
+                                    "seeded whole sentences (rows no other train row contains), with every train "
+                                    "row that is a phrase of one of them left out too. For train files that hold "
+                                    "the phrases of their sentences (SST-2): tuning rows that look like eval's.")
     text: str | list[str] = Field(default="sentence", description="Column (or key) holding the text or the words; "
                                   "a list of two columns makes each row a pair of texts (sentence similarity).")
     columns: list[str] | None = Field(default=None, min_length=1, description="tsv / csv without a header row: the "
@@ -80,7 +85,9 @@ class LatencySpec(_Strict):
 class EvaluateSpec(_Strict):
     """What is measured and when."""
 
-    each_step: bool = Field(default=True, description="Evaluate every artifact, not only the last.")
+    each_step: bool | list[str] = Field(default=True, description="Evaluate every artifact, not only the last; "
+                                        "or a list of the artifacts to evaluate besides the last, by name (`input` "
+                                        "or a step's name), the others measured for size only.")
     split: Literal["eval", "tune"] = Field(default="eval", description="The rows the task metric is measured on: "
                                            "eval (what reports quote), or tune (the tuning rows, for experiments "
                                            "that choose a setting, so that the choice is not made on eval).")
