@@ -21,10 +21,39 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def main() -> int:
-    """Time the models round by round and print the table."""
+def interleaved_speeds(paths: list[Path], rounds: int, prompt_tokens: int, new_tokens: int,
+                       threads: int) -> tuple[dict[Path, list[float]], dict[Path, bool]]:
+    """Decode tokens/s of every model in every round (one warm-up each, then round after round, every model in
+    turn: a `prompt_tokens` prompt, then `new_tokens` greedy steps), and whether each shares its cache buffer."""
     from compressor.bundle.device.generation_runtime import OnnxCausalLM
 
+    models = {path: OnnxCausalLM(path, threads=threads) for path in paths}
+    prompt = list(range(1000, 1000 + prompt_tokens))
+
+    def decode_speed(lm: OnnxCausalLM) -> float:
+        logits, cache = lm.prefill(prompt, prompt_tokens + new_tokens)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            logits = lm.decode(int(logits.argmax()), cache)
+        return new_tokens / (time.perf_counter() - start)
+
+    for lm in models.values():  # warm-up
+        decode_speed(lm)
+    speeds: dict[Path, list[float]] = {path: [] for path in models}
+    for _ in range(rounds):
+        for path, lm in models.items():
+            speeds[path].append(decode_speed(lm))
+    return speeds, {path: lm.share_buffer for path, lm in models.items()}
+
+
+def median_ratio(values: list[float], baseline: list[float]) -> float:
+    """The median over rounds of each round's ratio to the baseline's speed in the same round: a machine that
+    slows for a while slows both, which the ratio of two bests taken in different rounds does not see."""
+    return statistics.median(v / b for v, b in zip(values, baseline))
+
+
+def main() -> int:
+    """Time the models round by round and print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", type=Path, nargs="+")
     parser.add_argument("--rounds", type=int, default=5)
@@ -32,33 +61,15 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    models = {path: OnnxCausalLM(path, threads=args.threads) for path in args.models}
-    prompt = list(range(1000, 1000 + args.prompt))
-
-    def decode_speed(lm: OnnxCausalLM) -> float:
-        logits, cache = lm.prefill(prompt, args.prompt + args.tokens)
-        start = time.perf_counter()
-        for _ in range(args.tokens):
-            logits = lm.decode(int(logits.argmax()), cache)
-        return args.tokens / (time.perf_counter() - start)
-
-    for lm in models.values():  # warm-up
-        decode_speed(lm)
-    speeds: dict[Path, list[float]] = {path: [] for path in models}
-    for _ in range(args.rounds):
-        for path, lm in models.items():
-            speeds[path].append(decode_speed(lm))
+    speeds, shared = interleaved_speeds(args.models, args.rounds, args.prompt, args.tokens, args.threads)
     baseline = speeds[args.models[0]]
     first = max(baseline)
     print("| model | cache | best tok/s | × first (bests) | × first (median of rounds) | rounds |\n"
           "|---|---|---:|---:|---:|---|")
     for path, values in speeds.items():
-        cache = "shared buffer" if models[path].share_buffer else "copied"
-        # each round's ratio to the first model's time in the same round: a machine that slows for a
-        # while slows both, which the ratio of two bests taken in different rounds does not see
-        per_round = statistics.median(v / b for v, b in zip(values, baseline))
-        print(f"| {path} | {cache} | {max(values):.1f} | {max(values) / first:.2f}× | {per_round:.2f}× | "
-              f"{', '.join(f'{v:.0f}' for v in values)} |")
+        cache = "shared buffer" if shared[path] else "copied"
+        print(f"| {path} | {cache} | {max(values):.1f} | {max(values) / first:.2f}× | "
+              f"{median_ratio(values, baseline):.2f}× | {', '.join(f'{v:.0f}' for v in values)} |")
     return 0
 
 

@@ -1,6 +1,6 @@
 """The LLM recipe against its peers, on the same fine-tuned SmolLM2, the same text and 2 threads, one run.
 
-    python bench/llm_compare.py RUN_DIR [--threads 2] [--out FILE.md] [--llama-cpp "$(bash bench/peers/llama_cpp_setup.sh)"]
+    python bench/llm_compare.py RUN_DIR [--threads 2] [--rounds 7] [--out FILE.md] [--llama-cpp "$(bash bench/peers/llama_cpp_setup.sh)"]
 
 RUN_DIR is the run directory that `compressor run recipes/smollm2-sst2-int4.yaml` writes (under runs/);
 the table goes to --out (default RUN_DIR/llm_compare.md) and its figures beside it as JSON.
@@ -14,6 +14,9 @@ measured by the same evaluator the recipe uses: perplexity on WikiText-2 test (t
 windows), greedy-answer accuracy on SST-2 dev, and, in a fresh process per model, time to first token
 for a 128-token prompt, decode tokens/s over 128 new tokens at batch 1 (the same plain onnxruntime loop
 for every ONNX model) and that process's peak RSS. Ratios are against ONNX FP32 measured in this run.
+Then the three ONNX models' decode speed once more, interleaved in one process for --rounds rounds
+(bench/decode_interleaved.py), and ours against the builder's as the median of the rounds' ratios: a fresh
+process per model moves by ±15% as the machine's speed drifts, a ratio taken within one round does not.
 Asserts nothing.
 """
 
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -54,7 +58,8 @@ def llama_cpp_rows(python: Path, hf_dir: Path, work: Path, rows: list, task_sett
 
     from compressor.models.loading import load_tokenizer
     from compressor.tasks.text_generation import (GenerationEvalConfig, TextGeneration, _generation_config,
-                                                  _timing_prompt, chat_wrap, spread_windows, stop_ids)
+                                                  _timing_prompt, chat_wrap, first_windows, spread_windows,
+                                                  stop_ids)
 
     tree = python.resolve().parent.parent / "llama.cpp"
     row_script = REPO / "bench" / "peers" / "llama_cpp_row.py"
@@ -74,10 +79,7 @@ def llama_cpp_rows(python: Path, hf_dir: Path, work: Path, rows: list, task_sett
     if config.perplexity_windows:
         windows = spread_windows(tokenizer, file, config.perplexity_windows, config.window)[0]
     else:
-        ids = list(tokenizer(file.read_text(encoding="utf-8")[: config.perplexity_tokens * 12],
-                             add_special_tokens=False)["input_ids"])[: config.perplexity_tokens]
-        windows = [c for c in (ids[s : s + config.window] for s in range(0, len(ids) - 1, config.window))
-                   if len(c) >= 2]
+        windows = first_windows(tokenizer, file, config.perplexity_tokens, config.window)
     answered = [r for r in rows if r.label is not None][: config.accuracy_rows]
     longest = max(len(tokenizer(str(r.label), add_special_tokens=False)["input_ids"]) for r in answered)
     prompt = _timing_prompt(tokenizer, config)
@@ -105,11 +107,32 @@ def llama_cpp_rows(python: Path, hf_dir: Path, work: Path, rows: list, task_sett
     return out
 
 
+def interleaved_lines(paths: list[Path], rounds: int, latency: dict, threads: int, results: list[dict]
+                      ) -> list[str]:
+    """The ONNX FP32, builder and our models' decode, interleaved round by round, as Markdown (and, per model,
+    `interleaved_tokens_per_s` in `results`)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from decode_interleaved import interleaved_speeds, median_ratio
+
+    speeds, _ = interleaved_speeds(paths, rounds, latency["prompt_tokens"], latency["new_tokens"], threads)
+    fp32, builder, ours = (speeds[p] for p in paths)
+    for r in results:
+        if Path(r["path"]) in speeds:
+            r["interleaved_tokens_per_s"] = speeds[Path(r["path"])]
+    out = ["", f"Decode interleaved in one process, {rounds} rounds after a warm-up (tok/s of each round):", "",
+           "| model | best | median | × builder (median of rounds) | rounds |", "|---|---:|---:|---:|---|"]
+    for name, values in (("ONNX FP32", fp32), ("builder int4", builder), ("ours: int4 recipe", ours)):
+        out.append(f"| {name} | {max(values):.1f} | {statistics.median(values):.1f} | "
+                   f"{median_ratio(values, builder):.2f}× | {', '.join(f'{v:.0f}' for v in values)} |")
+    return out
+
+
 def main() -> int:
     """Measure every row and write the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="run directory of recipes/smollm2-sst2-int4.yaml")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved decode rounds (0: none)")
     parser.add_argument("--accuracy-rows", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/llm_compare.md")
     parser.add_argument("--llama-cpp", type=Path, default=None,
@@ -181,6 +204,9 @@ def main() -> int:
                      f"{lat['decode_tokens_per_s']:.1f} | "
                      f"{lat['decode_tokens_per_s'] / fp32['latency']['decode_tokens_per_s']:.2f}× | "
                      f"{lat['peak_rss_mb']:.0f} |")
+    if args.rounds:
+        lines += interleaved_lines([exported.path, builder.path, ours.path], args.rounds, fp32["latency"],
+                                   args.threads, results)
     if build_seconds:
         lines += ["", f"The builder took {build_seconds:.0f} s."]
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -12,16 +12,12 @@
 # Prints the venv's python; its llama.cpp source tree (convert_hf_to_gguf.py) is at VENV/llama.cpp.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source bench/peers/venv.sh
 VENV=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/compressor-bench/llama-cpp-venv}
 WANTED="llama-cpp-python==0.3.36 numpy<3 sentencepiece"
-if [ -f "$VENV/compressor-bench.txt" ] && [ "$(cat "$VENV/compressor-bench.txt")" = "$WANTED" ]; then
-  echo "$VENV/bin/python"
-  exit 0
-fi
+venv_ready "$VENV" "$WANTED"
 echo "building the llama.cpp side venv in $VENV (once, about 12 minutes) ..." >&2
-python3 -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install -q)
-"${PIP[@]}" --upgrade "pip>=24" >&2
+venv_create "$VENV"
 "${PIP[@]}" "numpy<3" >&2
 "${PIP[@]}" --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python==0.3.36" >&2
 # the converter and its gguf package, from the same sdist
@@ -31,5 +27,4 @@ tar xzf "$VENV"/src/llama_cpp_python-0.3.36.tar.gz -C "$VENV/src"
 mv "$VENV/src/llama_cpp_python-0.3.36/vendor/llama.cpp" "$VENV/llama.cpp"
 rm -rf "$VENV/src"
 "$VENV/bin/python" -m pip install -q --target "$VENV/convert-extras" sentencepiece >&2
-echo "$WANTED" > "$VENV/compressor-bench.txt"
-echo "$VENV/bin/python"
+venv_done "$VENV" "$WANTED"

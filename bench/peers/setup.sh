@@ -9,20 +9,15 @@
 #   bash bench/peers/setup.sh [VENV]     # default: ~/.cache/compressor-bench/st-venv (or under $XDG_CACHE_HOME)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source bench/peers/venv.sh
 VENV=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/compressor-bench/st-venv}
 ORT=$(.venv/bin/python -c "from importlib.metadata import version; print(version('onnxruntime'))")
 WANTED="torch==2.13.0 transformers==4.57.6 optimum-onnx==0.1.0 onnxruntime==$ORT sentence-transformers<6"
-if [ -f "$VENV/compressor-bench.txt" ] && [ "$(cat "$VENV/compressor-bench.txt")" = "$WANTED" ]; then
-  echo "$VENV/bin/python"
-  exit 0
-fi
+venv_ready "$VENV" "$WANTED"
 echo "building the sentence-transformers side venv in $VENV (once) ..." >&2
-python3 -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install -q)
-"${PIP[@]}" --upgrade "pip>=24" >&2
+venv_create "$VENV"
 "${PIP[@]}" "torch==2.13.0" >&2
 # sentence-transformers 6 requires transformers 5; 5.x is the newest line that runs beside optimum-onnx
 "${PIP[@]}" "torch==2.13.0" "transformers==4.57.6" "optimum-onnx==0.1.0" "onnxruntime==$ORT" \
   "sentence-transformers<6" >&2
-echo "$WANTED" > "$VENV/compressor-bench.txt"
-echo "$VENV/bin/python"
+venv_done "$VENV" "$WANTED"

@@ -275,21 +275,23 @@ def timing(artifact: Artifact, prompt: list[int], new_tokens: int, threads: int,
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def first_windows(tokenizer: Any, file: Path, tokens: int, window: int) -> list[list[int]]:
+    """The token ids of the file's first `tokens` tokens, cut into `window`-token windows (a last window of
+    fewer than 2 tokens is dropped): what perplexity scores, for benches that score elsewhere."""
+    ids = list(tokenizer(file.read_text(encoding="utf-8")[: tokens * 12], add_special_tokens=False)["input_ids"])
+    ids = ids[:tokens]
+    return [c for c in (ids[s : s + window] for s in range(0, len(ids) - 1, window)) if len(c) >= 2]
+
+
 def perplexity(model: "_Model", tokenizer: Any, file: Path, tokens: int, window: int) -> dict[str, Any]:
     """exp(mean negative log-likelihood) over the file's first `tokens` tokens, in windows of `window`."""
     import math
 
-    ids = list(tokenizer(file.read_text(encoding="utf-8")[: tokens * 12], add_special_tokens=False)["input_ids"])
-    ids = ids[:tokens]
-    total, count = 0.0, 0
-    for start in range(0, len(ids) - 1, window):
-        chunk = ids[start : start + window]
-        if len(chunk) < 2:
-            break
-        nll, n = model.window_nll(chunk)
-        total, count = total + nll, count + n
-    return {"perplexity": math.exp(total / count), "perplexity_tokens": len(ids), "perplexity_window": window,
-            "perplexity_file": file.name}
+    chunks = first_windows(tokenizer, file, tokens, window)
+    sums = [model.window_nll(c) for c in chunks]
+    total, count = sum(n for n, _ in sums), sum(c for _, c in sums)
+    return {"perplexity": math.exp(total / count), "perplexity_tokens": sum(len(c) for c in chunks),
+            "perplexity_window": window, "perplexity_file": file.name}
 
 
 def spread_window_starts(tokens: int, window: int, count: int, leave_out: set[int] | frozenset[int] = frozenset()
