@@ -117,8 +117,8 @@ def interleaved_lines(paths: list[Path], rounds: int, latency: dict, threads: in
     speeds, _ = interleaved_speeds(paths, rounds, latency["prompt_tokens"], latency["new_tokens"], threads)
     fp32, builder, ours = (speeds[p] for p in paths)
     for r in results:
-        if Path(r["path"]) in speeds:
-            r["interleaved_tokens_per_s"] = speeds[Path(r["path"])]
+        if Path(r["path"]) / "model.onnx" in speeds:
+            r["interleaved_tokens_per_s"] = speeds[Path(r["path"]) / "model.onnx"]
     out = ["", f"Decode interleaved in one process, {rounds} rounds after a warm-up (tok/s of each round):", "",
            "| model | best | median | × builder (median of rounds) | rounds |", "|---|---:|---:|---:|---|"]
     for name, values in (("ONNX FP32", fp32), ("builder int4", builder), ("ours: int4 recipe", ours)):
@@ -205,8 +205,8 @@ def main() -> int:
                      f"{lat['decode_tokens_per_s'] / fp32['latency']['decode_tokens_per_s']:.2f}× | "
                      f"{lat['peak_rss_mb']:.0f} |")
     if args.rounds:
-        lines += interleaved_lines([exported.path, builder.path, ours.path], args.rounds, fp32["latency"],
-                                   args.threads, results)
+        lines += interleaved_lines([a.path / "model.onnx" for a in (exported, builder, ours)], args.rounds,
+                                   fp32["latency"], args.threads, results)
     if build_seconds:
         lines += ["", f"The builder took {build_seconds:.0f} s."]
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
