@@ -224,6 +224,7 @@ class DataSource:
     #: names of a headerless tsv/csv file's leading columns (data.columns)
     columns: list[str] | None = None
     _rows: dict[str, list[Example]] = field(default_factory=dict, repr=False, compare=False)
+    _held_out: tuple[list[Example], list[Example]] | None = field(default=None, repr=False, compare=False)
 
     def has(self, split: str) -> bool:
         """Whether the recipe gives this split (`tune`: a validation file or held-out train rows)."""
@@ -263,8 +264,8 @@ class DataSource:
     def _split_holdout(self) -> tuple[list[Example], list[Example]]:
         import random
 
-        if "_holdout" in self._rows:
-            return self._rows["_holdout"], self._rows["_tune"]
+        if self._held_out is not None:
+            return self._held_out
         rows = self._raw("train")
         if self.holdout and self.holdout >= len(rows):
             raise InputError(f"data.holdout is {self.holdout} but data.train has only {len(rows)} rows",
@@ -275,8 +276,8 @@ class DataSource:
             held = set(random.Random(self.seed).sample(range(len(rows)), self.holdout or 0))
             train = [r for i, r in enumerate(rows) if i not in held]
             tune = [r for i, r in enumerate(rows) if i in held]
-        self._rows["_holdout"], self._rows["_tune"] = train, tune
-        return train, tune
+        self._held_out = (train, tune)
+        return self._held_out
 
     def _read(self, split: str) -> list[Example]:
         where = f"data.{split}"

@@ -72,6 +72,12 @@ class Plan:
         return (["input"] + [s.name for s in self.steps])[index] in each
 
     @property
+    def measures_first_for_baseline(self) -> bool:
+        """evaluate.each_step false with a guard that needs a baseline: the input, or failing that the first
+        artifact that can be measured, is measured as the guard's default baseline."""
+        return self.recipe.evaluate.each_step is False and self.guard_needs_baseline
+
+    @property
     def guard_needs_baseline(self) -> bool:
         """Whether the guard compares the final metric with a baseline's (max_accuracy_drop), so that the first
         artifact that can be measured always is."""
@@ -135,7 +141,7 @@ def build_plan(recipe_path: Path, host: Host, overrides: tuple[str, ...] | list[
     errors += bundle_format_errors(recipe.bundle.formats, chain.format, "the last step")
     measures_metrics = _check_evaluation(recipe, data, errors)
     if isinstance(recipe.evaluate.each_step, list):
-        known = ["input"] + [str(spec.get("uses")) for spec in raw.get("steps") or [] if isinstance(spec, dict)]
+        known = ["input"] + [spec.uses for spec in recipe.steps]
         for name in recipe.evaluate.each_step:
             if name not in known:
                 errors.append(RecipeError(f"evaluate.each_step names {name!r}, which is neither `input` nor a step "

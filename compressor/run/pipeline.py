@@ -352,7 +352,7 @@ class Runner:
         plan, source = self.plan, self.plan.source
         started = datetime.now(timezone.utc)
         source_hash = hash_dir(source.path)
-        full = plan.evaluates(0) or (plan.recipe.evaluate.each_step is False and plan.guard_needs_baseline)
+        full = plan.evaluates(0) or plan.measures_first_for_baseline
         artifacts = [{"index": 0, "name": "input", "format": source.format, "path": str(source.path),
                       "hash": source_hash, **self.measure(source, source_hash, full=full)}]
         record: dict[str, Any] = {
@@ -382,9 +382,7 @@ class Runner:
             current_hash = step_record["output_hash"]
             record["steps"].append(step_record)
             last = i == len(plan.steps) - 1
-            # each_step false: the first artifact that can be measured is, as the guard's default baseline
-            baseline_missing = (plan.recipe.evaluate.each_step is False and plan.guard_needs_baseline
-                                and not any(a.get("metric") for a in artifacts))
+            baseline_missing = plan.measures_first_for_baseline and not any(a.get("metric") for a in artifacts)
             artifacts.append({"index": i + 1, "name": planned.name, "format": current.format,
                               "path": step_record["path"], "hash": current_hash,
                               **self.measure(current, current_hash,

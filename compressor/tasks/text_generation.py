@@ -283,13 +283,18 @@ def first_windows(tokenizer: Any, file: Path, tokens: int, window: int) -> list[
     return [c for c in (ids[s : s + window] for s in range(0, len(ids) - 1, window)) if len(c) >= 2]
 
 
+def _window_sums(model: "_Model", chunks: list[list[int]]) -> tuple[list[tuple[float, int]], float, int]:
+    """Each window's (summed NLL, scored tokens), and their totals."""
+    sums = [model.window_nll(c) for c in chunks]
+    return sums, sum(n for n, _ in sums), sum(c for _, c in sums)
+
+
 def perplexity(model: "_Model", tokenizer: Any, file: Path, tokens: int, window: int) -> dict[str, Any]:
     """exp(mean negative log-likelihood) over the file's first `tokens` tokens, in windows of `window`."""
     import math
 
     chunks = first_windows(tokenizer, file, tokens, window)
-    sums = [model.window_nll(c) for c in chunks]
-    total, count = sum(n for n, _ in sums), sum(c for _, c in sums)
+    _, total, count = _window_sums(model, chunks)
     return {"perplexity": math.exp(total / count), "perplexity_tokens": sum(len(c) for c in chunks),
             "perplexity_window": window, "perplexity_file": file.name}
 
@@ -315,8 +320,7 @@ def spread_perplexity(model: "_Model", tokenizer: Any, file: Path, windows: int,
     import math
 
     chunks, file_tokens = spread_windows(tokenizer, file, windows, window)
-    sums = [model.window_nll(c) for c in chunks]
-    total, count = sum(n for n, _ in sums), sum(c for _, c in sums)
+    sums, total, count = _window_sums(model, chunks)
     return {"perplexity": math.exp(total / count), "perplexity_tokens": count + len(chunks),
             "perplexity_window": window, "perplexity_file": file.name, "perplexity_windows": len(chunks),
             "perplexity_file_tokens": file_tokens, "perplexity_window_nll": [round(n, 4) for n, _ in sums]}
