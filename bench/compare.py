@@ -91,9 +91,12 @@ def side_line(side: dict[str, str]) -> str:
     return ", ".join(f"{k} {side[k]}" for k in ("transformers", "optimum-onnx", "onnxruntime") if k in side)
 
 
-def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
-    """The targets this table measures (docs/results.md, encoder int8): (target, measured, met)."""
+def targets(rows: list[dict[str, Any]], edge_record: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """The targets this table measures (docs/results.md, encoder int8 and edge chain): (target, measured, met).
+    The edge recipe's accuracy is read against its own fine-tune, as its guard reads it."""
     by_name = {r["row"]: r for r in rows}
+    finetune = next(a["accuracy"] for a in edge_record["artifacts"] if a["name"] == "finetune")
+    edge_drop = edge_record["artifacts"][-1]["accuracy"] - finetune
     optimum = by_name["Optimum dynamic int8 (ORTQuantizer)"]
     int8, edge = by_name[f"compressor {RECIPES['int8'].name}"], by_name[f"compressor {RECIPES['edge'].name}"]
     speed = int8["p50_ms"] / optimum["p50_ms"]
@@ -103,12 +106,12 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
         ("int8 recipe: ≥ 3.9× smaller than ONNX FP32", f"{int8['x_smaller']:.2f}×", int8["x_smaller"] >= 3.9),
         ("int8 recipe: batch-1 p50 no slower than Optimum's int8",
          f"{int8['p50_ms']:.2f} ms against {optimum['p50_ms']:.2f} ms: {speed:.2f}× Optimum's", speed <= 1.0),
-        ("edge recipe: ≥ 10× smaller than ONNX FP32", f"{edge['x_smaller']:.2f}× ({edge['size_bytes'] / 1e6:.2f} MB)",
-         edge["x_smaller"] >= 10),
-        ("edge recipe: accuracy within 1.0 pt of FP32", f"{edge['accuracy_change'] * 100:+.2f} pt",
-         edge["accuracy_change"] >= -0.01),
-        ("edge recipe: ≥ 2.5× faster than ONNX Runtime FP32 at batch 1", f"{edge['x_faster_b1']:.2f}×",
-         edge["x_faster_b1"] >= 2.5),
+        ("edge recipe: ≥ 11× smaller than ONNX FP32", f"{edge['x_smaller']:.2f}× ({edge['size_bytes'] / 1e6:.2f} MB)",
+         edge["x_smaller"] >= 11),
+        ("edge recipe: accuracy within 1.0 pt of its fine-tuned model", f"{edge_drop * 100:+.2f} pt",
+         edge_drop >= -0.01),
+        ("edge recipe: ≥ 5× faster than ONNX Runtime FP32 at batch 1", f"{edge['x_faster_b1']:.2f}×",
+         edge["x_faster_b1"] >= 5),
     ]
 
 
@@ -254,7 +257,7 @@ def main() -> None:
         lines.append(f"| {a['name']} ({a['format']}) | {acc} | {a['size_bytes'] / 1e6:.2f} | "
                      f"{a['parameters'] or '–'} |")
     lines += ["", "## Targets measured by this run", "", "| target | measured | met? |", "|---|---|---|"]
-    lines += [f"| {what} | {measured} | {'yes' if met else '**no**'} |" for what, measured, met in targets(rows_out)]
+    lines += [f"| {what} | {measured} | {'yes' if met else '**no**'} |" for what, measured, met in targets(rows_out, records["edge"])]
     (args.out / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

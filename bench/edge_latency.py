@@ -1,6 +1,6 @@
 """What the last steps of the edge recipe contribute to its batch-1 latency, measured interleaved:
-the same trimmed, distilled export quantized as the recipe does (int8 MatMuls per channel, int4
-embedding tables), with and without optimize-onnx's fusions and with the int4 tables in onnxruntime's
+the same trimmed, distilled export quantized as the run's int8 step did (its per_channel and reduce_range),
+then int4 embedding tables, with and without optimize-onnx's fusions and with the int4 tables in onnxruntime's
 int4 type or packed two to a uint8 (what quantize-onnx writes). Prints each variant's median and its
 ratio to the unfused, int4-typed variant. Asserts nothing.
 
@@ -23,19 +23,20 @@ def variants(run_dir: Path, work: Path) -> dict[str, Path]:
     """The four variants, built with onnxruntime's quantizers from the run's export and fused model."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from compressor.plugins.quantize_onnx import QuantizeOnnxConfig, blockwise_int4, pack_gather_tables, \
-        resolve_weight_type
+    from compressor.plugins.quantize_onnx import QuantizeOnnxConfig, blockwise_int4, pack_gather_tables
 
     record = json.loads((run_dir / "record.json").read_text())
     paths = {s["uses"]: Path(s["path"]) / "model.onnx" for s in record["steps"]}
+    int8_step = next(s["config"] for s in record["steps"] if s["uses"] == "quantize-onnx")
     logging.getLogger().setLevel(logging.ERROR)
     out: dict[str, Path] = {}
     for fused, source, op_types in ((False, paths["export-onnx"], ["MatMul"]),
                                     (True, paths["optimize-onnx"], ["MatMul", "Attention"])):
         int8 = work / f"int8-{fused}.onnx"
-        quantize_dynamic(str(source), str(int8), per_channel=True, op_types_to_quantize=op_types,
-                         weight_type=QuantType.QInt8 if resolve_weight_type("auto") == "int8" else QuantType.QUInt8,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # as the recipe on this CPU
+        quantize_dynamic(str(source), str(int8), per_channel=int8_step["per_channel"],
+                         reduce_range=int8_step["reduce_range"], op_types_to_quantize=op_types,
+                         weight_type=QuantType.QInt8 if int8_step["weight_type"] == "int8" else QuantType.QUInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         # the recipe's last step: int4 blocks of 32 on the embedding tables
         int4 = blockwise_int4(onnx.load(str(int8)), QuantizeOnnxConfig(mode="int4", op_types=["Gather"]),
                               ("Gather",)).model
