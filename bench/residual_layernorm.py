@@ -1,0 +1,115 @@
+"""What onnxruntime's SkipLayerNormalization costs the edge model at batch 1: the run's final model against
+the same graph with each SkipLayerNormalization written back as its residual Adds and a LayerNormalization,
+loaded with and without onnxruntime's own SkipLayerNormFusion (which fuses them again at load), and as one
+Sum and a LayerNormalization (a form that fusion does not match). Timed interleaved on dev sentences, with
+the largest |logit difference| to the final model. Asserts nothing.
+
+    python bench/residual_layernorm.py runs/minilm-sst2-edge [--rounds 10 --runs 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # int8_latency, beside this file
+
+
+def unfused(model_file: Path, target: Path, use_sum: bool) -> Path:
+    """The graph with every SkipLayerNormalization as Add(x, bias), Add(·, skip) (or one Sum) + LayerNormalization."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(model_file))
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "SkipLayerNormalization" or len(node.input) != 5 or len(node.output) != 1:
+            nodes.append(node)
+            continue
+        x, skip, gamma, beta, bias = node.input
+        out = node.output[0]
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-12)
+        if use_sum:
+            nodes.append(helper.make_node("Sum", [x, bias, skip], [out + "_sum"], name=node.name + "_sum"))
+        else:
+            nodes.append(helper.make_node("Add", [x, bias], [out + "_biased"], name=node.name + "_bias"))
+            nodes.append(helper.make_node("Add", [out + "_biased", skip], [out + "_sum"], name=node.name + "_skip"))
+        nodes.append(helper.make_node("LayerNormalization", [out + "_sum", gamma, beta], [out],
+                                      name=node.name + "_norm", axis=-1, epsilon=epsilon))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(target))
+    return target
+
+
+def session(model_file: Path, threads: int, disabled: list[str]) -> Any:
+    """A CPU session as compressor makes one (full optimisations), minus the `disabled` optimizers."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=disabled)
+
+
+def main() -> None:
+    """Build the variants, time them interleaved, print medians, ratios and logit differences."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a run of recipes/minilm-sst2-edge.yaml")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import numpy as np
+    from int8_latency import dev_feeds
+
+    record = json.loads((args.run_dir / "record.json").read_text())
+    final = Path(record["steps"][-1]["path"]) / "model.onnx"
+    work = Path(tempfile.mkdtemp(prefix="residual-layernorm-"))
+    adds, summed = unfused(final, work / "adds.onnx", False), unfused(final, work / "sum.onnx", True)
+    sessions = {"final model (SkipLayerNormalization)": session(final, args.threads, []),
+                "Adds + LayerNormalization, SkipLayerNormFusion off": session(adds, args.threads,
+                                                                              ["SkipLayerNormFusion"]),
+                "Adds + LayerNormalization (fused again at load)": session(adds, args.threads, []),
+                "Sum + LayerNormalization": session(summed, args.threads, [])}
+    feeds = dev_feeds(Path(next(s["path"] for s in record["steps"] if s["uses"] == "export-onnx")))
+    names = {k: {i.name for i in s.get_inputs()} for k, s in sessions.items()}
+
+    def logits(name: str, feed: dict[str, Any]) -> Any:
+        return sessions[name].run(None, {n: v for n, v in feed.items() if n in names[name]})[0]
+
+    first = next(iter(sessions))
+    reference = [logits(first, f) for f in feeds[:50]]
+    diff = {k: max(float(np.abs(logits(k, f) - r).max()) for f, r in zip(feeds[:50], reference)) for k in sessions}
+    medians: dict[str, list[float]] = {k: [] for k in sessions}
+    order = list(sessions)
+    for r in range(args.rounds):
+        for name in order[r % len(order):] + order[: r % len(order)]:
+            feed_names = names[name]
+            for feed in feeds[:20]:
+                sessions[name].run(None, {n: v for n, v in feed.items() if n in feed_names})
+            times = []
+            for i in range(args.runs):
+                feed = {n: v for n, v in feeds[(r * args.runs + i) % len(feeds)].items() if n in feed_names}
+                t0 = time.perf_counter()
+                sessions[name].run(None, feed)
+                times.append((time.perf_counter() - t0) * 1000)
+            medians[name].append(statistics.median(times))
+    print(f"{'variant':<52} {'p50 ms':>8} {'per-round ratio':>16} {'max |Δlogit|':>13}")
+    for name, values in medians.items():
+        ratio = statistics.median(v / b for v, b in zip(values, medians[first]))
+        print(f"{name:<52} {statistics.median(values):>8.3f} {ratio:>15.3f}× {diff[name]:>13.2e}")
+
+
+if __name__ == "__main__":
+    main()
