@@ -4,7 +4,10 @@ loaded with and without onnxruntime's own SkipLayerNormFusion (which fuses them 
 Sum and a LayerNormalization (a form that fusion does not match). Timed interleaved on dev sentences, with
 the largest |logit difference| to the final model. Asserts nothing.
 
-    python bench/residual_layernorm.py runs/minilm-sst2-edge [--rounds 10 --runs 100]
+    compressor run recipes/minilm-sst2-edge.yaml --set steps.5.with.skip_layer_norm=true --out runs/edge-fused
+    python bench/residual_layernorm.py runs/edge-fused [--rounds 10 --runs 100]
+
+The run's final model must hold SkipLayerNormalization (optimize-onnx with skip_layer_norm true).
 """
 
 from __future__ import annotations
@@ -75,6 +78,11 @@ def main() -> None:
 
     record = json.loads((args.run_dir / "record.json").read_text())
     final = Path(record["steps"][-1]["path"]) / "model.onnx"
+    import onnx
+
+    if not any(n.op_type == "SkipLayerNormalization" for n in onnx.load(str(final)).graph.node):
+        raise SystemExit(f"{final} holds no SkipLayerNormalization: run the recipe with "
+                         "--set steps.N.with.skip_layer_norm=true (N: its optimize-onnx step) and pass that run")
     work = Path(tempfile.mkdtemp(prefix="residual-layernorm-"))
     adds, summed = unfused(final, work / "adds.onnx", False), unfused(final, work / "sum.onnx", True)
     sessions = {"final model (SkipLayerNormalization)": session(final, args.threads, []),

@@ -1,7 +1,10 @@
 """`optimize-onnx` (`onnx` → `onnx`): onnxruntime's offline transformer optimizer. It fuses each
 layer's attention subgraph (Q/K/V MatMuls, reshapes, transposes, mask arithmetic, softmax) into one
 `Attention` op, residual Add + LayerNorm into `SkipLayerNormalization` and bias + GELU into
-`BiasGelu`, then checks the logits against the unfused model.
+`BiasGelu`, then checks the logits against the unfused model. With `skip_layer_norm: auto` it times the
+residual Add + LayerNorm both ways at batch 1 on the CPU it runs on and keeps the faster; an unfused graph
+records `disabled_optimizers` so that the evaluator and the bundle load it without onnxruntime's own
+SkipLayerNormFusion, which would otherwise fuse it again.
 
 Put it between export-onnx and quantize-onnx: dynamic quantization turns `Attention` into
 `QAttention`. The result uses onnxruntime contrib ops, so it is for onnxruntime targets
@@ -12,8 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import statistics
+import tempfile
+import time
 from collections import Counter
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Literal
 
 from pydantic import Field
 
@@ -28,6 +36,12 @@ BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "distilbert", "camembert", "ele
 #: The fused operators counted in the step's report.
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu",
              "FastGelu", "Gelu", "LayerNormalization")
+#: The onnxruntime optimizer that would fuse an unfused residual Add + LayerNorm again when a session loads it.
+SKIP_LAYER_NORM_FUSION = "SkipLayerNormFusion"
+#: skip_layer_norm auto keeps the unfused form when its batch-1 time is at most this share of the fused one's.
+UNFUSED_NEEDS = 0.95
+#: skip_layer_norm auto: interleaved timing rounds, and calls per form and round.
+TIMING_ROUNDS, TIMING_CALLS = 7, 40
 
 
 class OptimizeOnnxConfig(StepConfig):
@@ -36,7 +50,12 @@ class OptimizeOnnxConfig(StepConfig):
     model_type: str = Field(default="auto", description="onnxruntime optimizer model type (bert, bart, gpt2, vit, "
                                                         "...). auto: bert for BERT-family encoders.")
     attention: bool = Field(default=True, description="Fuse each self-attention subgraph into one Attention op.")
-    skip_layer_norm: bool = Field(default=True, description="Fuse residual Add + LayerNorm (SkipLayerNormalization).")
+    skip_layer_norm: bool | Literal["auto"] = Field(
+        default=True, description="Fuse residual Add + LayerNorm (SkipLayerNormalization). false: keep them apart, "
+                                  "in the file and in every session that loads it (onnxruntime's "
+                                  "SkipLayerNormFusion is left off at load, by the evaluator and the bundle). "
+                                  "auto: time both forms at batch 1 on this CPU, interleaved on real rows (tuning "
+                                  "rows, else train rows), and keep the unfused one if it is at least 5% faster.")
     bias_gelu: bool = Field(default=True, description="Fuse bias Add + GELU (BiasGelu).")
     embed_layer_norm: bool = Field(default=False, description="Fuse the embedding lookups and their LayerNorm "
                                                               "(EmbedLayerNormalization). Off by default: it measured "
@@ -65,6 +84,82 @@ def attention_shape(model_config: dict[str, Any]) -> tuple[int, int]:
     return heads, hidden
 
 
+def fuse_graph(artifact: Artifact, config: OptimizeOnnxConfig, model_type: str, model_config: dict[str, Any],
+               skip_layer_norm: bool) -> Any:
+    """onnxruntime's transformer optimizer on the artifact's graph, with the recipe's fusions."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions(model_type)
+    options.enable_attention = config.attention
+    options.enable_skip_layer_norm = skip_layer_norm
+    options.enable_bias_skip_layer_norm = skip_layer_norm
+    options.enable_bias_gelu = config.bias_gelu
+    options.enable_embed_layer_norm = config.embed_layer_norm
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    try:
+        # bert: num_heads/hidden_size 0 reads them from the graph, which also covers pruned heads and
+        # widths; the other optimizers need them from config.json.
+        # opt_level 0: only the portable fusions; onnxruntime applies its hardware-specific ones at load.
+        heads, hidden = (0, 0) if model_type == "bert" else attention_shape(model_config)
+        return optimize_model(str(artifact.model_file), model_type=model_type, num_heads=heads, hidden_size=hidden,
+                              optimization_options=options, opt_level=0, use_gpu=False)
+    except Exception as exc:
+        raise StepError(f"the transformer optimizer failed: {type(exc).__name__}: {exc}",
+                        hint="turn off the fusion it names (with.attention, ...) or drop optimize-onnx") from exc
+
+
+def write_form(artifact: Artifact, optimized: Any, folder: Path, before: Counter,
+               skip_layer_norm: bool) -> tuple[Artifact, dict[str, int], int]:
+    """Save one optimized graph with the artifact's companions into `folder`: (the artifact there, what was
+    fused, node count). Without skip_layer_norm, sessions load it without SkipLayerNormFusion."""
+    folder.mkdir(parents=True)
+    optimized.save_model_to_file(str(folder / "model.onnx"), use_external_data_format=False)
+    copy_companions(artifact, folder)
+    after = Counter(n.op_type for n in optimized.model.graph.node)
+    fused = {op: after[op] for op in FUSED_OPS if after[op] > before[op]}
+    unfused = {} if skip_layer_norm else {"disabled_optimizers": [SKIP_LAYER_NORM_FUSION]}
+    return artifact.derive(folder, format="onnx", fused=fused, **unfused), fused, sum(after.values())
+
+
+def timing_texts(ctx: StepContext, n: int = 64) -> list[Any]:
+    """Rows to time on: tuning rows, else train rows (never the eval rows a figure is quoted from), else the
+    built-in sentences."""
+    from compressor.export.onnx import FALLBACK_TEXTS
+    from compressor.models.data import TUNE
+
+    for split in (TUNE, "train"):
+        if ctx.data is not None and ctx.data.has(split):
+            return [r.text for r in ctx.data.load(split)[:n]]
+    return list(FALLBACK_TEXTS)
+
+
+def choose_residual_form(fused: Artifact, unfused: Artifact, ctx: StepContext) -> bool:
+    """skip_layer_norm auto: True to keep SkipLayerNormalization, False for the unfused residual path, by the
+    median over interleaved rounds of the unfused form's batch-1 time over the fused one's."""
+    from compressor.models.loading import load_runner
+
+    runners = {True: load_runner(fused, ctx.threads), False: load_runner(unfused, ctx.threads)}
+    feeds = [runners[True].encode([text]) for text in timing_texts(ctx)]
+    rounds: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(TIMING_ROUNDS):
+        for form in ((True, False) if r % 2 == 0 else (False, True)):
+            for feed in feeds[:10]:
+                runners[form](feed)
+            times = []
+            for i in range(TIMING_CALLS):
+                t0 = time.perf_counter()
+                runners[form](feeds[(r * TIMING_CALLS + i) % len(feeds)])
+                times.append(time.perf_counter() - t0)
+            rounds[form].append(statistics.median(times) * 1e3)
+    ratio = statistics.median(u / f for u, f in zip(rounds[False], rounds[True]))
+    keep = ratio > UNFUSED_NEEDS
+    ctx.report(skip_layer_norm="fused" if keep else "unfused", unfused_time_ratio=round(ratio, 3),
+               batch1_ms={"fused": round(statistics.median(rounds[True]), 3),
+                          "unfused": round(statistics.median(rounds[False]), 3)})
+    return keep
+
+
 class OptimizeOnnx(Step):
     """Fuse attention, LayerNorm and GELU subgraphs with onnxruntime's transformer optimizer."""
 
@@ -74,6 +169,21 @@ class OptimizeOnnx(Step):
     Config = OptimizeOnnxConfig
     accepts = ("onnx",)
     produces = "onnx"
+
+    def cache_extra(self, config: StepConfig) -> Any:
+        """skip_layer_norm auto measures on this CPU: its model and onnxruntime's version key the cache."""
+        assert isinstance(config, OptimizeOnnxConfig)
+        if config.skip_layer_norm != "auto":
+            return super().cache_extra(config)
+        from importlib.metadata import PackageNotFoundError, version
+
+        from compressor.run.cpu import cpu_model
+
+        try:
+            runtime = version("onnxruntime")
+        except PackageNotFoundError:
+            runtime = version("onnxruntime-gpu")
+        return {"cpu": cpu_model(), "onnxruntime": runtime}
 
     def check(self, config: StepConfig, ctx: PlanContext) -> None:
         """The step must follow export-onnx on a float graph, and the model type must map to known fusions."""
@@ -98,8 +208,6 @@ class OptimizeOnnx(Step):
         """Write the fused model.onnx, report what was fused, and check the logits."""
         assert isinstance(config, OptimizeOnnxConfig)
         import onnx
-        from onnxruntime.transformers.fusion_options import FusionOptions
-        from onnxruntime.transformers.optimizer import optimize_model
 
         from compressor.export.onnx import check_parity
 
@@ -108,32 +216,18 @@ class OptimizeOnnx(Step):
                             hint="put optimize-onnx right after export-onnx")
         model_config = json.loads((artifact.path / "config.json").read_text())
         model_type = optimizer_model_type(config, model_config.get("model_type"))
-        options = FusionOptions(model_type)
-        options.enable_attention = config.attention
-        options.enable_skip_layer_norm = config.skip_layer_norm
-        options.enable_bias_skip_layer_norm = config.skip_layer_norm
-        options.enable_bias_gelu = config.bias_gelu
-        options.enable_embed_layer_norm = config.embed_layer_norm
-        logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
         before = Counter(n.op_type for n in onnx.load(str(artifact.model_file), load_external_data=False).graph.node)
-        try:
-            # bert: num_heads/hidden_size 0 reads them from the graph, which also covers pruned heads and
-            # widths; the other optimizers need them from config.json.
-            # opt_level 0: only the portable fusions; onnxruntime applies its hardware-specific ones at load.
-            heads, hidden = (0, 0) if model_type == "bert" else attention_shape(model_config)
-            optimized = optimize_model(str(artifact.model_file), model_type=model_type, num_heads=heads,
-                                       hidden_size=hidden, optimization_options=options, opt_level=0, use_gpu=False)
-        except Exception as exc:
-            raise StepError(f"the transformer optimizer failed: {type(exc).__name__}: {exc}",
-                            hint="turn off the fusion it names (with.attention, ...) or drop optimize-onnx") from exc
         copy_companions(artifact, ctx.out_dir)
-        optimized.save_model_to_file(str(ctx.out_dir / "model.onnx"), use_external_data_format=False)
-        after = Counter(n.op_type for n in optimized.model.graph.node)
-        fused = {op: after[op] for op in FUSED_OPS if after[op] > before[op]}
-        out = artifact.derive(ctx.out_dir, format="onnx", fused=fused,
-                              opset=artifact.info.opset)
-        ctx.report(model_type=model_type, fused=fused, nodes_before=sum(before.values()),
-                   nodes_after=sum(after.values()))
+        forms = [True, False] if config.skip_layer_norm == "auto" else [bool(config.skip_layer_norm)]
+        with tempfile.TemporaryDirectory(prefix="optimize-onnx-") as work:
+            built = {fuse: write_form(artifact, fuse_graph(artifact, config, model_type, model_config, fuse),
+                                      Path(work) / str(fuse), before, fuse) for fuse in forms}
+            keep = forms[0] if len(forms) == 1 else choose_residual_form(built[True][0], built[False][0], ctx)
+            shutil.copy2(built[keep][0].model_file, ctx.out_dir / "model.onnx")
+        _, fused, nodes = built[keep]
+        unfused = {} if keep else {"disabled_optimizers": [SKIP_LAYER_NORM_FUSION]}
+        out = artifact.derive(ctx.out_dir, format="onnx", fused=fused, opset=artifact.info.opset, **unfused)
+        ctx.report(model_type=model_type, fused=fused, nodes_before=sum(before.values()), nodes_after=nodes)
         if config.attention and not fused.get("Attention") and not fused.get("MultiHeadAttention"):
             raise StepError("no attention subgraph was fused: the graph does not match the optimizer's patterns",
                             hint="set with.attention: false to keep the other fusions, or drop optimize-onnx")

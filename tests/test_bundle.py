@@ -199,6 +199,23 @@ def test_fused_packed_model_bundles_for_onnx_and_ort(tmp_path, compressor_cache,
     assert record["artifacts"][-1]["accuracy"] == pytest.approx(record["artifacts"][1]["accuracy"], abs=0.05)
 
 
+def test_bundle_loads_an_unfused_residual_path_as_it_was_measured(tmp_path, compressor_cache, tiny_text_model,
+                                                                   sst2_small):
+    """optimize-onnx skip_layer_norm false: the manifest tells the bundle's runtime which onnxruntime fusion to
+    leave off, and the bundle verifies against golden outputs computed that way."""
+    from compressor.bundle.device import runtime as bundle_runtime
+    from compressor.testing import run_recipe
+
+    steps = ("  - uses: export-onnx\n  - uses: optimize-onnx\n    with: {skip_layer_norm: false}\n"
+             "  - uses: quantize-onnx\n    with: {op_types: [MatMul, Attention]}\n")
+    run_recipe(recipe_text(tiny_text_model, None, sst2_small["eval"], steps) + "bundle: {formats: [onnx]}\n", tmp_path)
+    bundle = tmp_path / "run" / "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["model"]["disabled_optimizers"] == ["SkipLayerNormFusion"]
+    assert "SkipLayerNormalization" not in manifest["model"]["operators"]
+    assert bundle_runtime.verify(bundle)["golden"] == 4
+
+
 def test_token_classification_bundle(tmp_path, compressor_cache, tiny_token_model, conll_small, cli_run):
     """A trained NER model's bundle finds the entities the evaluator found: the bundle's entities, scored
     against the gold tags, give the entity F1 the record reports for the same artifact."""

@@ -3,6 +3,7 @@ accuracy within bounds of the float ONNX model, sizes smaller, and bad settings 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,66 @@ def test_optimized_graph_quantizes_to_qattention_and_packed_tables(trained):
     assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
     fp32, final = record["artifacts"][2], record["artifacts"][5]
     assert abs(final["accuracy"] - fp32["accuracy"]) <= 0.04 and final["size_bytes"] < 0.4 * fp32["size_bytes"]
+
+
+def test_unfused_residual_layer_norm_stays_unfused_where_it_is_loaded(trained, tmp_path):
+    """skip_layer_norm false: the file keeps Add + LayerNormalization, the artifact (and the int8 one made
+    from it) names onnxruntime's SkipLayerNormFusion as disabled, and compressor's runner loads it so: its
+    logits are those of a session without that fusion, bit for bit, while a default session would fuse the
+    int8 graph's pairs again."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from compressor.models.artifact import Artifact
+    from compressor.models.loading import load_runner
+    from compressor.plugins.optimize_onnx import SKIP_LAYER_NORM_FUSION
+
+    steps = ("  - uses: optimize-onnx\n    with: {skip_layer_norm: false}\n"
+             "  - uses: quantize-onnx\n    with: {mode: dynamic, op_types: [MatMul, Attention]}\n")
+    record = _with_step(trained, "optimize-unfused", steps)
+    assert "SkipLayerNormalization" not in record["steps"][2]["notes"]["fused"]
+    ops = [n.op_type for n in _graph(record, 2).node]
+    assert ops.count("Attention") == 2 and ops.count("LayerNormalization") == 5  # embeddings + 2 per layer
+    fused, int8 = (Artifact.load(Path(record["steps"][i]["path"])) for i in (2, 3))
+    assert fused.info.disabled_optimizers == int8.info.disabled_optimizers == [SKIP_LAYER_NORM_FUSION]
+
+    def loaded_ops(disabled: list[str]) -> list[str]:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"loaded-{len(disabled)}.onnx")
+        ort.InferenceSession(str(int8.model_file), options, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=disabled)
+        return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+    assert "SkipLayerNormalization" in loaded_ops([])
+    assert "SkipLayerNormalization" not in loaded_ops([SKIP_LAYER_NORM_FUSION])
+    runner = load_runner(int8, 1)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    reference = ort.InferenceSession(str(int8.model_file), options, providers=["CPUExecutionProvider"],
+                                     disabled_optimizers=[SKIP_LAYER_NORM_FUSION])
+    batch = runner.encode(["a gripping, funny film", "dull and far too long"])
+    feed = {k: v.astype(np.int64) for k, v in batch.items() if k in {i.name for i in reference.get_inputs()}}
+    assert np.array_equal(runner(batch), reference.run(None, feed)[0])
+    assert record["artifacts"][3]["accuracy"] == pytest.approx(record["artifacts"][2]["accuracy"], abs=0.006)
+
+
+def test_skip_layer_norm_auto_keeps_the_form_it_timed_faster(trained):
+    """skip_layer_norm auto times both forms on this CPU and keeps one; what it reports matches the graph
+    it wrote and what the artifact tells a session, and int8 quantization carries the choice along."""
+    steps = ("  - uses: optimize-onnx\n    with: {skip_layer_norm: auto}\n"
+             "  - uses: quantize-onnx\n    with: {mode: dynamic, op_types: [MatMul, Attention]}\n")
+    record = _with_step(trained, "optimize-auto", steps)
+    notes = record["steps"][2]["notes"]
+    assert notes["skip_layer_norm"] in ("fused", "unfused") and notes["unfused_time_ratio"] > 0
+    assert set(notes["batch1_ms"]) == {"fused", "unfused"} and min(notes["batch1_ms"].values()) > 0
+    unfused = notes["unfused_time_ratio"] <= 0.95
+    assert (notes["skip_layer_norm"] == "unfused") == unfused
+    ops = [n.op_type for n in _graph(record, 2).node]
+    assert ops.count("SkipLayerNormalization") == (0 if unfused else 4)
+    for step in (2, 3):
+        info = json.loads((Path(record["steps"][step]["path"]) / "artifact.json").read_text())["info"]
+        assert ("disabled_optimizers" in info) == unfused
+    assert notes["parity_max_abs_diff"] < 1e-4
 
 
 def test_optimize_onnx_embed_layer_norm(trained):

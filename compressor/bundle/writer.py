@@ -171,6 +171,8 @@ def bundle_manifest(artifact: Artifact, tmp: Path, task: Any, record: dict[str, 
     from compressor.run.cpu import cpu_model, int8_kernel_class
 
     model = describe_model(tmp / artifact.model_file.name)
+    if artifact.info.disabled_optimizers:  # the runtime loads the model as it was measured
+        model["disabled_optimizers"] = list(artifact.info.disabled_optimizers)
     tokenizer = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
     pad = next((t for t in tokenizer.get("added_tokens", []) if t["content"] in ("[PAD]", "<pad>")), None)
     final = record.get("artifacts", [{}])[-1]

@@ -27,7 +27,7 @@ TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer
 #: The longest input (in tokens) an artifact is fed when the step that made it does not say otherwise.
 DEFAULT_MAX_LENGTH = 128
 #: info keys that describe what a model expects rather than how it was made: a derived artifact keeps them.
-INHERITED_INFO = ("max_length",)
+INHERITED_INFO = ("max_length", "disabled_optimizers")
 
 
 @dataclass
@@ -58,6 +58,9 @@ class ArtifactInfo:
     exporter: str | None = None
     #: Fused operators optimize-onnx added, by type and count.
     fused: dict[str, int] | None = None
+    #: onnxruntime graph optimizers a session leaves off when it loads this model (optimize-onnx measured the
+    #: unfused form faster, say `SkipLayerNormFusion`); inherited, and written into bundles.
+    disabled_optimizers: list[str] | None = None
     #: A TensorRT engine's build settings (its inputs and profiles).
     build: dict[str, Any] | None = None
     #: Keys a plugin set that are not fields above.

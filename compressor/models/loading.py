@@ -97,7 +97,7 @@ def load_runner(artifact: Artifact, threads: int) -> LoadedModel:
 
         return LoadedModel(artifact, tokenizer, forward, names)
     if format_named(artifact.format).onnxruntime:
-        session = ort_session(artifact.model_file, threads)
+        session = ort_session(artifact.model_file, threads, artifact.info.disabled_optimizers or ())
         names = [i.name for i in session.get_inputs()]
 
         def forward(batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -113,12 +113,13 @@ def load_runner(artifact: Artifact, threads: int) -> LoadedModel:
     raise InputError(f"no runtime for format {artifact.format!r} here", where=str(artifact.path))
 
 
-def ort_session(model_file: Path, threads: int) -> Any:
-    """An ONNX Runtime CPU session with full graph optimisations and a fixed thread count."""
-    return ort_session_from(str(model_file), threads)
+def ort_session(model_file: Path, threads: int, disabled_optimizers: tuple[str, ...] | list[str] = ()) -> Any:
+    """An ONNX Runtime CPU session with full graph optimisations (less `disabled_optimizers`) and a fixed
+    thread count."""
+    return ort_session_from(str(model_file), threads, disabled_optimizers)
 
 
-def ort_session_from(model: str | bytes, threads: int) -> Any:
+def ort_session_from(model: str | bytes, threads: int, disabled_optimizers: tuple[str, ...] | list[str] = ()) -> Any:
     """ort_session for a model file path or serialized model bytes."""
     import onnxruntime as ort
 
@@ -127,4 +128,5 @@ def ort_session_from(model: str | bytes, threads: int) -> Any:
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers))

@@ -189,7 +189,9 @@ class Predictor:
         options.log_severity_level = 3
         self.model_file = self.root / self.manifest["model"]["file"]
         try:
-            self.session = ort.InferenceSession(str(self.model_file), options, providers=["CPUExecutionProvider"])
+            # disabled_optimizers: fusions the model was measured faster without (optimize-onnx)
+            self.session = ort.InferenceSession(str(self.model_file), options, providers=["CPUExecutionProvider"],
+                                                disabled_optimizers=self.manifest["model"].get("disabled_optimizers"))
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"{self.model_file.name}: onnxruntime cannot load it "
                               f"({str(exc).splitlines()[0]})") from None
