@@ -82,12 +82,13 @@ def dev_feeds(onnx_dir: Path) -> list[dict[str, Any]]:
 
 
 def time_interleaved(models: dict[str, Path], feeds: list[dict[str, Any]], rounds: int, runs: int,
-                     threads: int) -> dict[str, list[float]]:
-    """Batch-1 call times (ms) of each model: `rounds` passes of `runs` calls per model, each pass
-    starting one model later, so that machine drift and neighbour effects hit every model alike."""
+                     threads: int, disabled: dict[str, list[str]] | None = None) -> dict[str, list[float]]:
+    """Batch-1 call times (ms) of each model, round after round: `rounds` passes of `runs` calls per model,
+    each pass starting one model later, so that machine drift and neighbour effects hit every model alike.
+    `disabled`: onnxruntime optimizers to leave off, by model name."""
     from compressor.models.loading import ort_session
 
-    sessions = {name: ort_session(path, threads) for name, path in models.items()}
+    sessions = {name: ort_session(path, threads, (disabled or {}).get(name, ())) for name, path in models.items()}
     inputs = {name: {i.name for i in s.get_inputs()} for name, s in sessions.items()}
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for name, session in sessions.items():  # warm-up

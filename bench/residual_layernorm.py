@@ -17,7 +17,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -51,19 +50,6 @@ def unfused(model_file: Path, target: Path, use_sum: bool) -> Path:
     return target
 
 
-def session(model_file: Path, threads: int, disabled: list[str]) -> Any:
-    """A CPU session as compressor makes one (full optimisations), minus the `disabled` optimizers."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=disabled)
-
-
 def main() -> None:
     """Build the variants, time them interleaved, print medians, ratios and logit differences."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,48 +60,39 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
-    from int8_latency import dev_feeds
+    import onnx
+    from int8_latency import dev_feeds, time_interleaved
+
+    from compressor.models.loading import ort_session
 
     record = json.loads((args.run_dir / "record.json").read_text())
     final = Path(record["steps"][-1]["path"]) / "model.onnx"
-    import onnx
-
     if not any(n.op_type == "SkipLayerNormalization" for n in onnx.load(str(final)).graph.node):
         raise SystemExit(f"{final} holds no SkipLayerNormalization: run the recipe with "
                          "--set steps.N.with.skip_layer_norm=true (N: its optimize-onnx step) and pass that run")
     work = Path(tempfile.mkdtemp(prefix="residual-layernorm-"))
-    adds, summed = unfused(final, work / "adds.onnx", False), unfused(final, work / "sum.onnx", True)
-    sessions = {"final model (SkipLayerNormalization)": session(final, args.threads, []),
-                "Adds + LayerNormalization, SkipLayerNormFusion off": session(adds, args.threads,
-                                                                              ["SkipLayerNormFusion"]),
-                "Adds + LayerNormalization (fused again at load)": session(adds, args.threads, []),
-                "Sum + LayerNormalization": session(summed, args.threads, [])}
+    fused, fusion_off, fused_again, summed = ("final model (SkipLayerNormalization)",
+                                              "Adds + LayerNormalization, SkipLayerNormFusion off",
+                                              "Adds + LayerNormalization (fused again at load)",
+                                              "Sum + LayerNormalization")
+    adds = unfused(final, work / "adds.onnx", False)
+    models = {fused: final, fusion_off: adds, fused_again: adds, summed: unfused(final, work / "sum.onnx", True)}
+    disabled = {fusion_off: ["SkipLayerNormFusion"]}
     feeds = dev_feeds(Path(next(s["path"] for s in record["steps"] if s["uses"] == "export-onnx")))
-    names = {k: {i.name for i in s.get_inputs()} for k, s in sessions.items()}
+    sessions = {k: ort_session(path, args.threads, disabled.get(k, ())) for k, path in models.items()}
 
     def logits(name: str, feed: dict[str, Any]) -> Any:
-        return sessions[name].run(None, {n: v for n, v in feed.items() if n in names[name]})[0]
+        names = {i.name for i in sessions[name].get_inputs()}
+        return sessions[name].run(None, {n: v for n, v in feed.items() if n in names})[0]
 
-    first = next(iter(sessions))
-    reference = [logits(first, f) for f in feeds[:50]]
-    diff = {k: max(float(np.abs(logits(k, f) - r).max()) for f, r in zip(feeds[:50], reference)) for k in sessions}
-    medians: dict[str, list[float]] = {k: [] for k in sessions}
-    order = list(sessions)
-    for r in range(args.rounds):
-        for name in order[r % len(order):] + order[: r % len(order)]:
-            feed_names = names[name]
-            for feed in feeds[:20]:
-                sessions[name].run(None, {n: v for n, v in feed.items() if n in feed_names})
-            times = []
-            for i in range(args.runs):
-                feed = {n: v for n, v in feeds[(r * args.runs + i) % len(feeds)].items() if n in feed_names}
-                t0 = time.perf_counter()
-                sessions[name].run(None, feed)
-                times.append((time.perf_counter() - t0) * 1000)
-            medians[name].append(statistics.median(times))
+    reference = [logits(fused, f) for f in feeds[:50]]
+    diff = {k: max(float(np.abs(logits(k, f) - r).max()) for f, r in zip(feeds[:50], reference)) for k in models}
+    times = time_interleaved(models, feeds, args.rounds, args.runs, args.threads, disabled)
+    medians = {k: [statistics.median(v[i : i + args.runs]) for i in range(0, len(v), args.runs)]
+               for k, v in times.items()}
     print(f"{'variant':<52} {'p50 ms':>8} {'per-round ratio':>16} {'max |Δlogit|':>13}")
     for name, values in medians.items():
-        ratio = statistics.median(v / b for v, b in zip(values, medians[first]))
+        ratio = statistics.median(v / b for v, b in zip(values, medians[fused]))
         print(f"{name:<52} {statistics.median(values):>8.3f} {ratio:>15.3f}× {diff[name]:>13.2e}")
 
 

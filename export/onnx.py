@@ -63,9 +63,10 @@ def resolved_exporter(config: ExportOnnxConfig, task: Any) -> str:
     return "onnxruntime-genai" if task.export_task == DECODER_LAYOUT else DEFAULT_ENCODER_EXPORTER
 
 
-def parity_texts(ctx: StepContext, n: int) -> list[Any]:
-    """Real rows for parity checks: eval data, else train data, else a few built-in sentences."""
-    for split in ("eval", "train"):
+def parity_texts(ctx: StepContext, n: int, splits: tuple[str, ...] = ("eval", "train")) -> list[Any]:
+    """Real rows for parity checks: the first of `splits` the recipe gives (eval data, else train data), else a
+    few built-in sentences."""
+    for split in splits:
         if ctx.data is not None and ctx.data.has(split):
             return [r.text for r in ctx.data.load(split)[:n]]
     return FALLBACK_TEXTS[:n]

@@ -110,37 +110,29 @@ def fuse_graph(artifact: Artifact, config: OptimizeOnnxConfig, model_type: str, 
 
 
 def write_form(artifact: Artifact, optimized: Any, folder: Path, before: Counter,
-               skip_layer_norm: bool) -> tuple[Artifact, dict[str, int], int]:
-    """Save one optimized graph with the artifact's companions into `folder`: (the artifact there, what was
-    fused, node count). Without skip_layer_norm, sessions load it without SkipLayerNormFusion."""
+               skip_layer_norm: bool) -> tuple[Artifact, int]:
+    """Save one optimized graph with the artifact's companions into `folder`: (the artifact there, its node
+    count). Without skip_layer_norm, sessions load it without SkipLayerNormFusion."""
     folder.mkdir(parents=True)
     optimized.save_model_to_file(str(folder / "model.onnx"), use_external_data_format=False)
     copy_companions(artifact, folder)
     after = Counter(n.op_type for n in optimized.model.graph.node)
     fused = {op: after[op] for op in FUSED_OPS if after[op] > before[op]}
     unfused = {} if skip_layer_norm else {"disabled_optimizers": [SKIP_LAYER_NORM_FUSION]}
-    return artifact.derive(folder, format="onnx", fused=fused, **unfused), fused, sum(after.values())
-
-
-def timing_texts(ctx: StepContext, n: int = 64) -> list[Any]:
-    """Rows to time on: tuning rows, else train rows (never the eval rows a figure is quoted from), else the
-    built-in sentences."""
-    from compressor.export.onnx import FALLBACK_TEXTS
-    from compressor.models.data import TUNE
-
-    for split in (TUNE, "train"):
-        if ctx.data is not None and ctx.data.has(split):
-            return [r.text for r in ctx.data.load(split)[:n]]
-    return list(FALLBACK_TEXTS)
+    return (artifact.derive(folder, format="onnx", fused=fused, opset=artifact.info.opset, **unfused),
+            sum(after.values()))
 
 
 def choose_residual_form(fused: Artifact, unfused: Artifact, ctx: StepContext) -> bool:
     """skip_layer_norm auto: True to keep SkipLayerNormalization, False for the unfused residual path, by the
     median over interleaved rounds of the unfused form's batch-1 time over the fused one's."""
+    from compressor.export.onnx import parity_texts
+    from compressor.models.data import TUNE
     from compressor.models.loading import load_runner
 
     runners = {True: load_runner(fused, ctx.threads), False: load_runner(unfused, ctx.threads)}
-    feeds = [runners[True].encode([text]) for text in timing_texts(ctx)]
+    # tuning rows, else train rows: never the eval rows a figure is quoted from
+    feeds = [runners[True].encode([text]) for text in parity_texts(ctx, 64, (TUNE, "train"))]
     rounds: dict[bool, list[float]] = {True: [], False: []}
     for r in range(TIMING_ROUNDS):
         for form in ((True, False) if r % 2 == 0 else (False, True)):
@@ -224,9 +216,9 @@ class OptimizeOnnx(Step):
                                       Path(work) / str(fuse), before, fuse) for fuse in forms}
             keep = forms[0] if len(forms) == 1 else choose_residual_form(built[True][0], built[False][0], ctx)
             shutil.copy2(built[keep][0].model_file, ctx.out_dir / "model.onnx")
-        _, fused, nodes = built[keep]
-        unfused = {} if keep else {"disabled_optimizers": [SKIP_LAYER_NORM_FUSION]}
-        out = artifact.derive(ctx.out_dir, format="onnx", fused=fused, opset=artifact.info.opset, **unfused)
+        chosen, nodes = built[keep]
+        out = artifact.derive(ctx.out_dir, format="onnx", **chosen.info.to_dict())
+        fused = out.info.fused or {}
         ctx.report(model_type=model_type, fused=fused, nodes_before=sum(before.values()), nodes_after=nodes)
         if config.attention and not fused.get("Attention") and not fused.get("MultiHeadAttention"):
             raise StepError("no attention subgraph was fused: the graph does not match the optimizer's patterns",
