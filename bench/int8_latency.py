@@ -81,24 +81,28 @@ def dev_feeds(onnx_dir: Path) -> list[dict[str, Any]]:
     return [{k: v.astype(np.int64) for k, v in tokenizer([r.text], return_tensors="np").items()} for r in rows]
 
 
-def time_interleaved(models: dict[str, Path], feeds: list[dict[str, Any]], rounds: int, runs: int,
-                     threads: int, disabled: dict[str, list[str]] | None = None) -> dict[str, list[float]]:
+def time_interleaved(models: dict[str, Path], feeds: list[dict[str, Any]] | dict[str, list[dict[str, Any]]],
+                     rounds: int, runs: int, threads: int,
+                     disabled: dict[str, list[str]] | None = None) -> dict[str, list[float]]:
     """Batch-1 call times (ms) of each model, round after round: `rounds` passes of `runs` calls per model,
     each pass starting one model later, so that machine drift and neighbour effects hit every model alike.
-    `disabled`: onnxruntime optimizers to leave off, by model name."""
+    `feeds`: one list for every model, or a list by model name (models with different tokenizers; the same
+    sentences in the same order). `disabled`: onnxruntime optimizers to leave off, by model name."""
     from compressor.models.loading import ort_session
 
     sessions = {name: ort_session(path, threads, (disabled or {}).get(name, ())) for name, path in models.items()}
+    feeds_of = feeds if isinstance(feeds, dict) else {name: feeds for name in models}
     inputs = {name: {i.name for i in s.get_inputs()} for name, s in sessions.items()}
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for name, session in sessions.items():  # warm-up
-        for feed in feeds[:20]:
+        for feed in feeds_of[name][:20]:
             session.run(None, {k: v for k, v in feed.items() if k in inputs[name]})
     names = list(sessions)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             for i in range(runs):
-                feed = {k: v for k, v in feeds[(r * runs + i) % len(feeds)].items() if k in inputs[name]}
+                own = feeds_of[name]
+                feed = {k: v for k, v in own[(r * runs + i) % len(own)].items() if k in inputs[name]}
                 t0 = time.perf_counter()
                 sessions[name].run(None, feed)
                 times[name].append((time.perf_counter() - t0) * 1000)
