@@ -87,6 +87,14 @@ CANDIDATES = [
     {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
      "calibration_windows": 8, "calibration_rows": 64, "int8_nodes": ["attn/qkv_proj", "lm_head"],
      "clip_search": True, "refit_scales": True, "int8_block_size": 64},
+    # 26: 22 with AWQ's activation-aware scaling of the norm-fed MatMuls (QKV, gate/up) before GPTQ
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
+     "calibration_windows": 8, "calibration_rows": 64, "int8_nodes": ["mlp/down_proj", "attn/qkv_proj"],
+     "clip_search": True, "refit_scales": True, "int8_block_size": 64, "awq": True},
+    # 27: 26 with QKV at 4 bits (AWQ's scaling is where QKV's error was)
+    {"algorithm": "gptq", "symmetric": True, "block_size": 32, "accuracy_level": 4, "calibration_text": "VALID",
+     "calibration_windows": 8, "calibration_rows": 64, "int8_nodes": ["mlp/down_proj"],
+     "clip_search": True, "refit_scales": True, "int8_block_size": 64, "awq": True},
 ]
 
 
@@ -151,7 +159,8 @@ def main() -> int:
             art = Artifact(path=Path(work), format="onnx", task="text-generation")
             ppl = perplexity(_Model(art, args.threads), tokenizer, valid, args.tokens, args.window)["perplexity"]
             rows.append({**cand, "perplexity": ppl, "change": ppl / base - 1, "mb": target.stat().st_size / 1e6,
-                         "seconds": seconds})
+                         "seconds": seconds, **{k: v for k, v in Ctx.notes.items() if k.startswith("awq")}})
+            Ctx.notes.clear()
             print(json.dumps(rows[-1]), flush=True)
     print(f"\nWikiText-2 valid, first {args.tokens} tokens in {args.window}-token windows; FP32 {base:.3f}\n")
     print("| algorithm | symmetric | block | accuracy_level | int8_nodes | perplexity | Δ | MB | quantize s |")

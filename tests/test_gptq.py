@@ -126,3 +126,89 @@ def test_an_edited_calibration_or_distillation_text_file_changes_the_step_cache_
         before = step.cache_extra(config)
         text.write_text("another text\n")
         assert step.cache_extra(config) != before and before is not None
+
+
+def _norm_and_two_matmuls(gamma: np.ndarray, weights: list[np.ndarray]):
+    """An RMSNorm (onnxruntime's SimplifiedLayerNormalization) whose output two MatMuls read, as in a Llama
+    layer's gate and up projections."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weights[0].shape
+    nodes = [helper.make_node("SimplifiedLayerNormalization", ["x", "gamma"], ["normed"], name="norm", axis=-1,
+                              epsilon=1e-6)]
+    nodes += [helper.make_node("MatMul", ["normed", f"w{i}"], [f"y{i}"], name=f"mm{i}") for i in range(2)]
+    graph = helper.make_graph(
+        nodes, "awq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["t", k])],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["t", n]) for i in range(2)],
+        [numpy_helper.from_array(gamma, "gamma")] + [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model, x: np.ndarray) -> list[np.ndarray]:
+    from compressor.models.loading import ort_session_from
+
+    return ort_session_from(model.SerializeToString(), 1).run(None, {"x": x})
+
+
+def test_awq_keeps_the_float_outputs_and_lowers_the_int4_error_on_new_inputs():
+    """A norm whose gamma makes a few channels loud: AWQ picks α > 0, the float graph computes what it did
+    (1/s folded into gamma), and after onnxruntime's own min-max int4 the outputs on unseen inputs are
+    closer to the float ones than without the scaling."""
+    from compressor.plugins.quantize_onnx import QuantizeOnnxConfig, blockwise_int4
+    from compressor.plugins.quantize_onnx.awq import awq_scale
+
+    rng = np.random.default_rng(3)
+    k, n = 128, 64
+    gamma = np.ones(k, np.float32)
+    gamma[rng.choice(k, 6, replace=False)] = 10
+    weights = [rng.standard_t(3, (k, n)).astype(np.float32) for _ in range(2)]
+    seen, unseen = (rng.standard_normal((2000, k)).astype(np.float32) for _ in range(2))
+    normed = seen / np.sqrt((seen ** 2).mean(-1, keepdims=True) + 1e-6) * gamma
+    hessian = 2 * normed.T.astype(np.float64) @ normed / len(normed)
+
+    plain, scaled = _norm_and_two_matmuls(gamma, weights), _norm_and_two_matmuls(gamma, weights)
+    reference = _run(plain, unseen)
+    group = [n for n in scaled.graph.node if n.op_type == "MatMul"]
+    chosen = awq_scale(scaled, "normed", group, hessian, [(4, 32), (4, 32)], True, set())
+    assert chosen is not None and chosen[1] > 0
+    for before, after in zip(reference, _run(scaled, unseen)):
+        np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-3)
+
+    config = QuantizeOnnxConfig(mode="int4", block_size=32)
+    errors = []
+    for model in (plain, scaled):
+        quantized = blockwise_int4(model, config, ("MatMul",)).model
+        assert [n.op_type for n in quantized.graph.node].count("MatMulNBits") == 2
+        errors.append(sum(np.linalg.norm(q - r) for q, r in zip(_run(quantized, unseen), reference)))
+    assert errors[1] < 0.9 * errors[0], errors
+
+
+def test_awq_leaves_a_group_alone_when_a_weight_is_shared_or_the_producer_is_no_norm():
+    """A weight shared with an embedding table (protected) or an input not made by an RMSNorm: no scaling,
+    the model untouched."""
+    from compressor.plugins.quantize_onnx.awq import awq_scale
+
+    rng = np.random.default_rng(4)
+    gamma = rng.uniform(0.5, 4, 64).astype(np.float32)
+    model = _norm_and_two_matmuls(gamma, [rng.standard_normal((64, 32)).astype(np.float32) for _ in range(2)])
+    before = model.SerializeToString()
+    group = [n for n in model.graph.node if n.op_type == "MatMul"]
+    hessian = np.diag(rng.uniform(0.1, 50, 64))
+    assert awq_scale(model, "normed", group, hessian, [(4, 32)] * 2, True, {"w1"}) is None
+    assert awq_scale(model, "x", group, hessian, [(4, 32)] * 2, True, set()) is None
+    assert model.SerializeToString() == before
+
+
+def test_awq_measures_gptq_and_round_to_nearest_alike_where_gptq_has_nothing_to_compensate():
+    """With an identity Hessian GPTQ is min-max rounding, so the two objectives AWQ can choose α by give the
+    same dequantized weights."""
+    import torch
+
+    from compressor.plugins.quantize_onnx.awq import round_to_nearest
+    from compressor.plugins.quantize_onnx.gptq import gptq_dequantize
+
+    weight = torch.from_numpy(np.random.default_rng(5).standard_normal((128, 48)).astype(np.float32))
+    eye = torch.eye(128, dtype=torch.float64)
+    for bits in (4, 8):
+        torch.testing.assert_close(gptq_dequantize(True, False)(weight, eye, bits, 32),
+                                   round_to_nearest(True)(weight, eye, bits, 32), rtol=0, atol=1e-6)

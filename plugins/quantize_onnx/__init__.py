@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import statistics
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -110,6 +111,10 @@ class QuantizeOnnxConfig(StepConfig):
     refit_scales: bool = Field(default=False, description="int4 gptq: once a MatMul's codes are fixed, solve for "
                                                           "its block scales again, all of a row's blocks together, "
                                                           "for the least output error on the calibration text.")
+    awq: bool = Field(default=False, description="int4 gptq: before GPTQ, scale the weights of the MatMuls that "
+                                                 "read an RMSNorm by their input channels' activation size on the "
+                                                 "calibration text (AWQ), folding the inverse into the norm, with "
+                                                 "the exponent that leaves the least output error.")
     int8_nodes: list[str] = Field(default_factory=list, description="int4: MatMuls (regular expressions searched in "
                                                                     "node names) kept at 8 bits (MatMulNBits bits=8, "
                                                                     "the same blocks): the sensitive few, say "
@@ -122,11 +127,11 @@ class QuantizeOnnx(Step):
 
     name = "quantize-onnx"
     summary = "Quantize an ONNX model: dynamic int8, static QDQ int8 (calibrated), or int4 weight-only."
-    version = "11"  # 4: int4 embedding tables packed as uint8; 5: mode auto, dynamic weights int8 unless set;
+    version = "12"  # 4: int4 embedding tables packed as uint8; 5: mode auto, dynamic weights int8 unless set;
     # 6: int4 packs a tied LM head (a MatMul reading a transposed table) and takes `algorithm`;
     # 7: a Gather reading a transposed table is untied too, and a tied head and table share one int4 copy;
     # 8: they share it when only rounding ties differ; 9: algorithm gptq (and a GPTQ head's table reads its codes);
-    # 10: gptq clip_search; 11: gptq refit_scales
+    # 10: gptq clip_search; 11: gptq refit_scales; 12: gptq awq
     Config = QuantizeOnnxConfig
     accepts = ("onnx",)
     produces = "onnx"
@@ -214,7 +219,7 @@ class QuantizeOnnx(Step):
             if not ctx.resolve(config.calibration_text).is_file():
                 raise RecipeError(f"{ctx.resolve(config.calibration_text)} does not exist",
                                   where="with.calibration_text", hint="fix the path (relative to the recipe file)")
-        for option in ("clip_search", "refit_scales"):
+        for option in ("clip_search", "refit_scales", "awq"):
             if getattr(config, option) and (config.mode != "int4" or config.algorithm != "gptq"):
                 raise RecipeError(f"{option} is read by mode: int4 with algorithm: gptq only", where=f"with.{option}",
                                   hint="remove it, or set algorithm: gptq (onnxruntime's own int4 algorithms fit "
@@ -525,9 +530,14 @@ def _int4(source: Path, target: Path, config: QuantizeOnnxConfig, ctx: StepConte
         nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights
                  and n.name not in config.exclude_nodes]
         tied = tied_tables(model, nodes)
+        alphas: list[float] = []
         solved = gptq_matmuls(model, source, nodes, set(eight), sequences or [], (config.block_size, eight_block),
                               config.symmetric, config.accuracy_level, threads=0, search=config.clip_search,
-                              refit=config.refit_scales)
+                              refit=config.refit_scales, awq=config.awq, protected=set(tied.values()),
+                              awq_alphas=alphas)
+        if config.awq:
+            ctx.report(awq_scaled_groups=len(alphas),
+                       awq_alpha_median=statistics.median(alphas) if alphas else None)
         op_types = tuple(o for o in op_types if o != "MatMul")
     if op_types:
         quantized = blockwise_int4(model, config, op_types)

@@ -235,6 +235,19 @@ def input_hessians(model: Any, source: Path, inputs: list[str], sequences: Itera
     return {name: 2 * gram / max(tokens, 1) for name, gram in sums.items()}
 
 
+def gptq_dequantize(symmetric: bool, search: bool) -> Any:
+    """`gptq` as awq.Dequantize: the dequantized K × N weight it writes (without refit), for AWQ's choice of α."""
+    import torch
+
+    def dequantize(weight: Any, hessian: Any, bits: int, block_size: int) -> Any:
+        codes, scales, zeros = gptq(weight.numpy(), hessian, bits, block_size, symmetric, search=search)
+        k, n = weight.shape
+        blocks = codes.reshape(n, k // block_size, block_size).astype(np.float32) - zeros[..., None]
+        return torch.from_numpy((blocks * scales[..., None]).reshape(n, k).T.copy())
+
+    return dequantize
+
+
 #: MatMul inputs solved per pass (a Llama layer has four: QKV, output, gate/up, down; so two layers a pass):
 #: each pass measures its inputs on the model as quantized so far, so a layer compensates the errors of the
 #: layers before it as well as its own (the paper's sequential order). Measured on SmolLM2 (KL to the float
@@ -246,12 +259,19 @@ INPUTS_PER_PASS = 8
 
 def gptq_matmuls(model: Any, source: Path, nodes: list[str], eight_bit: set[str], sequences: list[list[int]],
                  block_sizes: tuple[int, int], symmetric: bool, accuracy_level: int, threads: int,
-                 inputs_per_pass: int | None = None, search: bool = False, refit: bool = False) -> list[str]:
+                 inputs_per_pass: int | None = None, search: bool = False, refit: bool = False,
+                 awq: bool = False, protected: set[str] | None = None,
+                 awq_alphas: list[float] | None = None) -> list[str]:
     """GPTQ every named MatMul of `model` (in place) at 4 bits, or 8 for those in `eight_bit`, in graph order,
     in blocks of `block_sizes` (the 4-bit one, the 8-bit one), against Hessians measured on
-    `sequences` through the model as quantized so far (`search`, `refit`: see `gptq`).
+    `sequences` through the model as quantized so far (`search`, `refit`: see `gptq`). With `awq`, each group
+    of MatMuls reading one RMSNorm is first scaled activation-aware (awq.py; weights in `protected` are left
+    alone), and the α chosen for each scaled group is appended to `awq_alphas`.
     Returns the MatMulNBits nodes written."""
+    import torch
     from onnx import numpy_helper
+
+    from compressor.plugins.quantize_onnx.awq import awq_scale
 
     four_block, eight_block = block_sizes
     chosen = set(nodes)
@@ -265,8 +285,21 @@ def gptq_matmuls(model: Any, source: Path, nodes: list[str], eight_bit: set[str]
     for start in range(0, len(order), inputs_per_pass):
         inputs = order[start : start + inputs_per_pass]
         hessians = input_hessians(model, source, inputs, sequences, threads)
-        weights = {t.name: t for t in model.graph.initializer}
         by_name = {n.name: n for n in model.graph.node}
+        if awq:
+            # the float product is unchanged by the scaling, so the pass's later Hessians stay valid
+            for tensor in inputs:
+                group = [by_name[n] for n in readers[tensor]]
+                specs = [(8, eight_block) if n.name in eight_bit else (4, four_block) for n in group]
+                scaled = awq_scale(model, tensor, group, hessians[tensor], specs, symmetric, protected or set(),
+                                   gptq_dequantize(symmetric, search))
+                if scaled is not None:
+                    s, alpha = scaled
+                    s64 = s.double()
+                    hessians[tensor] = torch.as_tensor(hessians[tensor]).double() / torch.outer(s64, s64)
+                    if awq_alphas is not None:
+                        awq_alphas.append(alpha)
+        weights = {t.name: t for t in model.graph.initializer}
         for name in [n for i in inputs for n in readers[i]]:
             node = by_name[name]
             weight = numpy_helper.to_array(weights[node.input[1]])
