@@ -156,6 +156,7 @@ def test_awq_keeps_the_float_outputs_and_lowers_the_int4_error_on_new_inputs():
     closer to the float ones than without the scaling."""
     from compressor.plugins.quantize_onnx import QuantizeOnnxConfig, blockwise_int4
     from compressor.plugins.quantize_onnx.awq import awq_scale
+    from compressor.plugins.quantize_onnx.gptq import round_to_nearest
 
     rng = np.random.default_rng(3)
     k, n = 128, 64
@@ -169,7 +170,7 @@ def test_awq_keeps_the_float_outputs_and_lowers_the_int4_error_on_new_inputs():
     plain, scaled = _norm_and_two_matmuls(gamma, weights), _norm_and_two_matmuls(gamma, weights)
     reference = _run(plain, unseen)
     group = [n for n in scaled.graph.node if n.op_type == "MatMul"]
-    chosen = awq_scale(scaled, "normed", group, hessian, [(4, 32), (4, 32)], True, set())
+    chosen = awq_scale(scaled, "normed", group, hessian, [(4, 32), (4, 32)], set(), round_to_nearest(True))
     assert chosen is not None and chosen[1] > 0
     for before, after in zip(reference, _run(scaled, unseen)):
         np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-3)
@@ -187,6 +188,7 @@ def test_awq_leaves_a_group_alone_when_a_weight_is_shared_or_the_producer_is_no_
     """A weight shared with an embedding table (protected) or an input not made by an RMSNorm: no scaling,
     the model untouched."""
     from compressor.plugins.quantize_onnx.awq import awq_scale
+    from compressor.plugins.quantize_onnx.gptq import round_to_nearest
 
     rng = np.random.default_rng(4)
     gamma = rng.uniform(0.5, 4, 64).astype(np.float32)
@@ -194,8 +196,8 @@ def test_awq_leaves_a_group_alone_when_a_weight_is_shared_or_the_producer_is_no_
     before = model.SerializeToString()
     group = [n for n in model.graph.node if n.op_type == "MatMul"]
     hessian = np.diag(rng.uniform(0.1, 50, 64))
-    assert awq_scale(model, "normed", group, hessian, [(4, 32)] * 2, True, {"w1"}) is None
-    assert awq_scale(model, "x", group, hessian, [(4, 32)] * 2, True, set()) is None
+    assert awq_scale(model, "normed", group, hessian, [(4, 32)] * 2, {"w1"}, round_to_nearest(True)) is None
+    assert awq_scale(model, "x", group, hessian, [(4, 32)] * 2, set(), round_to_nearest(True)) is None
     assert model.SerializeToString() == before
 
 
@@ -204,8 +206,7 @@ def test_awq_measures_gptq_and_round_to_nearest_alike_where_gptq_has_nothing_to_
     same dequantized weights."""
     import torch
 
-    from compressor.plugins.quantize_onnx.awq import round_to_nearest
-    from compressor.plugins.quantize_onnx.gptq import gptq_dequantize
+    from compressor.plugins.quantize_onnx.gptq import gptq_dequantize, round_to_nearest
 
     weight = torch.from_numpy(np.random.default_rng(5).standard_normal((128, 48)).astype(np.float32))
     eye = torch.eye(128, dtype=torch.float64)

@@ -27,19 +27,6 @@ ALPHAS = tuple(i / 20 for i in range(21))
 Dequantize = Callable[[Any, Any, int, int], Any]
 
 
-def round_to_nearest(symmetric: bool) -> Dequantize:
-    """Round to nearest on onnxruntime's min-max grid, in blocks along K (the Hessian is not used)."""
-    from compressor.plugins.quantize_onnx.gptq import _codes, grid
-
-    def dequantize(weight: Any, hessian: Any, bits: int, block_size: int) -> Any:
-        k, n = weight.shape
-        blocks = weight.T.reshape(n * (k // block_size), block_size)
-        step, zero = grid(blocks, bits, symmetric)
-        return ((_codes(blocks, step[:, None], zero[:, None], bits) - zero[:, None]) * step[:, None]).reshape(n, k).T
-
-    return dequantize
-
-
 def rounding_error(weight: Any, scale: Any, hessian: Any, bits: int, block_size: int,
                    dequantize: Dequantize) -> float:
     """tr(ΔWᵀ H ΔW) of a MatMul weight (K × N) scaled by `scale` per input row, quantized by `dequantize`
@@ -72,10 +59,10 @@ def foldable_group(model: Any, tensor: str, readers: list[Any], protected: set[s
 
 
 def awq_scale(model: Any, tensor: str, readers: list[Any], hessian: Any, specs: list[tuple[int, int]],
-              symmetric: bool, protected: set[str], dequantize: Dequantize | None = None) -> tuple[Any, float] | None:
+              protected: set[str], dequantize: Dequantize) -> tuple[Any, float] | None:
     """Choose s for the MatMuls `readers` of `tensor` (each quantized at its (bits, block_size) in `specs`, by
-    `dequantize`, default round-to-nearest) and fold it in place: gamma / s, weights · s. Returns (s, α), or
-    None when the group cannot be folded or α = 0 is best."""
+    `dequantize`: gptq.round_to_nearest or gptq.gptq_dequantize) and fold it in place: gamma / s, weights · s.
+    Returns (s, α), or None when the group cannot be folded or α = 0 is best."""
     import torch
     from onnx import numpy_helper
 
@@ -91,7 +78,7 @@ def awq_scale(model: Any, tensor: str, readers: list[Any], hessian: Any, specs: 
     for alpha in ALPHAS:
         s = rms ** alpha
         s = s / torch.sqrt(s.max() * s.min())
-        error = sum(rounding_error(w, s, h, bits, block, dequantize or round_to_nearest(symmetric))
+        error = sum(rounding_error(w, s, h, bits, block, dequantize)
                     for w, (bits, block) in zip(weights, specs))
         if best is None or error < best[0]:
             best = (error, alpha, s)

@@ -235,6 +235,17 @@ def input_hessians(model: Any, source: Path, inputs: list[str], sequences: Itera
     return {name: 2 * gram / max(tokens, 1) for name, gram in sums.items()}
 
 
+def round_to_nearest(symmetric: bool) -> Any:
+    """awq.Dequantize by round to nearest on onnxruntime's min-max grid, in blocks along K (the Hessian is not used)."""
+    def dequantize(weight: Any, hessian: Any, bits: int, block_size: int) -> Any:
+        k, n = weight.shape
+        blocks = weight.T.reshape(n * (k // block_size), block_size)
+        step, zero = grid(blocks, bits, symmetric)
+        return ((_codes(blocks, step[:, None], zero[:, None], bits) - zero[:, None]) * step[:, None]).reshape(n, k).T
+
+    return dequantize
+
+
 def gptq_dequantize(symmetric: bool, search: bool) -> Any:
     """`gptq` as awq.Dequantize: the dequantized K × N weight it writes (without refit), for AWQ's choice of α."""
     import torch
@@ -291,7 +302,7 @@ def gptq_matmuls(model: Any, source: Path, nodes: list[str], eight_bit: set[str]
             for tensor in inputs:
                 group = [by_name[n] for n in readers[tensor]]
                 specs = [(8, eight_block) if n.name in eight_bit else (4, four_block) for n in group]
-                scaled = awq_scale(model, tensor, group, hessians[tensor], specs, symmetric, protected or set(),
+                scaled = awq_scale(model, tensor, group, hessians[tensor], specs, protected or set(),
                                    gptq_dequantize(symmetric, search))
                 if scaled is not None:
                     s, alpha = scaled
