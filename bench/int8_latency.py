@@ -82,15 +82,18 @@ def dev_feeds(onnx_dir: Path) -> list[dict[str, Any]]:
 
 
 def time_interleaved(models: dict[str, Path], feeds: list[dict[str, Any]] | dict[str, list[dict[str, Any]]],
-                     rounds: int, runs: int, threads: int,
+                     rounds: int, runs: int, threads: int | dict[str, int],
                      disabled: dict[str, list[str]] | None = None) -> dict[str, list[float]]:
     """Batch-1 call times (ms) of each model, round after round: `rounds` passes of `runs` calls per model,
     each pass starting one model later, so that machine drift and neighbour effects hit every model alike.
     `feeds`: one list for every model, or a list by model name (models with different tokenizers; the same
-    sentences in the same order). `disabled`: onnxruntime optimizers to leave off, by model name."""
+    sentences in the same order). `threads`: one intra-op thread count, or one by model name. `disabled`:
+    onnxruntime optimizers to leave off, by model name."""
     from compressor.models.loading import ort_session
 
-    sessions = {name: ort_session(path, threads, (disabled or {}).get(name, ())) for name, path in models.items()}
+    threads_of = threads if isinstance(threads, dict) else {name: threads for name in models}
+    sessions = {name: ort_session(path, threads_of[name], (disabled or {}).get(name, ()))
+                for name, path in models.items()}
     feeds_of = feeds if isinstance(feeds, dict) else {name: feeds for name in models}
     inputs = {name: {i.name for i in s.get_inputs()} for name, s in sessions.items()}
     times: dict[str, list[float]] = {name: [] for name in sessions}
